@@ -1,0 +1,445 @@
+"""One Flax NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM.
+
+Weights keep Hugging Face's rotate-half RoPE layout, so checkpoints import without permutation.
+Projection kernels are stored per head: q `(D, N, H)`, k/v `(D, K, H)`, o `(N, H, D)`. Every
+parameter carries `logical_axes` metadata that `gradual_jax.training.sharding` maps to the mesh.
+
+A call is `model(input_ids, attention_mask)`; positions come from the mask, so a left-padded row
+gives the same logits as the unpadded row. With `cache=` the call also writes keys and values into a
+preallocated `KVCache` and returns `(logits, cache)`: the sampler's prefill and decode path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "smollm3")
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name: str | Any) -> Any:
+    """The jnp dtype named `name` ('float32', 'bfloat16', 'float16'); dtypes pass through."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of one decoder, in Hugging Face's vocabulary (`num_layers` = layers)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    model_type: str = "llama"
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    qk_norm: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    dropout_rate: float = 0.0
+    remat: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        as_dtype(self.param_dtype)
+        as_dtype(self.dtype)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        """EOS token ids as a tuple (empty when the config names none)."""
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Parameter count implied by the config (embeddings counted once when tied)."""
+        d, f, n, k, h = (self.hidden_size, self.intermediate_size, self.num_heads,
+                         self.num_kv_heads, self.head_dim)
+        attn = d * n * h * 2 + d * k * h * 2
+        if self.attention_bias:
+            attn += n * h + 2 * k * h
+        if self.qk_norm:
+            attn += 2 * h
+        layer = attn + 3 * d * f + 2 * d
+        emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + d
+
+
+# --------------------------------------------------------------------------------------------
+# KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys and values for every layer, shared slot bookkeeping for the batch.
+
+    `keys[i]`, `values[i]`: `[B, S, K, H]` for layer i. `mask[b, s]` is true where slot s of row b
+    holds a real token. `end` is the next slot to write (the same for every row: rows are left
+    padded). Positions of new tokens continue from each row's count of real tokens.
+    """
+
+    keys: list[jax.Array]
+    values: list[jax.Array]
+    mask: jax.Array
+    end: jax.Array
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, size: int, dtype: Any = None) -> "KVCache":
+        dtype = as_dtype(dtype or config.dtype)
+        shape = (batch, size, config.num_kv_heads, config.head_dim)
+        return cls(
+            keys=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+            values=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
+            mask=jnp.zeros((batch, size), jnp.bool_),
+            end=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[1]
+
+    def lengths(self) -> jax.Array:
+        """Real tokens held per row, `[B]` int32."""
+        return self.mask.sum(-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+
+
+def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], dtype: Any,
+           fan_in: int, init: str = "normal") -> nnx.Param:
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class LoRA(nnx.Module):
+    """Low-rank adapter `x @ a @ b * alpha / rank` beside a frozen projection.
+
+    `a`: input dims -> rank (random), `b`: rank -> output dims (zeros), so a fresh adapter leaves
+    the model unchanged. Parameters are `nnx.LoRAParam`, which the trainer optimizes alone.
+    """
+
+    def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], rank: int,
+                 alpha: float, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        fan_in = math.prod(in_shape)
+        a = jax.random.normal(rngs.params(), (*in_shape, rank), jnp.float32) / math.sqrt(fan_in)
+        self.a = nnx.LoRAParam(a.astype(dtype))
+        self.b = nnx.LoRAParam(jnp.zeros((rank, *out_shape), dtype))
+        self.scale = alpha / rank
+
+    def delta(self) -> jax.Array:
+        """The dense weight update `a @ b * scale`, shaped like the base kernel."""
+        a, b = self.a[...], self.b[...]
+        return jnp.tensordot(a, b, axes=1) * self.scale
+
+
+class Projection(nnx.Module):
+    """A linear map written as an einsum over named axes, with optional bias and LoRA."""
+
+    def __init__(self, equation: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+                 axes: tuple[str | None, ...], *, use_bias: bool = False,
+                 bias_axes: tuple[str | None, ...] = (), rngs: nnx.Rngs, param_dtype: Any,
+                 dtype: Any):
+        self.equation = equation
+        self.in_shape, self.out_shape = in_shape, out_shape
+        self.kernel = _param(rngs, (*in_shape, *out_shape), axes, param_dtype, math.prod(in_shape))
+        self.bias = _param(rngs, out_shape, bias_axes, param_dtype, 1, "zeros") if use_bias else None
+        self.lora: LoRA | None = None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.dtype))
+        if self.lora is not None:
+            n_in = len(self.in_shape)
+            a = self.lora.a[...].astype(self.dtype)
+            b = self.lora.b[...].astype(self.dtype)
+            h = jnp.tensordot(x, a, axes=n_in)
+            y = y + jnp.tensordot(h, b, axes=1) * self.lora.scale
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, as transformers does, then scaled by a learned weight."""
+
+    def __init__(self, dim: int, eps: float, axis: str, *, rngs: nnx.Rngs, param_dtype: Any):
+        self.weight = _param(rngs, (dim,), (axis,), param_dtype, 1, "ones")
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(dtype) * x32.astype(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies `[H/2]`, with Llama-3 or linear scaling when the config asks for it."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("default", None):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_len = float(scaling["original_max_position_embeddings"])
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on `x` `[B, T, N, H]` at integer `positions` `[B, T]`."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        pd, cd = as_dtype(config.param_dtype), as_dtype(config.dtype)
+        common = dict(rngs=rngs, param_dtype=pd, dtype=cd, use_bias=config.attention_bias)
+        self.q = Projection("BTD,DNH->BTNH", (d,), (n, h), ("embed", "heads", "head_dim"),
+                            bias_axes=("heads", "head_dim"), **common)
+        self.k = Projection("BTD,DKH->BTKH", (d,), (k, h), ("embed", "kv_heads", "head_dim"),
+                            bias_axes=("kv_heads", "head_dim"), **common)
+        self.v = Projection("BTD,DKH->BTKH", (d,), (k, h), ("embed", "kv_heads", "head_dim"),
+                            bias_axes=("kv_heads", "head_dim"), **common)
+        self.o = Projection("BTNH,NHD->BTD", (n, h), (d,), ("heads", "head_dim", "embed"),
+                            rngs=rngs, param_dtype=pd, dtype=cd)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=pd)
+            self.k_norm = RMSNorm(h, config.rms_norm_eps, "head_dim", rngs=rngs, param_dtype=pd)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+        """`mask` `[B, T, S]`: may query t attend key s. `kv`: (cache_k, cache_v, end) or None."""
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        new_kv = None
+        if kv is not None:
+            cache_k, cache_v, end = kv
+            zero = jnp.zeros((), jnp.int32)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, end, zero, zero))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, end, zero, zero))
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+            new_kv = (cache_k, cache_v)
+        b, t, n, h = q.shape
+        groups = n // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, h)
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(h)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
+        return self.o(out), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        common = dict(rngs=rngs, param_dtype=as_dtype(config.param_dtype), dtype=as_dtype(config.dtype))
+        self.gate = Projection("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), **common)
+        self.up = Projection("BTD,DF->BTF", (d,), (f,), ("embed", "mlp"), **common)
+        self.down = Projection("BTF,FD->BTD", (f,), (d,), ("mlp", "embed"), **common)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        pd = as_dtype(config.param_dtype)
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs=rngs, param_dtype=pd)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs=rngs, param_dtype=pd)
+        self.mlp = MLP(config, rngs=rngs)
+        self.dropout_rate = config.dropout_rate
+
+    def _dropout(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
+        if key is None or self.dropout_rate == 0.0:
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
+
+    def __call__(self, x, positions, inv_freq, mask, kv=None, dropout_key=None):
+        k1 = k2 = None
+        if dropout_key is not None:
+            k1, k2 = jax.random.split(dropout_key)
+        h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, mask, kv)
+        x = x + self._dropout(h, k1)
+        x = x + self._dropout(self.mlp(self.mlp_norm(x)), k2)
+        return x, new_kv
+
+
+def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+    """Position of each token: count of real tokens before it (plus `offset` per row)."""
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    if offset is not None:
+        pos = pos + offset[:, None]
+    return jnp.maximum(pos, 0)
+
+
+class Transformer(nnx.Module):
+    """Decoder-only transformer; see the module docstring for the call contract."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        pd = as_dtype(config.param_dtype)
+        self.embed = _param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pd, 1)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, "embed", rngs=rngs, param_dtype=pd)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                                  pd, config.hidden_size)
+
+    def hidden_to_logits(self, h: jax.Array) -> jax.Array:
+        """Final projection to float32 logits `[..., V]` from final-normed hidden states."""
+        dtype = as_dtype(self.config.dtype)
+        if self.lm_head is None:
+            w = self.embed[...].astype(dtype)
+            return jnp.einsum("BTD,VD->BTV", h, w, preferred_element_type=jnp.float32)
+        w = self.lm_head[...].astype(dtype)
+        return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 cache: KVCache | None = None, dropout_key: jax.Array | None = None,
+                 return_hidden: bool = False):
+        """Logits `[B, T, V]` float32; with `cache`, `(logits, updated_cache)`.
+
+        Without a cache, attention is causal within the call and masked by `attention_mask`.
+        With a cache, the T new tokens are written at slots `[end, end + T)` and attend to every
+        real slot before them.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.bool_)
+        attention_mask = attention_mask.astype(jnp.bool_)
+        x = self.embed[...][input_ids].astype(as_dtype(cfg.dtype))
+        inv_freq = rope_inv_freq(cfg)
+        if cache is None:
+            positions = positions_from_mask(attention_mask)
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            mask = causal[None] & attention_mask[:, None, :]
+            kv_mask = None
+        else:
+            positions = positions_from_mask(attention_mask, cache.lengths())
+            kv_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.end))
+            slots = jnp.arange(cache.size)
+            query_slots = cache.end + jnp.arange(t)
+            causal = slots[None, :] <= query_slots[:, None]  # [T, S]
+            mask = causal[None] & kv_mask[:, None, :]
+        layer_keys = (list(jax.random.split(dropout_key, cfg.num_layers))
+                      if dropout_key is not None else [None] * cfg.num_layers)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
+            if cfg.remat and cache is None:
+                x, _ = nnx.remat(lambda blk, *a: blk(*a))(layer, x, positions, inv_freq, mask, None,
+                                                           layer_keys[i])
+                new_kv = None
+            else:
+                x, new_kv = layer(x, positions, inv_freq, mask, kv, layer_keys[i])
+            if new_kv is not None:
+                new_k.append(new_kv[0])
+                new_v.append(new_kv[1])
+        h = self.final_norm(x)
+        if return_hidden:
+            return h
+        logits = self.hidden_to_logits(h)
+        if cache is None:
+            return logits
+        new_cache = KVCache(keys=new_k, values=new_v, mask=kv_mask, end=cache.end + t)
+        return logits, new_cache
+
+
+def projections(model: Transformer) -> dict[str, list[Projection]]:
+    """Every projection of the model grouped by kind ('q', 'k', ... 'down')."""
+    out: dict[str, list[Projection]] = {p: [] for p in PROJECTIONS}
+    for layer in model.layers:
+        for name in ("q", "k", "v", "o"):
+            out[name].append(getattr(layer.attn, name))
+        for name in ("gate", "up", "down"):
+            out[name].append(getattr(layer.mlp, name))
+    return out
+
+
+def init_model(config: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model."""
+    return Transformer(config, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig) -> Transformer:
+    """The model's structure with `ShapeDtypeStruct` leaves: no memory allocated."""
+    return nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
