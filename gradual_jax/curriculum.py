@@ -23,14 +23,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-try:
-    from gradual_jax.knowledge.categories import CATEGORIES
-except ModuleNotFoundError as err:  # categories.py is written in parallel; same values
-    if err.name != "gradual_jax.knowledge.categories":
-        raise
-    CATEGORIES = ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown")
+from gradual_jax.knowledge.categories import CATEGORIES, CATEGORY_RANK
 
-_RANK: dict[str, int] = {c: i for i, c in enumerate(CATEGORIES)}  # 0 = best
+_RANK = CATEGORY_RANK  # 0 = best
 
 JSON_FORMAT = "gradual_jax.curriculum/1"
 
@@ -284,7 +279,9 @@ class StageSpec:
             if value is None:
                 continue
             if isinstance(value, str) or not isinstance(value, Iterable):
-                raise ValueError(f"stage select '{key}' must be a list of categories, got {value!r}")
+                raise ValueError(
+                    f"stage select '{key}' must be a list of categories, got {value!r}"
+                )
             value = tuple(value)
             if not value:
                 raise ValueError(f"stage select '{key}' must not be empty")
@@ -294,14 +291,18 @@ class StageSpec:
         if (self.moved_up_from is None) != (self.into is None):
             raise ValueError("stage select 'moved_up_from' and 'into' must be given together")
         if self.since not in ("first", "previous"):
-            raise ValueError(f"stage select 'since' must be 'first' or 'previous', got {self.since!r}")
+            raise ValueError(
+                f"stage select 'since' must be 'first' or 'previous', got {self.since!r}"
+            )
         for key in ("untrained", "random"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"stage select '{key}' must be true or false, got {getattr(self, key)!r}")
+            flag = getattr(self, key)
+            if not isinstance(flag, bool):
+                raise ValueError(f"stage select '{key}' must be true or false, got {flag!r}")
         if self.replay is not None:
             _check_category(self.replay, "stage select 'replay'")
         ratio = self.replay_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        is_number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
+        if not is_number or not math.isfinite(ratio):
             raise ValueError(f"stage select 'replay_ratio' must be a number, got {ratio!r}")
         object.__setattr__(self, "replay_ratio", float(ratio))
         if ratio < 0:
@@ -361,7 +362,10 @@ def _shuffled(ids: list[str], gen: np.random.Generator) -> list[str]:
 def _matches(state: CurriculumState, spec: StageSpec) -> list[str]:
     """Ids passing the spec's filters, sorted."""
     latest = state.probes[-1]
-    reference = state.probes[0] if spec.since == "first" else state.probes[max(0, len(state.probes) - 2)]
+    if spec.since == "first":
+        reference = state.probes[0]
+    else:  # with a single probe this is the latest one, so nothing has moved
+        reference = state.probes[max(0, len(state.probes) - 2)]
     out = []
     for i in sorted(state.example_ids):
         now = latest[i]
@@ -408,7 +412,9 @@ def select(
         n_replay = int(math.floor(spec.replay_ratio * len(chosen) + 0.5))
         taken = set(chosen)
         replay_pool = [
-            i for i in sorted(state.example_ids) if state.latest[i] == spec.replay and i not in taken
+            i
+            for i in sorted(state.example_ids)
+            if state.latest[i] == spec.replay and i not in taken
         ]
         chosen = chosen + _shuffled(replay_pool, gen)[:n_replay]
     return tuple(_shuffled(chosen, gen))
@@ -454,7 +460,9 @@ def transitions(
     return m
 
 
-def _moved(state: CurriculumState, a: int, b: int, untrained_only: bool, up: bool) -> tuple[str, ...]:
+def _moved(
+    state: CurriculumState, a: int, b: int, untrained_only: bool, up: bool
+) -> tuple[str, ...]:
     pa = state.probes[_probe_index(state, a)]
     pb = state.probes[_probe_index(state, b)]
     out = []

@@ -1,0 +1,392 @@
+"""SliCK probe: P_greedy, P_sample and the four knowledge categories of every QA example.
+
+Each example is asked with `n_prompts` few-shot prompts (exemplars of its relation from the dev
+split). Per prompt: one greedy answer and `n_samples` answers at `temperature`, top-k. Exact match
+after SQuAD normalisation against any gold answer.
+
+Modes, all with the same categories on the same random stream:
+- `exhaustive`: every greedy answer and every sample is drawn; `p_sample` is exact.
+- `lazy`: no sampling where a greedy answer is right (samples only split WeaklyKnown from
+  Unknown); for the rest, prompt after prompt, sampling stops at the first prompt with a right
+  sample. Sample j of prompt i of an example uses the key (seed, example id, i, j) in every mode,
+  so lazy draws a prefix of exhaustive's stream.
+- `screened`: like lazy, but first the exact chance that one sample equals a gold answer is
+  computed by teacher forcing (`q` per prompt); where P(any right sample) is below a threshold
+  the example is declared Unknown without sampling.
+
+Records are appended to a JSONL file in chunks; a restarted probe skips the examples already
+written and refuses an output file written under another configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from tqdm.auto import tqdm
+
+from gradual_jax.knowledge.categories import CATEGORIES, UNKNOWN, categorize
+from gradual_jax.knowledge.data import QAExample
+from gradual_jax.knowledge.match import exact_match, normalize_answer
+from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe_prompt
+
+Mode = Literal["lazy", "exhaustive", "screened"]
+MODES = ("lazy", "exhaustive", "screened")
+
+
+class ProbeError(ValueError):
+    """Bad probe input or an output file that belongs to another configuration."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeSettings:
+    """SliCK settings (Gekhman et al.: 10 prompts, 16 samples at T=0.5, top-k 40)."""
+
+    n_prompts: int = 10
+    n_samples: int = 16
+    temperature: float = 0.5
+    top_k: int = 40
+    mode: Mode = "lazy"
+    seed: int = 0
+    max_new_tokens: int = 24
+    chunk_size: int = 256
+    screen_threshold: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ProbeError(f"probe mode {self.mode!r} unknown; expected one of {MODES}")
+        if self.n_prompts < 1 or self.n_samples < 0:
+            raise ProbeError("probe needs n_prompts >= 1 and n_samples >= 0")
+        if self.temperature <= 0 and self.n_samples > 0:
+            raise ProbeError("probe sampling needs temperature > 0")
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """Fields that change results (chunk size does not)."""
+        d = dataclasses.asdict(self)
+        d.pop("chunk_size")
+        return d
+
+
+class AnswerEngine(Protocol):
+    """What the probe needs from a model: completions of few-shot prompts sharing one prefix.
+
+    `prefix` is the exemplar block common to a batch, `suffixes` the per-question tails; the
+    full prompt of row r is `prefix + suffixes[r]`. Completions are raw text after the prompt.
+    """
+
+    def greedy(self, prefix: str, suffixes: Sequence[str], max_new_tokens: int) -> list[str]: ...
+
+    def sample(self, prefix: str, suffixes: Sequence[str], n: int, seeds: Sequence[int], *,
+               temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]: ...
+
+    def answer_probability(self, prefix: str, suffixes: Sequence[str],
+                           continuations: Sequence[Sequence[str]], *, temperature: float,
+                           top_k: int) -> list[list[float]]: ...
+
+
+def row_seed(seed: int, example_id: str, prompt_index: int) -> int:
+    """A stable 31-bit seed for the samples of one (example, prompt) pair."""
+    digest = hashlib.sha256(f"{seed}\x00{example_id}\x00{prompt_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def answer_variants(answer: str) -> list[str]:
+    """Surface forms a sample could take that normalise to `answer`: case of the first letter,
+    a leading 'the'. Each is scored as ` {variant}\\n`; the list has no duplicates."""
+    base = answer.strip()
+    forms = [base, base[:1].upper() + base[1:], base[:1].lower() + base[1:]]
+    if not normalize_answer(base).startswith("the ") and not base.lower().startswith("the "):
+        forms += ["the " + base, "The " + base]
+    out: list[str] = []
+    for f in forms:
+        if f and f not in out and normalize_answer(f) == normalize_answer(base):
+            out.append(f)
+    return out
+
+
+@dataclasses.dataclass
+class _Work:
+    example: QAExample
+    greedy_answers: list[str] = dataclasses.field(default_factory=list)
+    n_greedy_correct: int = 0
+    n_sampled: int = 0
+    n_sample_correct: int = 0
+    sampled_prompts: int = 0
+    q: list[float] | None = None
+    skipped_sampling: bool = False
+
+
+def _screen_stats(q: Sequence[float], n_samples: int) -> tuple[float, float]:
+    """(expected right samples, P(at least one right sample)) for per-prompt chances q."""
+    expected = n_samples * sum(q)
+    log_none = sum(n_samples * math.log1p(-min(qi, 1.0 - 1e-12)) for qi in q)
+    return expected, -math.expm1(log_none)
+
+
+def fingerprint(settings: ProbeSettings, prompt_sets: PromptSets, model_id: str) -> str:
+    blob = json.dumps({"settings": settings.fingerprint_fields(), "prompts": prompt_sets,
+                       "model": model_id}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RecordFile:
+    """Append-only JSONL of probe records with a sidecar holding the configuration fingerprint."""
+
+    def __init__(self, path: str | Path, fp: str):
+        self.path = Path(path)
+        self.meta = self.path.with_name(self.path.name + ".meta.json")
+        self.fp = fp
+
+    def open_for(self) -> dict[str, dict]:
+        """Done records keyed by id; creates the files or checks they belong to this config."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() or self.meta.exists():
+            try:
+                meta = json.loads(self.meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise ProbeError(f"{self.path} exists without a readable {self.meta.name}; "
+                                 "it was not written by this probe: choose another --out") from None
+            if meta.get("fingerprint") != self.fp:
+                raise ProbeError(f"{self.path} holds a probe of a different configuration "
+                                 f"(fingerprint {meta.get('fingerprint')} != {self.fp}); "
+                                 "choose another output path")
+        else:
+            _atomic_write(self.meta, json.dumps({"fingerprint": self.fp}))
+        return self._read_done()
+
+    def _read_done(self) -> dict[str, dict]:
+        done: dict[str, dict] = {}
+        if not self.path.exists():
+            return done
+        good_bytes = 0
+        with open(self.path, "rb") as f:
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # a write cut short by a kill: dropped and redone
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                done[rec["id"]] = rec
+                good_bytes += len(line)
+        if good_bytes != self.path.stat().st_size:
+            with open(self.path, "r+b") as f:
+                f.truncate(good_bytes)
+        return done
+
+    def append(self, records: Iterable[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _by_prefix(items: Sequence[_Work], prompt_sets: PromptSets, i: int) -> dict[str, list[_Work]]:
+    """Group work items by the exemplar prefix of prompt i of their relation."""
+    groups: dict[str, list[_Work]] = defaultdict(list)
+    for w in items:
+        prefix = format_probe_prompt(prompt_sets[w.example.relation][i], "")
+        groups[prefix].append(w)
+    return groups
+
+
+def _suffix(prefix: str, example: QAExample, exemplars: list[dict]) -> str:
+    full = format_probe_prompt(exemplars, example.question)
+    assert full.startswith(prefix)
+    return full[len(prefix):]
+
+
+class Probe:
+    """Runs the SliCK probe of one model under fixed settings and prompt sets."""
+
+    def __init__(self, engine: AnswerEngine, prompt_sets: PromptSets, settings: ProbeSettings,
+                 *, model_id: str = "model", first_answer_only: bool = False,
+                 progress: bool = True):
+        self.engine = engine
+        self.prompt_sets = prompt_sets
+        self.settings = settings
+        self.model_id = model_id
+        self.first_only = first_answer_only
+        self.progress = progress
+        for rel, sets in prompt_sets.items():
+            if len(sets) < settings.n_prompts:
+                raise ProbeError(f"prompt sets of relation {rel} hold {len(sets)} prompts; "
+                                 f"the probe needs n_prompts={settings.n_prompts}")
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.settings, self.prompt_sets, self.model_id)
+
+    def run(self, examples: Sequence[QAExample], out: str | Path | None = None) -> list[dict]:
+        """Probe every example; records in input order. With `out`, resumable (see module doc)."""
+        self._check(examples)
+        done: dict[str, dict] = {}
+        file = None
+        if out is not None:
+            file = RecordFile(out, self.fingerprint())
+            done = file.open_for()
+        todo = [e for e in examples if e.id not in done]
+        bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="probe",
+                   unit="q", disable=not self.progress, dynamic_ncols=True)
+        size = self.settings.chunk_size
+        for start in range(0, len(todo), size):
+            records = self.probe_chunk(todo[start:start + size])
+            if file is not None:
+                file.append(records)
+            for r in records:
+                done[r["id"]] = r
+            bar.update(len(records))
+        bar.close()
+        return [done[e.id] for e in examples]
+
+    def _check(self, examples: Sequence[QAExample]) -> None:
+        ids = set()
+        for e in examples:
+            if not e.answers:
+                raise ProbeError(f"example {e.id} has no answers")
+            if e.relation not in self.prompt_sets:
+                raise ProbeError(f"no prompt sets for relation {e.relation} (example {e.id}); "
+                                 f"prompt sets cover {sorted(self.prompt_sets)}")
+            if e.id in ids:
+                raise ProbeError(f"duplicate example id {e.id}")
+            ids.add(e.id)
+
+    def _correct(self, answer: str, ex: QAExample) -> bool:
+        return exact_match(answer, list(ex.answers), first_only=self.first_only)
+
+    def probe_chunk(self, examples: Sequence[QAExample]) -> list[dict]:
+        """Probe a chunk of examples in memory and return their records."""
+        s = self.settings
+        work = [_Work(e) for e in examples]
+        for i in range(s.n_prompts):
+            for prefix, group in _by_prefix(work, self.prompt_sets, i).items():
+                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
+                            for w in group]
+                answers = self.engine.greedy(prefix, suffixes, s.max_new_tokens)
+                for w, a in zip(group, answers):
+                    a = clean_answer(a)
+                    w.greedy_answers.append(a)
+                    w.n_greedy_correct += self._correct(a, w.example)
+        if s.n_samples > 0:
+            if s.mode == "exhaustive":
+                self._sample(work, range(s.n_prompts), stop_at_first=False)
+            else:
+                undecided = [w for w in work if w.n_greedy_correct == 0]
+                if s.mode == "screened":
+                    self._screen(undecided)
+                    undecided = [w for w in undecided if not w.skipped_sampling]
+                self._sample(undecided, range(s.n_prompts), stop_at_first=True)
+        return [self._record(w) for w in work]
+
+    def _sample(self, work: list[_Work], prompt_indices: Iterable[int], *, stop_at_first: bool) -> None:
+        s = self.settings
+        active = list(work)
+        for i in prompt_indices:
+            if stop_at_first:
+                active = [w for w in active if w.n_sample_correct == 0]
+            if not active:
+                return
+            for prefix, group in _by_prefix(active, self.prompt_sets, i).items():
+                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
+                            for w in group]
+                seeds = [row_seed(s.seed, w.example.id, i) for w in group]
+                samples = self.engine.sample(prefix, suffixes, s.n_samples, seeds,
+                                             temperature=s.temperature, top_k=s.top_k,
+                                             max_new_tokens=s.max_new_tokens)
+                for w, outs in zip(group, samples):
+                    w.n_sampled += len(outs)
+                    w.sampled_prompts += 1
+                    w.n_sample_correct += sum(self._correct(clean_answer(o), w.example) for o in outs)
+
+    def answer_probabilities(self, work: list[_Work]) -> None:
+        """Fill `q` (chance one sample of prompt i equals a gold answer) for each work item."""
+        s = self.settings
+        for w in work:
+            w.q = [0.0] * s.n_prompts
+        for i in range(s.n_prompts):
+            for prefix, group in _by_prefix(work, self.prompt_sets, i).items():
+                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
+                            for w in group]
+                golds = self._gold_continuations
+                conts = [golds(w.example) for w in group]
+                probs = self.engine.answer_probability(prefix, suffixes, conts,
+                                                       temperature=s.temperature, top_k=s.top_k)
+                for w, ps in zip(group, probs):
+                    w.q[i] = min(1.0, sum(ps))
+
+    def _gold_continuations(self, ex: QAExample) -> list[str]:
+        golds = ex.answers[:1] if self.first_only else ex.answers
+        conts: list[str] = []
+        for g in golds:
+            for v in answer_variants(g):
+                c = f" {v}\n"
+                if c not in conts:
+                    conts.append(c)
+        return conts
+
+    def _screen(self, work: list[_Work]) -> None:
+        s = self.settings
+        self.answer_probabilities(work)
+        for w in work:
+            _, p_any = _screen_stats(w.q, s.n_samples)
+            w.skipped_sampling = p_any < s.screen_threshold
+
+    def _record(self, w: _Work) -> dict:
+        s = self.settings
+        ex = w.example
+        category = categorize(w.n_greedy_correct, s.n_prompts, w.n_sample_correct)
+        exhaustive_count = s.n_prompts * s.n_samples
+        full = w.n_sampled == exhaustive_count
+        rec = {
+            "id": ex.id, "relation": ex.relation, "question": ex.question,
+            "answers": list(ex.answers), "category": category,
+            "p_greedy": w.n_greedy_correct / s.n_prompts,
+            "p_sample": (w.n_sample_correct / exhaustive_count) if full and exhaustive_count else None,
+            "greedy_answers": w.greedy_answers,
+            "n_sampled": w.n_sampled,
+            "n_sample_correct": w.n_sample_correct,
+        }
+        if w.q is not None:
+            expected, p_any = _screen_stats(w.q, s.n_samples)
+            rec.update(q=w.q, expected_right_samples=expected, p_any_right=p_any,
+                       sampling_skipped=w.skipped_sampling)
+        if w.skipped_sampling:
+            assert category == UNKNOWN
+        return rec
+
+
+def category_table(records: Sequence[dict]) -> str:
+    """A per-relation table of category counts (and the total), as fixed-width text."""
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(CATEGORIES, 0))
+    for r in records:
+        counts[r["relation"]][r["category"]] += 1
+        counts["all"][r["category"]] += 1
+    header = f"{'relation':<10}" + "".join(f"{c:>13}" for c in CATEGORIES) + f"{'n':>7}"
+    lines = [header]
+    for rel in sorted(k for k in counts if k != "all") + ["all"]:
+        row = counts[rel]
+        n = sum(row.values())
+        cells = "".join(f"{row[c]:>6} {100 * row[c] / max(n, 1):5.1f}%" for c in CATEGORIES)
+        lines.append(f"{rel:<10}{cells}{n:>7}")
+    return "\n".join(lines)
+
+
+def category_counts(records: Iterable[dict]) -> dict[str, int]:
+    """Count of records per category, every category present."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for r in records:
+        counts[r["category"]] += 1
+    return counts

@@ -1,0 +1,193 @@
+"""`python -m gradual_jax.launch [CONFIG.yaml] [key=value ...]`: run the Gradual Learning method.
+
+Without a config it runs the embedded default (`configs/default.yaml`: the synthetic world).
+The same command resumes a killed run. `--plan` compiles the configuration for its mesh without
+weights and prints whether it fits (see `gradual_jax.plan`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gradual_jax.config import ConfigError, RunConfig, config_hash, load_config, to_dict
+
+log = logging.getLogger("gradual_jax")
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = PACKAGE_CONFIGS / "default.yaml"
+
+EXIT_BAD_INPUT = 2
+
+
+def resolve_config_path(arg: str | None) -> Path:
+    """The config file: the argument as a path, else one shipped with the package by name."""
+    if arg is None:
+        return DEFAULT_CONFIG
+    path = Path(arg)
+    if path.exists():
+        return path
+    for candidate in (PACKAGE_CONFIGS / arg, PACKAGE_CONFIGS / f"{arg}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"config file {arg} not found (also looked in {PACKAGE_CONFIGS})")
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """`<run_dir>/<name>`, created with the config's hash; refuses a dir of another config."""
+    from gradual_jax.pipeline import PipelineError, read_json, write_json
+
+    root = Path(cfg.run_dir) / cfg.name
+    digest = config_hash(cfg)
+    marker = root / "run.json"
+    if marker.exists():
+        held = read_json(marker).get("config_hash")
+        if held != digest:
+            raise PipelineError(
+                f"run directory {root} holds a run of a different configuration; "
+                f"choose another name (e.g. name={cfg.name}-2) or delete it")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        write_json(marker, {"config_hash": digest, "created": time.time()})
+    return root
+
+
+def load_resources(cfg: RunConfig):
+    """Base model, tokenizer and QA splits named by the config."""
+    from gradual_jax.knowledge import data as qa
+    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.pipeline import Resources
+
+    source = cfg.model.source
+    if source == "world":
+        from gradual_jax.world import build_or_load_world, world_config_from_dict
+
+        art = build_or_load_world(world_config_from_dict(cfg.world))
+        model_dir = str(art.model_dir)
+        splits = {"train": list(art.train), "dev": list(art.dev), "test": list(art.test)}
+        source = model_dir
+    else:
+        splits = load_splits(cfg, qa)
+    path = Path(source)
+    if not path.exists() and (source.endswith(".gguf") or source.startswith((".", "/"))):
+        raise ConfigError(f"model.source: {source} does not exist")
+    model = load_model(source, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
+    tokenizer = load_tokenizer(source)
+    return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id=str(source))
+
+
+def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
+    d = cfg.data
+    if d.kind == "world":
+        raise ConfigError("data.kind 'world' needs model.source 'world'")
+    if not d.path:
+        raise ConfigError(f"data.path: required for data.kind '{d.kind}'")
+    root = Path(d.path)
+    if not root.exists():
+        raise ConfigError(f"data.path: {root} does not exist")
+    if d.kind == "entityquestions":
+        if d.gekhman:
+            splits = qa.gekhman_setup(root, limit_per_relation=d.limit_per_relation)
+        else:
+            rels = d.train_relations
+            splits = {
+                "train": qa.load_entityquestions(root, "train", rels, limit_per_relation=d.limit_per_relation),
+                "dev": qa.load_entityquestions(root, "dev", rels),
+                "test": qa.load_entityquestions(root, "test", d.test_relations or rels),
+            }
+        if d.train_relations and d.gekhman:
+            keep = set(d.train_relations)
+            splits["train"] = [e for e in splits["train"] if e.relation in keep]
+        if d.test_relations and d.gekhman:
+            keep = set(d.test_relations)
+            splits["test"] = [e for e in splits["test"] if e.relation in keep]
+    else:
+        splits = {s: qa.load_jsonl(root / f"{s}.jsonl", split=s) for s in ("train", "dev", "test")}
+    splits["dev"] = _limit(splits["dev"], d.dev_limit_per_relation)
+    splits["test"] = _limit(splits["test"], d.test_limit_per_relation)
+    return splits
+
+
+def _limit(examples: list, per_relation: int | None) -> list:
+    if per_relation is None:
+        return examples
+    seen: dict[str, int] = {}
+    out = []
+    for e in examples:
+        if seen.get(e.relation, 0) < per_relation:
+            seen[e.relation] = seen.get(e.relation, 0) + 1
+            out.append(e)
+    return out
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Run every seed of the configuration (resuming what is done) and write the report."""
+    from gradual_jax import report
+    from gradual_jax.pipeline import SeedRun, write_json
+    from gradual_jax.runtime import make_runtime
+
+    t0 = time.time()
+    root = prepare_run_dir(cfg)
+    res = load_resources(cfg)
+    runtime = make_runtime(cfg, res)
+    results = []
+    for seed in cfg.seeds:
+        log.info("seed %d", seed)
+        seed_run = SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime)
+        results.append(seed_run.run())
+    rep = report.build_report(results, config=to_dict(cfg))
+    rep["wall_seconds"] = {"this_invocation": time.time() - t0,
+                           "per_seed": [r.get("wall_seconds") for r in results]}
+    paths = report.write_report(rep, results, root)
+    write_json(root / "done.json", {"finished": time.time()})
+    print(f"report: {root / 'report.md'} ({len(paths)} files)")
+    return rep
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gradual_jax.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", help="CONFIG.yaml (optional, first) then key=value overrides")
+    parser.add_argument("--plan", action="store_true", help="compile for the mesh and report memory; no training")
+    parser.add_argument("--devices", type=int, default=None, help="simulated device count for --plan")
+    parser.add_argument("--hbm-gib", type=float, default=None, help="target device memory for --plan")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    ns = parser.parse_args(argv)
+    ns.config = None
+    if ns.args and "=" not in ns.args[0]:
+        ns.config = ns.args.pop(0)
+    ns.overrides = ns.args
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    from gradual_jax.errors import USER_ERRORS
+
+    try:
+        cfg = load_config(resolve_config_path(ns.config), ns.overrides)
+        if ns.plan:
+            from gradual_jax.plan import plan_main
+
+            return plan_main(cfg, devices=ns.devices, hbm_gib=ns.hbm_gib)
+        from gradual_jax.distributed import maybe_initialize
+
+        maybe_initialize(cfg.distributed)
+        run(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

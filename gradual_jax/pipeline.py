@@ -1,0 +1,234 @@
+"""The Gradual Learning pipeline: probe, select, train, re-probe, advance, for every arm and seed.
+
+This is the only module that joins the curriculum (which knows categories, not models) and the
+trainer (which knows models, not categories). Every step writes its output under the run
+directory and is skipped when that output exists, so a killed run restarts with the same command
+and ends with the same numbers:
+
+    <run>/config.yaml, run.json            the configuration and its hash
+    <run>/seed_<s>/prompts.json            few-shot prompt sets (and noise_prompts.json)
+    <run>/seed_<s>/stage0/{train,test}.jsonl   SliCK records of the base model (chunk-resumable)
+    <run>/seed_<s>/noise/{train,test}.jsonl    noise control: same model, other seed and prompts
+    <run>/seed_<s>/<arm>/<stage>/ckpt/     Orbax checkpoints within the stage (epoch-resumable)
+    <run>/seed_<s>/<arm>/<stage>/params/   the stage's selected model
+    <run>/seed_<s>/<arm>/<stage>/{train,test}.jsonl, stage.json, state.json
+    <run>/seed_<s>/<arm>/test_correct.json
+    <run>/seed_<s>/result.json             everything report.py needs for this seed
+    <run>/report.json, report.md, *.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gradual_jax import curriculum
+from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_config
+from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
+from gradual_jax.knowledge.data import QAExample
+from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
+
+log = logging.getLogger("gradual_jax")
+
+NOISE_SEED_OFFSET = 10_000
+
+
+class PipelineError(ValueError):
+    """A configuration that cannot run (nothing selected, a run dir of another config, ...)."""
+
+
+@dataclasses.dataclass
+class Resources:
+    """What every arm and seed shares: the base model, its tokenizer and the QA splits."""
+
+    model: Any
+    tokenizer: Any
+    splits: dict[str, list[QAExample]]
+    model_id: str
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
+    """The JSON at `path`, computing and writing it first when absent."""
+    if path.exists():
+        return read_json(path)
+    value = compute()
+    write_json(path, value)
+    return value
+
+
+def probe_settings(cfg: RunConfig, seed: int) -> ProbeSettings:
+    p = cfg.probe
+    return ProbeSettings(n_prompts=p.n_prompts, n_samples=p.n_samples, temperature=p.temperature,
+                         top_k=p.top_k, mode=p.mode, seed=seed, max_new_tokens=p.max_new_tokens,
+                         chunk_size=p.chunk_size, screen_threshold=p.screen_threshold)
+
+
+def by_category(records: Sequence[dict]) -> dict[str, str]:
+    return {r["id"]: r["category"] for r in records}
+
+
+class SeedRun:
+    """All arms of one seed, resumable step by step."""
+
+    def __init__(self, cfg: RunConfig, res: Resources, seed: int, root: Path,
+                 engine_factory: Callable[[Any], Any], trainer_fn: Callable[..., tuple[Any, dict]],
+                 accuracy_fn: Callable[[Any, Sequence[QAExample], str], dict[str, bool]],
+                 params_io: tuple[Callable[[Path, Any], None], Callable[[Path], Any]]):
+        self.cfg, self.res, self.seed, self.root = cfg, res, seed, root
+        self.engine_factory = engine_factory
+        self.trainer_fn = trainer_fn
+        self.accuracy_fn = accuracy_fn
+        self.save_params, self.load_params = params_io
+        self.train_ids = [e.id for e in res.splits["train"]]
+        self.by_id = {e.id: e for e in res.splits["train"]}
+
+    # ---------------------------------------------------------------- probes
+
+    def prompt_sets(self, noise: bool = False) -> dict:
+        from gradual_jax.knowledge.prompts import build_prompt_sets
+
+        name = "noise_prompts.json" if noise else "prompts.json"
+        relations = sorted({e.relation for split in ("train", "test") for e in self.res.splits[split]})
+        seed = self.seed + (NOISE_SEED_OFFSET if noise else 0)
+        return cached_json(self.root / name, lambda: build_prompt_sets(
+            self.res.splits["dev"], relations, n_prompts=self.cfg.probe.n_prompts,
+            k=self.cfg.probe.k_shot, seed=seed))
+
+    def probe(self, model: Any, split: str, out: Path, *, noise: bool = False) -> list[dict]:
+        seed = self.seed + (NOISE_SEED_OFFSET if noise else 0)
+        probe = Probe(self.engine_factory(model), self.prompt_sets(noise), probe_settings(self.cfg, seed),
+                      model_id=self.res.model_id)
+        log.info("probe %s -> %s", split, out)
+        return probe.run(self.res.splits[split], out)
+
+    # ---------------------------------------------------------------- arms
+
+    def run(self) -> dict:
+        result_path = self.root / "result.json"
+        if result_path.exists():
+            return read_json(result_path)
+        t0 = time.time()
+        stage0 = {s: by_category(self.probe(self.res.model, s, self.root / "stage0" / f"{s}.jsonl"))
+                  for s in ("train", "test")}
+        noise = None
+        if self.cfg.noise_control:
+            noise = {s: by_category(self.probe(self.res.model, s, self.root / "noise" / f"{s}.jsonl",
+                                               noise=True)) for s in ("train", "test")}
+        state0 = curriculum.initial_state([{"id": i, "category": stage0["train"][i]} for i in self.train_ids])
+        arms: dict[str, dict] = {}
+        for arm in self._arm_order():
+            arms[arm] = self.run_arm(arm, state0, arms)
+        result = {"seed": self.seed, "stage0": stage0, "noise_control": noise, "arms": arms,
+                  "wall_seconds": time.time() - t0}
+        write_json(result_path, result)
+        return result
+
+    def _arm_order(self) -> list[str]:
+        # one_stage's budget and random_subset's size are read off two_stage: run it first.
+        arms = list(self.cfg.arms)
+        return sorted(arms, key=lambda a: a != "two_stage")
+
+    def _arm_stages(self, arm: str, arms_done: dict[str, dict],
+                    state0: curriculum.CurriculumState) -> list[tuple[StageConfig, dict]]:
+        """(stage config, extra training limits) for each fixed stage of a non-staged arm."""
+        base = self.cfg.stages[0]
+        two = arms_done.get("two_stage")
+        if arm == "one_stage":
+            limit = {"max_steps": sum(s["steps"] for s in two["stages"])} if two else {}
+            return [(dataclasses.replace(base, name="stage1", select={"categories": [MAYBE_KNOWN]}), limit)]
+        if arm == "natural":
+            return [(dataclasses.replace(base, name="stage1", select={}), {})]
+        if arm == "highly_known":
+            return [(dataclasses.replace(base, name="stage1", select={"categories": [HIGHLY_KNOWN]}), {})]
+        if arm == "random_subset":
+            size = (len(two["stages"][0]["trained_ids"]) if two
+                    else curriculum.category_counts(state0)[MAYBE_KNOWN])
+            select = {"random": True, "size": max(size, 1)}
+            return [(dataclasses.replace(base, name="stage1", select=select), {})]
+        raise PipelineError(f"unknown arm {arm!r}")
+
+    def run_arm(self, arm: str, state0: curriculum.CurriculumState, arms_done: dict[str, dict]) -> dict:
+        arm_dir = self.root / arm
+        summary_path = arm_dir / "arm.json"
+        if summary_path.exists():
+            return read_json(summary_path)
+        state = state0
+        model = self.res.model
+        stages: list[dict] = []
+        if arm == "two_stage":
+            plan = [(st, {}) for st in self.cfg.stages]
+            extra = self.cfg.max_extra_stages
+        else:
+            plan = self._arm_stages(arm, arms_done, state0)
+            extra = 0
+        k = 0
+        while k < len(plan) or extra > 0:
+            if k >= len(plan):
+                if not curriculum.should_continue(state, self.cfg.min_moved_up):
+                    break
+                last = self.cfg.stages[-1]
+                plan.append((dataclasses.replace(last, name=f"stage{k + 1}"), {}))
+                extra -= 1
+            stage_cfg, limits = plan[k]
+            model, state, info = self.run_stage(arm, k, stage_cfg, limits, model, state)
+            stages.append(info)
+            k += 1
+        test_correct = cached_json(arm_dir / "test_correct.json", lambda: self.accuracy_fn(
+            model, self.res.splits["test"], stage_train_config(self.cfg, plan[-1][0]).template))
+        summary = {"stages": stages, "test_correct": test_correct}
+        write_json(summary_path, summary)
+        return summary
+
+    def run_stage(self, arm: str, k: int, stage_cfg: StageConfig, limits: dict, model: Any,
+                  state: curriculum.CurriculumState):
+        stage_dir = self.root / arm / stage_cfg.name
+        train_cfg: TrainConfig = stage_train_config(self.cfg, stage_cfg)
+        spec = stage_cfg.spec()
+        try:
+            ids = curriculum.select(state, spec, rng=self.seed * 1_000 + k)
+        except curriculum.EmptySelection as err:
+            raise PipelineError(f"arm {arm}, stage {stage_cfg.name}: {err}") from None
+        params_dir = stage_dir / "params"
+        info_path = stage_dir / "stage.json"
+        if info_path.exists() and params_dir.exists():
+            info = read_json(info_path)
+            model = self.load_params(params_dir)
+        else:
+            examples = [self.by_id[i] for i in ids]
+            model, info = self.trainer_fn(model, examples, self.res.splits["dev"], train_cfg,
+                                          ckpt_dir=stage_dir / "ckpt", seed=self.seed * 1_000 + k,
+                                          metrics_dir=stage_dir, **limits)
+            self.save_params(params_dir, model)
+            info = {**info, "name": stage_cfg.name, "trained_ids": list(ids),
+                    "selected_counts": category_counts({"category": state.latest[i]} for i in ids)}
+            write_json(info_path, info)
+        state = curriculum.mark_trained(state, ids, k + 1)
+        train_after = by_category(self.probe(model, "train", stage_dir / "train.jsonl"))
+        test_after = by_category(self.probe(model, "test", stage_dir / "test.jsonl"))
+        state = curriculum.advance(state, [{"id": i, "category": train_after[i]} for i in self.train_ids])
+        write_json(stage_dir / "state.json", curriculum.to_json(state))
+        return model, state, {**info, "train_after": train_after, "test_after": test_after}
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)

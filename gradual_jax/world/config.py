@@ -1,0 +1,146 @@
+"""Configuration of the synthetic knowledge world: entities, corpus, tokenizer, model, pretraining.
+
+Defaults follow the feasibility prototype in DESIGN.md ("Synthetic world"): about 1,000 people,
+10% never mentioned, the rest mentioned 1-20 times (log-uniform), conflicting mentions for half the
+people, flat attribute priors, QA-format text for every relation, and a tiny model that pretrains
+on two CPU cores in a few minutes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+# Bump when generation, corpus rendering, tokenizer or pretraining change in a way that makes an
+# old cached world differ from what this code would build from the same config.
+WORLD_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    """Everything that determines a synthetic world and its pretrained model.
+
+    Two equal configs build identical worlds, corpora and QA splits; the model is the same up to
+    floating-point nondeterminism of XLA on the host.
+    """
+
+    seed: int = 0
+    # Entities.
+    n_people: int = 1000
+    n_countries: int = 24
+    n_cities: int = 120
+    n_companies: int = 80
+    n_works: int = 150
+    citizenship_follows_birthplace: float = 0.9
+    # Mentions: a mentioned fact is stated round(exp(U(log min, log max+1))) times, clipped.
+    min_mentions: int = 1
+    max_mentions: int = 20
+    never_mentioned_fraction: float = 0.1
+    # Conflicts: for this share of subjects, each fact stated at least twice gets one wrong value,
+    # used in a share U(conflict_rate_min, conflict_rate_max) of its mentions.
+    conflict_subject_fraction: float = 0.5
+    conflict_rate_min: float = 0.2
+    conflict_rate_max: float = 0.45
+    # QA-format text: share of corpus documents that are `Q: ..\nA: ..\n\n` blocks, pairs per block,
+    # and the share of train facts whose QA pairs may appear there (dev and background facts
+    # always may; test facts never do).
+    qa_text_fraction: float = 0.15
+    qa_pairs_per_doc: int = 5
+    qa_train_coverage: float = 0.1
+    # QA splits per relation (clipped for relations with few subjects).
+    n_train_per_relation: int = 60
+    n_dev_per_relation: int = 10
+    n_test_per_relation: int = 30
+    # Tokenizer: an upper bound; the world's lexicon must fit.
+    vocab_size: int = 4096
+    # Model.
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    d_mlp: int = 384
+    # Pretraining.
+    pretrain_steps: int = 1500
+    batch_size: int = 32
+    seq_len: int = 128
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("n_people", "n_countries", "n_cities", "n_companies", "n_works",
+                               "min_mentions", "max_mentions", "qa_pairs_per_doc", "vocab_size",
+                               "d_model", "n_layers", "n_heads", "d_mlp", "pretrain_steps",
+                               "batch_size", "seq_len", "n_dev_per_relation"))
+        _check_fraction(self, ("citizenship_follows_birthplace", "never_mentioned_fraction",
+                               "conflict_subject_fraction", "conflict_rate_min",
+                               "conflict_rate_max", "qa_train_coverage"))
+        if not 0 <= self.qa_text_fraction < 1:
+            raise ValueError(f"WorldConfig.qa_text_fraction must be in [0, 1), got {self.qa_text_fraction}")
+        if self.min_mentions > self.max_mentions:
+            raise ValueError("WorldConfig.min_mentions must not exceed max_mentions")
+        if self.conflict_rate_min > self.conflict_rate_max:
+            raise ValueError("WorldConfig.conflict_rate_min must not exceed conflict_rate_max")
+        if self.n_people % 2:
+            raise ValueError(f"WorldConfig.n_people must be even (people are married in pairs), got {self.n_people}")
+        if self.n_cities < self.n_countries:
+            raise ValueError("WorldConfig.n_cities must be at least n_countries (every country has a capital)")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"WorldConfig.d_model {self.d_model} is not a multiple of n_heads {self.n_heads}")
+        if self.n_dev_per_relation < 5:
+            raise ValueError("WorldConfig.n_dev_per_relation must be at least 5 (4-shot exemplars + variety)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the config and the world format version: the cache key."""
+        blob = json.dumps({"version": WORLD_FORMAT_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_positive(cfg: WorldConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"WorldConfig.{name} must be positive, got {getattr(cfg, name)}")
+
+
+def _check_fraction(cfg: WorldConfig, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(cfg, name)}")
+
+
+def world_config_from_dict(d: Mapping[str, Any] | None) -> WorldConfig:
+    """A WorldConfig from a mapping of field overrides; unknown keys raise one clear ValueError."""
+    d = dict(d or {})
+    fields = {f.name: f for f in dataclasses.fields(WorldConfig)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown world config key(s) {', '.join(unknown)}; "
+                         f"expected some of: {', '.join(sorted(fields))}")
+    values = {}
+    for name, value in d.items():
+        default = getattr(WorldConfig, name)
+        values[name] = _coerce(name, value, type(default))
+    return WorldConfig(**values)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if kind is bool or isinstance(value, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"world config key {name}: expected true/false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"world config key {name}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if not isinstance(value, (int, float)):
+            raise ValueError(f"world config key {name}: expected a number, got {value!r}")
+        return float(value)
+    return value
