@@ -520,9 +520,16 @@ def from_tfds_source(
     Bytes values (and numpy arrays of bytes) are decoded as UTF-8; otherwise as ``from_hf_dataset``.
     """
     name = f"TFDS source (split {split})"
-    records = ((i, _plain(source[i]), f"{name} record {i}") for i in range(len(source)))
+
+    def records() -> Iterator[tuple[int, Any, str]]:
+        for i in range(len(source)):
+            try:
+                yield i, _plain(source[i]), f"{name} record {i}"
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name} record {i}: bytes are not UTF-8 ({_one_line(e)})") from None
+
     return _from_records(
-        records, name, split=split, relation=relation, relation_key=relation_key,
+        records(), name, split=split, relation=relation, relation_key=relation_key,
         question_key=question_key, answers_key=answers_key, id_key=id_key, limit=limit,
     )
 

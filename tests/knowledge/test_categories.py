@@ -42,13 +42,19 @@ def test_categorize_hand_worked(greedy, prompts, samples, expected):
     assert categorize(greedy, prompts, samples) == expected
 
 
-@pytest.mark.parametrize(("greedy", "prompts", "samples"), [(0, 0, 0), (11, 10, 0), (-1, 10, 0), (0, 10, -1)])
+@pytest.mark.parametrize(
+    ("greedy", "prompts", "samples"), [(0, 0, 0), (11, 10, 0), (-1, 10, 0), (0, 10, -1)]
+)
 def test_categorize_rejects_impossible_counts(greedy, prompts, samples):
     with pytest.raises(ValueError):
         categorize(greedy, prompts, samples)
 
 
-@given(st.integers(1, 20).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n), st.integers(0, 16 * n))))
+@given(
+    st.integers(1, 20).flatmap(
+        lambda n: st.tuples(st.integers(0, n), st.just(n), st.integers(0, 16 * n))
+    )
+)
 def test_categorize_matches_probability_definition(counts):
     greedy, prompts, samples = counts
     p_greedy = Fraction(greedy, prompts)

@@ -21,12 +21,14 @@ from gradual_jax.knowledge.data import (
     DataError,
     QAExample,
     download_entityquestions,
+    entity_keys,
     extract_subject,
     from_hf_dataset,
     from_tfds_source,
     gekhman_setup,
     load_entityquestions,
     load_jsonl,
+    overlaps,
 )
 from gradual_jax.knowledge.match import normalize_answer
 
@@ -183,7 +185,8 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path):
     (tmp_path / "train").mkdir()
     path = tmp_path / "train" / "P17.train.jsonl.gz"
     with gzip.open(path, "wt") as f:
-        f.write('{"question": "Which country is A located in?", "answers": ["B"]}\n\n{"question": oops}\n')
+        f.write('{"question": "Which country is A located in?", "answers": ["B"]}\n')
+        f.write('\n{"question": oops}\n')
     with pytest.raises(DataError, match="malformed JSON line") as err:
         load_entityquestions(tmp_path, "train")
     assert f"{path}:3:" in _one_line_error(err)
@@ -236,7 +239,9 @@ def test_load_jsonl_plain_name_gz_and_errors(tmp_path):
         load_jsonl(bad)
     assert f"{bad}:2:" in _one_line_error(err)
     dup = tmp_path / "dup.jsonl"
-    dup.write_text('{"id": 1, "question": "q?", "answers": "a"}\n{"id": 1, "question": "r?", "answers": "b"}\n')
+    dup.write_text(
+        '{"id": 1, "question": "q?", "answers": "a"}\n{"id": 1, "question": "r?", "answers": "b"}\n'
+    )
     with pytest.raises(DataError, match="duplicate example id '1'"):
         load_jsonl(dup)
     with pytest.raises(DataError, match="not found"):
@@ -247,13 +252,23 @@ def test_from_hf_dataset():
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_list(
         [
-            {"question": "Which country is Painblanc located in?", "answers": ["France"], "relation": "P17"},
+            {
+                "question": "Which country is Painblanc located in?",
+                "answers": ["France"],
+                "relation": "P17",
+            },
             {"question": "Who founded Acme?", "answers": ["Wile E.", "Road Runner"], "relation": "P112"},
         ]
     )
     assert from_hf_dataset(ds, split="validation") == [
-        QAExample("P17.validation.0", "P17", "Which country is Painblanc located in?", ("France",), "validation", "Painblanc"),
-        QAExample("P112.validation.1", "P112", "Who founded Acme?", ("Wile E.", "Road Runner"), "validation", "Acme"),
+        QAExample(
+            "P17.validation.0", "P17", "Which country is Painblanc located in?", ("France",),
+            "validation", "Painblanc",
+        ),
+        QAExample(
+            "P112.validation.1", "P112", "Who founded Acme?", ("Wile E.", "Road Runner"),
+            "validation", "Acme",
+        ),
     ]
     squad = datasets.Dataset.from_list(
         [{"id": "s1", "question": "q?", "answers": {"text": ["a", "b"], "answer_start": [0, 3]}}]
@@ -266,7 +281,11 @@ def test_from_hf_dataset():
 
 def test_from_tfds_source_decodes_bytes():
     source = [
-        {"question": b"Who is the author of Dune?", "answers": np.array([b"Frank Herbert"], dtype=object), "relation": b"P50"},
+        {
+            "question": b"Who is the author of Dune?",
+            "answers": np.array([b"Frank Herbert"], dtype=object),
+            "relation": b"P50",
+        },
         {"question": b"Caf\xc3\xa9 owner?", "answers": b"Zo\xc3\xab"},
     ]
     assert from_tfds_source(source, relation="misc", split="test") == [
@@ -276,6 +295,8 @@ def test_from_tfds_source_decodes_bytes():
     assert len(from_tfds_source(source, limit=1)) == 1
     with pytest.raises(DataError, match=r"record 0: 'question' must be a non-empty string"):
         from_tfds_source([{"answers": [b"a"]}])
+    with pytest.raises(DataError, match=r"record 0: bytes are not UTF-8"):
+        from_tfds_source([{"question": b"\xff?", "answers": [b"a"]}])
 
 
 # ----------------------------------------------------------------------------- download
@@ -352,7 +373,8 @@ def test_gekhman_no_train_test_entity_overlap(eq_dir, gekhman):
             for rec in _raw_records(eq_dir, "test", relation):
                 if len(rec["answers"]) == 1:
                     q = rec["question"]
-                    entities |= {normalize_answer(q[len(prefix) : len(q) - len(suffix)]), normalize_answer(rec["answers"][0])}
+                    subject = q[len(prefix) : len(q) - len(suffix)]
+                    entities |= {normalize_answer(subject), normalize_answer(rec["answers"][0])}
     entities.discard("")
     for ex in gekhman["train"]:
         assert normalize_answer(ex.subject) not in entities
@@ -372,10 +394,25 @@ def test_gekhman_counts(gekhman):
 def test_gekhman_limit_is_a_prefix_subset(eq_dir, gekhman):
     small = gekhman_setup(eq_dir, limit_per_relation=5)
     for split, full in gekhman.items():
-        expected = [ex for r in dict.fromkeys(e.relation for e in full) for ex in [e for e in full if e.relation == r][:5]]
+        per_relation: dict[str, list] = {}
+        for ex in full:
+            per_relation.setdefault(ex.relation, []).append(ex)
+        expected = [ex for exs in per_relation.values() for ex in exs[:5]]
         assert small[split] == expected
-    subject_only = gekhman_setup(eq_dir, limit_per_relation=50, overlap="subject")
-    assert len(subject_only["train"]) == 12 * 50
-    assert any(ex.relation == "P17" and ex.answers == ("France",) for ex in subject_only["train"])
     with pytest.raises(ValueError, match="overlap"):
         gekhman_setup(eq_dir, overlap="answer")
+
+
+def test_overlap_modes_hand_worked():
+    q = "Which country is The Louvre located in?"
+    test = [QAExample("t.0", "P17", q, ("France",), "test", "The Louvre")]
+    entities = entity_keys(test)
+    assert entities == {"louvre", "france"}
+    q = "Which country is Lyon located in?"
+    same_answer = QAExample("a.0", "P17", q, ("france.",), "train", "Lyon")
+    same_subject = QAExample("a.1", "P19", "Where was louvre born?", ("Paris",), "train", "louvre")
+    unrelated = QAExample("a.2", "P19", "Where was Ada born?", ("London",), "train", "Ada")
+    examples = (same_answer, same_subject, unrelated)
+    assert [overlaps(ex, entities) for ex in examples] == [True, True, False]
+    assert [overlaps(ex, entities, "subject") for ex in (same_answer, same_subject)] == [False, True]
+    assert not overlaps(same_subject, entities, "none")

@@ -17,7 +17,10 @@ from gradual_jax.knowledge.prompts import (
 
 def _dev(relation, n, *, answers=("x", "y")):
     return [
-        QAExample(f"{relation}.dev.{i}", relation, f"{relation} question {i}?", tuple(f"{a}{i}" for a in answers), "dev")
+        QAExample(
+            f"{relation}.dev.{i}", relation, f"{relation} question {i}?",
+            tuple(f"{a}{i}" for a in answers), "dev",
+        )
         for i in range(n)
     ]
 
@@ -71,8 +74,14 @@ def test_save_load_round_trip(tmp_path):
         ("{not json", r"prompts.json:1: malformed JSON"),
         ("[]", r"non-empty object"),
         ('{"P1": []}', r"\['P1'\] must be a non-empty list"),
-        ('{"P1": [[{"question": "q?"}]]}', r"\['P1'\]\[0\]\[0\] must be an object with string 'question' and 'answer'"),
-        ('{"P1": [[{"question": "q?", "answer": "a"}], "oops"]}', r"\['P1'\]\[1\] must be a non-empty list"),
+        (
+            '{"P1": [[{"question": "q?"}]]}',
+            r"\['P1'\]\[0\]\[0\] must be an object with string 'question' and 'answer'",
+        ),
+        (
+            '{"P1": [[{"question": "q?", "answer": "a"}], "oops"]}',
+            r"\['P1'\]\[1\] must be a non-empty list",
+        ),
     ],
 )
 def test_load_prompt_sets_rejects_bad_structure(tmp_path, content, message):
@@ -110,7 +119,8 @@ def test_format_train_pair_presets():
 
 
 def test_format_train_pair_custom_templates():
-    assert format_train_pair("q?", "a", "Question: {question}\nAnswer: {answer}") == ("Question: q?\nAnswer:", " a")
+    custom = "Question: {question}\nAnswer: {answer}"
+    assert format_train_pair("q?", "a", custom) == ("Question: q?\nAnswer:", " a")
     assert format_train_pair("q?", "a", "<{question}>") == ("<q?>", "a")
     assert format_train_pair("q?", "a", "{question} -> {answer}.") == ("q? ->", " a.")
     for bad in ("no placeholder", "{answer} then {question}", "{question} {answer} {answer}"):
@@ -126,7 +136,13 @@ def test_format_train_pair_presets_roundtrip_as_saved_json(tmp_path):
 
 @pytest.mark.parametrize(
     ("completion", "answer"),
-    [(" Paris\nQ: Where was", "Paris"), ("  Rome  ", "Rome"), ("\nParis", ""), ("", ""), ("New York City\n\n", "New York City")],
+    [
+        (" Paris\nQ: Where was", "Paris"),
+        ("  Rome  ", "Rome"),
+        ("\nParis", ""),
+        ("", ""),
+        ("New York City\n\n", "New York City"),
+    ],
 )
 def test_clean_answer(completion, answer):
     assert clean_answer(completion) == answer

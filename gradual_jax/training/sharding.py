@@ -1,0 +1,203 @@
+"""Device mesh, the one logical-axis rules table, and placement of params, optimizer state and batches.
+
+Physical mesh axes are ``data``, ``fsdp`` and ``tensor``. Every parameter carries
+``logical_axes`` metadata (``vocab``, ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``mlp``);
+``LOGICAL_AXIS_RULES`` maps each name to mesh axes. Batches are split over ``data`` and ``fsdp``
+together (FSDP is data parallelism whose params are also sharded), params over ``fsdp`` along
+``embed`` and over ``tensor`` along heads, MLP and vocab dims.
+
+Meshes use ``AxisType.Auto`` on every axis: the model's einsums carry no output-sharding
+annotations, so with ``Explicit`` axes (jax >= 0.10's default) contractions over a sharded dim
+would need per-op sharding rules. With ``Auto``, jit's input/output shardings pin params,
+optimizer state and batches and XLA's propagation lays out everything in between.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# logical axis name -> mesh axes (None = replicated). The single source of truth.
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": BATCH_AXES,
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "head_dim": None,
+    "length": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all), every axis ``Auto``.
+
+    One size may be -1: it takes the devices the others leave. Raises ValueError when the sizes
+    do not multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fills = [k for k, v in sizes.items() if v == -1]
+    bad = [k for k, v in sizes.items() if v != -1 and v < 1]
+    if bad or len(fills) > 1:
+        raise ValueError(f"mesh sizes must be >= 1 with at most one -1 (fill), got {sizes}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if fills:
+        if len(devices) % fixed:
+            raise ValueError(f"mesh {sizes}: {len(devices)} devices do not divide by the fixed axes' product {fixed}")
+        sizes[fills[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """``make_mesh`` from any object with ``data``, ``fsdp`` and ``tensor`` attributes."""
+    return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
+
+
+def param_partition_spec(logical_axes: Sequence[str | None], mesh: Mesh,
+                         rules: Mapping[str, tuple[str, ...] | None] | None = None,
+                         *, shape: Sequence[int] | None = None) -> PartitionSpec:
+    """The PartitionSpec for a tensor whose dims are named ``logical_axes``.
+
+    Mesh axes of size 1, axes already used by an earlier dim and (when ``shape`` is given) axes
+    that would not divide the dim evenly are dropped, so the spec is always valid for the tensor.
+    Raises KeyError for a logical name the rules do not know.
+    """
+    rules = LOGICAL_AXIS_RULES if rules is None else rules
+    used: set[str] = set()
+    spec: list[Any] = []
+    for dim, name in enumerate(logical_axes):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; known: {', '.join(sorted(rules))}")
+        chosen: list[str] = []
+        size = 1
+        for axis in rules[name] or ():
+            n = mesh.shape[axis]
+            if n == 1 or axis in used:
+                continue
+            if shape is not None and shape[dim] % (size * n):
+                continue
+            chosen.append(axis)
+            size *= n
+        used.update(chosen)
+        spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh,
+                      rules: Mapping[str, tuple[str, ...] | None] | None = None) -> NamedSharding:
+    """Sharding for one variable: from its ``logical_axes`` metadata, else replicated."""
+    value = var.get_value()
+    axes = var.get_metadata().get("logical_axes")
+    shape = getattr(value, "shape", ())
+    if axes is None or len(axes) != len(shape):
+        return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, param_partition_spec(axes, mesh, rules, shape=shape))
+
+
+def state_shardings(state: Any, mesh: Mesh,
+                    rules: Mapping[str, tuple[str, ...] | None] | None = None) -> Any:
+    """A tree shaped like ``state`` (an ``nnx.State`` of a model or optimizer) holding NamedShardings.
+
+    Works for optimizer state too: ``nnx.Optimizer`` copies each param's metadata, including
+    ``logical_axes``, onto its moment variables, so Adam moments shard like their params.
+    """
+    def one(x: Any) -> Any:
+        if _is_variable(x):
+            return x.replace(variable_sharding(x, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_state(state: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] | None = None) -> Any:
+    """``state`` with every array placed on ``mesh`` by its logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh, rules))
+
+
+def shard_model(model: nnx.Module, mesh: Mesh,
+                rules: Mapping[str, tuple[str, ...] | None] | None = None) -> nnx.Module:
+    """Place every variable of ``model`` on ``mesh`` in place; returns the model."""
+    nnx.update(model, shard_state(nnx.state(model), mesh, rules))
+    return model
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` leaves carrying ``shardings`` (a matching tree): restore targets."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+# --------------------------------------------------------------------------------------------
+# Batches
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    """How many ways a batch is split: the product of the ``data`` and ``fsdp`` axes."""
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_batch_divisible(rows: int, mesh: Mesh, what: str = "batch size") -> None:
+    """Raise ValueError unless ``rows`` splits evenly over the mesh's data axes."""
+    n = data_parallel_size(mesh)
+    if rows % n:
+        sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in BATCH_AXES)
+        raise ValueError(
+            f"{what} {rows} does not divide over the data axes ({sizes}; {n} ways): "
+            f"use a multiple of {n} or change the mesh"
+        )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+    """Sharding for a batch array: ``batch_dim`` over ``(data, fsdp)``, other dims replicated."""
+    spec: list[Any] = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def process_rows(global_rows: int) -> slice:
+    """The rows of a ``global_rows`` batch dim this process feeds (by ``jax.process_index()``)."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_rows % count:
+        raise ValueError(f"batch dim {global_rows} does not divide over {count} processes")
+    per = global_rows // count
+    return slice(index * per, (index + 1) * per)
+
+
+def global_batch(local_arrays: Mapping[str, np.ndarray], mesh: Mesh, *, batch_dim: int = 0) -> dict[str, jax.Array]:
+    """Global jax.Arrays from this process's rows (``process_rows``) of each array.
+
+    Each local array holds ``1 / process_count`` of the global batch dim; the global arrays are
+    sharded over ``(data, fsdp)`` along ``batch_dim``. Raises ValueError when the global batch
+    dim does not divide over the data axes.
+    """
+    out = {}
+    for name, local in local_arrays.items():
+        local = np.asarray(local)
+        global_shape = list(local.shape)
+        global_shape[batch_dim] *= jax.process_count()
+        check_batch_divisible(global_shape[batch_dim], mesh, f"batch dim of {name!r}")
+        sharding = batch_sharding(mesh, local.ndim, batch_dim)
+        out[name] = jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+    return out
