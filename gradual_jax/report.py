@@ -142,10 +142,12 @@ def _check_arm(arm: Any, where: str, train_ids: set, test_ids: set) -> None:
         _check_probe(stage["test_after"], f"{at}['test_after']", test_ids)
         unknown = set(stage["trained_ids"]) - train_ids
         if unknown:
-            _fail(f"{at}['trained_ids']", f"ids not in stage-0 train: {sorted(unknown, key=str)[:5]}")
+            first = sorted(unknown, key=str)[:5]
+            _fail(f"{at}['trained_ids']", f"ids not in stage-0 train: {first}")
     unknown = set(arm["test_correct"]) - test_ids
     if unknown:
-        _fail(f"{where}['test_correct']", f"ids not in stage-0 test: {sorted(unknown, key=str)[:5]}")
+        first = sorted(unknown, key=str)[:5]
+        _fail(f"{where}['test_correct']", f"ids not in stage-0 test: {first}")
 
 
 def validate_results(results: Sequence[Mapping]) -> None:
@@ -201,7 +203,10 @@ def count_moves(before: Mapping[str, str], after: Mapping[str, str], ids: Iterab
 
 
 def transition_matrix(before: Mapping[str, str], after: Mapping[str, str]) -> list[list[int]]:
-    """Return the 4x4 count matrix of ids in ``before``: rows = from, cols = to (CATEGORIES order)."""
+    """Return the 4x4 count matrix over the ids of ``before``.
+
+    Rows = category before, columns = category after, both in CATEGORIES order.
+    """
     m = [[0] * len(CATEGORIES) for _ in CATEGORIES]
     for i, cat in before.items():
         m[CATEGORY_RANK[cat]][CATEGORY_RANK[after[i]]] += 1
@@ -315,7 +320,8 @@ def _arm_section(results: Sequence[Mapping], arm: str) -> dict:
         "test_accuracy_by_category": by_cat,
         "train_highly_known": mean_interval(_final_train_hk(r, arm) for r in runs),
         "retention": by_cat[HK],
-        "steps": mean_interval(sum(int(s["steps"]) for s in r["arms"][arm]["stages"]) for r in runs),
+        "steps": mean_interval(sum(int(s["steps"]) for s in r["arms"][arm]["stages"])
+                               for r in runs),
     }
 
 
@@ -368,17 +374,19 @@ def _noise_control(results: Sequence[Mapping], arm: str | None) -> dict | None:
     runs = [r for r in results if r.get("noise_control") is not None]
     if not runs:
         return None
-    all_train = [count_moves(r["stage0"]["train"], r["noise_control"]["train"], r["stage0"]["train"])
-                 for r in runs]
-    sub = [count_moves(r["stage0"]["train"], r["noise_control"]["train"], _untrained_sets(r, arm)[0])
-           for r in runs if arm is not None and arm in r["arms"] and r["arms"][arm]["stages"]]
+    def moves(r: Mapping, ids: Iterable[str]) -> dict:
+        return count_moves(r["stage0"]["train"], r["noise_control"]["train"], ids)
+
+    all_train = [moves(r, r["stage0"]["train"]) for r in runs]
+    sub = [moves(r, _untrained_sets(r, arm)[0]) for r in runs
+           if arm is not None and arm in r["arms"] and r["arms"][arm]["stages"]]
     return {"n_seeds": len(runs), "all_train": _moves_mi(all_train),
             "untrained_stage1_arm": arm if sub else None,
             "untrained_stage1": _moves_mi(sub) if sub else None}
 
 
 def _comparison(results: Sequence[Mapping], arm: str) -> dict | None:
-    """Stage-1 moves of ``arm`` vs noise-control moves, both over that arm's stage-1 untrained set."""
+    """Stage-1 moves of ``arm`` vs noise-control moves, both over its stage-1 untrained set."""
     arm_m, noise_m = [], []
     for r in results:
         if r.get("noise_control") is None or arm not in r["arms"] or not r["arms"][arm]["stages"]:
@@ -429,18 +437,17 @@ def build_report(results: list[dict], *, config: dict | None = None) -> dict:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _num(x: float, digits: int) -> str:
-    if abs(x - round(x)) < 1e-9:
-        return str(int(round(x)))
-    return f"{x:.{digits}f}"
-
-
 def fmt_mi(mi: Mapping | None, *, scale: float = 1.0, digits: int = 2) -> str:
-    """Format a mean/interval dict as ``mean [low, high]``; ``n/a`` when there is no value."""
+    """Format a mean/interval dict as ``mean [low, high]``; ``n/a`` when there is no value.
+
+    All three numbers get ``digits`` decimals, or none when all three are whole numbers.
+    """
     if mi is None or mi.get("mean") is None:
         return "n/a"
-    m, lo, hi = (mi[k] * scale for k in ("mean", "low", "high"))
-    return f"{_num(m, digits)} [{_num(lo, digits)}, {_num(hi, digits)}]"
+    nums = [mi[k] * scale for k in ("mean", "low", "high")]
+    d = 0 if all(abs(x - round(x)) < 1e-9 for x in nums) else digits
+    m, lo, hi = (f"{x:.{d}f}" for x in nums)
+    return f"{m} [{lo}, {hi}]"
 
 
 def _pct(mi: Mapping | None) -> str:
@@ -467,7 +474,10 @@ def plot_files(report: Mapping) -> list[str]:
 def _md_headline(report: Mapping) -> list[str]:
     lines = ["## Headline", ""]
     gain = report["knowledge_gain_pct"]
-    gain_s = "n/a (needs both two_stage and one_stage)" if gain is None else f"{fmt_mi(gain, digits=1)} %"
+    if gain is None:
+        gain_s = "n/a (needs both two_stage and one_stage)"
+    else:
+        gain_s = f"{fmt_mi(gain, digits=1)} %"
     lines += [f"Knowledge gain (train HighlyKnown after two_stage vs one_stage, "
               f"100*(two-one)/one per seed): **{gain_s}**", ""]
     rows = [(arm, a["n_seeds"], _pct(a["test_accuracy"]), _pct(a["retention"]),
@@ -561,7 +571,8 @@ def render_markdown(report: Mapping) -> str:
     lines += _md_accuracy(report) + _md_transitions(report)
     lines += ["## Plots", ""] + [f"- [{p}]({p})" for p in plot_files(report)] + [""]
     wall = report["wall_seconds"]
-    lines += [f"Wall time: {wall['total']:.1f} s in all; per seed {fmt_mi(wall['per_seed'], digits=1)} s.", ""]
+    per_seed = fmt_mi(wall["per_seed"], digits=1)
+    lines += [f"Wall time: {wall['total']:.1f} s in all; per seed {per_seed} s.", ""]
     return "\n".join(lines)
 
 
@@ -591,8 +602,10 @@ def _plot_categories(report: Mapping):
         ax.set_xticks(range(len(stages)), [s["name"] for s in stages], fontsize=8)
         ax.set_title(f"{split} (mean over seeds)", fontsize=9)
     fig.axes[0].set_ylabel("examples")
-    fig.axes[-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"SliCK categories per stage ({report['reference_arm']})", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     return fig
 
 
@@ -641,6 +654,7 @@ def _plot_accuracy(report: Mapping):
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     ax.set_title("Test accuracy by stage-0 category (95% t interval)", fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -671,6 +685,7 @@ def _plot_curves(results: Sequence[Mapping]):
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no curves recorded", ha="center", transform=ax.transAxes)
+    fig.tight_layout()
     return fig
 
 

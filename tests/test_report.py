@@ -39,7 +39,8 @@ def correct(*flags):
 #   final train HK: two_stage a b d = 3, one_stage a b = 2 -> gain 100*(3-2)/2 = 50
 SEED0 = {
     "seed": 0,
-    "stage0": {"train": probe(TRAIN, [HK, MK, MK, WK, UK, UK]), "test": probe(TEST, [HK, HK, MK, UK])},
+    "stage0": {"train": probe(TRAIN, [HK, MK, MK, WK, UK, UK]),
+               "test": probe(TEST, [HK, HK, MK, UK])},
     "noise_control": {"train": probe(TRAIN, [HK, MK, HK, MK, UK, WK]),
                       "test": probe(TEST, [HK, HK, MK, UK])},
     "arms": {
@@ -62,7 +63,8 @@ SEED0 = {
 #   final train HK: two_stage 6, one_stage a b f = 3 -> gain 100*(6-3)/3 = 100
 SEED1 = {
     "seed": 1,
-    "stage0": {"train": probe(TRAIN, [HK, MK, MK, UK, WK, MK]), "test": probe(TEST, [HK, MK, WK, UK])},
+    "stage0": {"train": probe(TRAIN, [HK, MK, MK, UK, WK, MK]),
+               "test": probe(TEST, [HK, MK, WK, UK])},
     "noise_control": {"train": probe(TRAIN, [MK, MK, MK, UK, WK, MK]),
                       "test": probe(TEST, [HK, MK, WK, UK])},
     "arms": {
@@ -91,9 +93,9 @@ def mi_close(mi, mean, half=0.0):
 
 def test_mean_interval_t_hand_value():
     mi = R.mean_interval([1, 2, 3])
-    mi_close(mi, 2.0, 4.303 / math.sqrt(3))
-    assert mi["values"] == [1, 2, 3]
+    assert mi["mean"] == 2.0 and mi["values"] == [1, 2, 3]
     assert mi["low"] == pytest.approx(2 - 4.303 / math.sqrt(3), abs=1e-3)
+    assert mi["high"] == pytest.approx(2 + 4.303 / math.sqrt(3), abs=1e-3)
     assert R.mean_interval([5]) == {"mean": 5.0, "low": 5.0, "high": 5.0, "values": [5]}
     assert R.mean_interval([])["mean"] is None
 
@@ -143,24 +145,23 @@ def test_knowledge_gain(rep):
 
 
 def moves(entry):
-    return {k: entry[k]["values"] for k in R.MOVE_KEYS}
+    """Per-seed values as (up, down, net, from_weak_or_unknown_up)."""
+    return tuple(entry[k]["values"] for k in R.MOVE_KEYS)
 
 
 def test_untrained_upgrades(rep):
     s1, s2 = rep["untrained_upgrades"]["two_stage"]
-    assert moves(s1) == {"up": [1, 2], "down": [0, 0], "net": [1, 2], "from_weak_or_unknown_up": [1, 2]}
-    assert moves(s2) == {"up": [1, 0], "down": [0, 0], "net": [1, 0], "from_weak_or_unknown_up": [1, 0]}
+    assert moves(s1) == ([1, 2], [0, 0], [1, 2], [1, 2])
+    assert moves(s2) == ([1, 0], [0, 0], [1, 0], [1, 0])
     (o1,) = rep["untrained_upgrades"]["one_stage"]
-    assert moves(o1) == {"up": [1, 0], "down": [1, 1], "net": [0, -1], "from_weak_or_unknown_up": [0, 0]}
+    assert moves(o1) == ([1, 0], [1, 1], [0, -1], [0, 0])
 
 
 def test_noise_control(rep):
     nc = rep["noise_control"]
     assert nc["untrained_stage1_arm"] == "two_stage"
-    assert moves(nc["all_train"]) == {"up": [3, 0], "down": [0, 1], "net": [3, -1],
-                                      "from_weak_or_unknown_up": [1, 0]}
-    assert moves(nc["untrained_stage1"]) == {"up": [2, 0], "down": [0, 1], "net": [2, -1],
-                                             "from_weak_or_unknown_up": [1, 0]}
+    assert moves(nc["all_train"]) == ([3, 0], [0, 1], [3, -1], [1, 0])
+    assert moves(nc["untrained_stage1"]) == ([2, 0], [0, 1], [2, -1], [1, 0])
 
 
 def test_comparisons(rep):
@@ -181,7 +182,8 @@ def test_transitions(rep):
     assert t1["stage"] == "stage1"
     assert t1["train"]["sum"] == [[2, 0, 0, 0], [4, 1, 0, 0], [1, 1, 0, 0], [0, 1, 0, 2]]
     assert t1["train"]["mean"][1] == [2.0, 0.5, 0.0, 0.0]
-    # test, seed 0: t1 HK->HK, t2 HK->MK, t3 MK->MK, t4 UK->UK; seed 1: HK->HK, MK->HK, WK->WK, UK->UK
+    # test, seed 0: t1 HK->HK, t2 HK->MK, t3 MK->MK, t4 UK->UK
+    #       seed 1: t1 HK->HK, t2 MK->HK, t3 WK->WK, t4 UK->UK
     assert t1["test"]["sum"] == [[2, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 2]]
     assert len(rep["transitions"]["one_stage"]) == 1
 
@@ -201,9 +203,10 @@ def test_write_report_files(rep, tmp_path):
     paths = R.write_report(rep, [SEED0, SEED1], tmp_path / "out")
     names = [p.name for p in paths]
     assert names[:2] == ["report.json", "report.md"]
-    assert set(names[2:]) == {"categories.png", "accuracy_by_category.png", "training_curves.png",
-                              "transitions_two_stage_stage1.png", "transitions_two_stage_stage2.png",
-                              "transitions_one_stage_stage1.png"}
+    assert set(names[2:]) == {
+        "categories.png", "accuracy_by_category.png", "training_curves.png",
+        "transitions_two_stage_stage1.png", "transitions_two_stage_stage2.png",
+        "transitions_one_stage_stage1.png"}
     for p in paths:
         assert p.stat().st_size > 0
     for p in paths[2:]:

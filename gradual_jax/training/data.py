@@ -1,0 +1,208 @@
+"""QA pairs -> token batches: tokenize, length-bucket or pack, loss on answer tokens only.
+
+One example becomes ``prompt tokens + target tokens + EOS`` (prompt and target from
+``format_train_pair``; the first answer is the target). Inputs are the sequence without its last
+token, labels the sequence shifted by one, and the loss mask is 1 exactly where the label is a
+target token or the EOS.
+
+Order is a pure function of ``(seed, epoch)``: a resumed run sees the same batches. Without
+packing, each batch is padded on the right to a power-of-two length bucket (at most
+``max_seq_len``), and examples of similar length are batched together within windows of a
+shuffled order. With packing, examples are laid end to end in rows of ``max_seq_len`` tokens;
+``segment_ids`` and ``positions`` keep them apart (the trainer masks attention across segments).
+A last, short batch is filled with empty rows (loss mask 0), so no example is dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from gradual_jax.knowledge.prompts import format_train_pair
+
+BATCH_KEYS: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
+MIN_BUCKET = 8
+SORT_WINDOW_BATCHES = 8
+
+
+class Tokenizer(Protocol):
+    """What the trainer needs of a tokenizer (a Hugging Face tokenizer qualifies)."""
+
+    eos_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """``tokens`` = prompt + target + EOS; the first ``prompt_len`` tokens are prompt."""
+
+    id: str
+    tokens: np.ndarray
+    prompt_len: int
+
+    @property
+    def length(self) -> int:
+        """Training positions this example takes (tokens minus one: inputs are shifted)."""
+        return len(self.tokens) - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Arrays ``[rows, T]``: int32 ``input_ids``, ``labels``, ``segment_ids`` (0 = padding),
+    ``positions``; float32 ``loss_mask`` (1 on answer tokens and EOS)."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    loss_mask: np.ndarray
+    segment_ids: np.ndarray
+    positions: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in BATCH_KEYS}
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Real (non-padding) positions in the batch."""
+        return int((self.segment_ids > 0).sum())
+
+
+def _eos_id(tokenizer: Any) -> int:
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id; training appends EOS to every target")
+    return int(eos)
+
+
+def tokenize_examples(examples: Iterable[Any], tokenizer: Tokenizer, *, template: str,
+                      max_seq_len: int) -> list[TokenizedExample]:
+    """Tokenize QA examples (objects with ``id``, ``question``, ``answers``) for training.
+
+    The prompt is encoded with the tokenizer's special tokens (e.g. BOS), the target without,
+    then EOS. A sequence longer than ``max_seq_len + 1`` loses prompt tokens from the left;
+    raises ValueError naming the example when even the target and EOS do not fit, and when
+    ``examples`` is empty.
+    """
+    eos = _eos_id(tokenizer)
+    out = []
+    for ex in examples:
+        prompt, target = format_train_pair(ex.question, ex.answers[0], template)
+        p = list(tokenizer.encode(prompt, add_special_tokens=True))
+        t = list(tokenizer.encode(target, add_special_tokens=False)) + [eos]
+        if len(t) > max_seq_len:
+            raise ValueError(
+                f"example {ex.id!r}: answer plus EOS is {len(t)} tokens, more than max_seq_len={max_seq_len}"
+            )
+        keep = max_seq_len + 1 - len(t)
+        if len(p) > keep:
+            p = p[len(p) - keep:]
+        if not p:
+            raise ValueError(f"example {ex.id!r}: prompt is empty after tokenization")
+        out.append(TokenizedExample(ex.id, np.asarray(p + t, np.int32), len(p)))
+    if not out:
+        raise ValueError("training set is empty: nothing to fine-tune on")
+    return out
+
+
+def bucket_length(n: int, max_seq_len: int) -> int:
+    """The padded length for a batch whose longest row has ``n`` positions."""
+    return min(max(MIN_BUCKET, 1 << max(0, math.ceil(math.log2(max(n, 1))))), max_seq_len)
+
+
+def epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    """The random stream that orders epoch ``epoch`` of a run seeded ``seed``."""
+    return np.random.default_rng([seed, epoch])
+
+
+def _row_arrays(examples: Sequence[TokenizedExample], length: int) -> tuple[np.ndarray, ...]:
+    """One row holding ``examples`` end to end (segments 1, 2, ...), right-padded to ``length``."""
+    ids = np.zeros(length, np.int32)
+    labels = np.zeros(length, np.int32)
+    mask = np.zeros(length, np.float32)
+    seg = np.zeros(length, np.int32)
+    pos = np.zeros(length, np.int32)
+    at = 0
+    for s, ex in enumerate(examples, 1):
+        n = ex.length
+        ids[at:at + n] = ex.tokens[:-1]
+        labels[at:at + n] = ex.tokens[1:]
+        mask[at + ex.prompt_len - 1:at + n] = 1.0  # labels at index >= prompt_len-1 are target tokens
+        seg[at:at + n] = s
+        pos[at:at + n] = np.arange(n)
+        at += n
+    return ids, labels, mask, seg, pos
+
+
+def _make_batch(rows: Sequence[Sequence[TokenizedExample]], n_rows: int, length: int) -> Batch:
+    arrays = [np.zeros((n_rows, length), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS]
+    for r, row in enumerate(rows):
+        for arr, values in zip(arrays, _row_arrays(row, length)):
+            arr[r] = values
+    return Batch(*arrays)
+
+
+def _pack_rows(order: Sequence[TokenizedExample], max_seq_len: int) -> list[list[TokenizedExample]]:
+    rows: list[list[TokenizedExample]] = []
+    fill = max_seq_len + 1  # forces a new row first
+    for ex in order:
+        if fill + ex.length > max_seq_len:
+            rows.append([])
+            fill = 0
+        rows[-1].append(ex)
+        fill += ex.length
+    return rows
+
+
+def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed: int, epoch: int,
+                  max_seq_len: int, packing: bool = False) -> list[Batch]:
+    """Every batch of epoch ``epoch``, in training order; a pure function of its arguments.
+
+    ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together).
+    """
+    if not examples:
+        raise ValueError("training set is empty: nothing to fine-tune on")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    rng = epoch_rng(seed, epoch)
+    order = [examples[i] for i in rng.permutation(len(examples))]
+    if packing:
+        rows = _pack_rows(order, max_seq_len)
+        groups = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
+        return [_make_batch(g, batch_rows, bucket_length(max(sum(e.length for e in r) for r in g), max_seq_len))
+                for g in groups]
+    window = batch_rows * SORT_WINDOW_BATCHES
+    groups = []
+    for w in range(0, len(order), window):
+        chunk = sorted(order[w:w + window], key=lambda e: e.length)  # stable: ties keep shuffled order
+        groups.extend(chunk[i:i + batch_rows] for i in range(0, len(chunk), batch_rows))
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    return [_make_batch([[e] for e in g], batch_rows, bucket_length(max(e.length for e in g), max_seq_len))
+            for g in groups]
+
+
+def steps_per_epoch(examples: Sequence[TokenizedExample], *, batch_rows: int, seed: int, epoch: int,
+                    max_seq_len: int, packing: bool = False) -> int:
+    """Number of batches ``epoch_batches`` gives for these arguments (without building them)."""
+    if not packing:
+        return sum(math.ceil(min(batch_rows * SORT_WINDOW_BATCHES, len(examples) - w) / batch_rows)
+                   for w in range(0, len(examples), batch_rows * SORT_WINDOW_BATCHES))
+    order = [examples[i] for i in epoch_rng(seed, epoch).permutation(len(examples))]
+    return math.ceil(len(_pack_rows(order, max_seq_len)) / batch_rows)
+
+
+def split_micro_batches(batch: Batch, grad_accum: int) -> dict[str, np.ndarray]:
+    """Arrays ``[grad_accum, rows / grad_accum, T]``: micro-batch i is rows ``i*m:(i+1)*m``."""
+    if batch.rows % grad_accum:
+        raise ValueError(f"batch of {batch.rows} rows does not split into {grad_accum} micro-batches")
+    m = batch.rows // grad_accum
+    return {k: v.reshape(grad_accum, m, *v.shape[1:]) for k, v in batch.as_dict().items()}
