@@ -29,6 +29,10 @@ MIN_BUCKET = 8
 SORT_WINDOW_BATCHES = 8
 
 
+class TrainingError(ValueError):
+    """Bad training input (empty set, non-dividing batch, ...); the message says what and why."""
+
+
 class Tokenizer(Protocol):
     """What the trainer needs of a tokenizer (a Hugging Face tokenizer qualifies)."""
 
@@ -80,7 +84,7 @@ def _eos_id(tokenizer: Any) -> int:
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
     if eos is None:
-        raise ValueError("tokenizer has no eos_token_id; training appends EOS to every target")
+        raise TrainingError("tokenizer has no eos_token_id; training appends EOS to every target")
     return int(eos)
 
 
@@ -90,7 +94,7 @@ def tokenize_examples(examples: Iterable[Any], tokenizer: Tokenizer, *, template
 
     The prompt is encoded with the tokenizer's special tokens (e.g. BOS), the target without,
     then EOS. A sequence longer than ``max_seq_len + 1`` loses prompt tokens from the left;
-    raises ValueError naming the example when even the target and EOS do not fit, and when
+    raises TrainingError naming the example when even the target and EOS do not fit, and when
     ``examples`` is empty.
     """
     eos = _eos_id(tokenizer)
@@ -100,17 +104,17 @@ def tokenize_examples(examples: Iterable[Any], tokenizer: Tokenizer, *, template
         p = list(tokenizer.encode(prompt, add_special_tokens=True))
         t = list(tokenizer.encode(target, add_special_tokens=False)) + [eos]
         if len(t) > max_seq_len:
-            raise ValueError(
+            raise TrainingError(
                 f"example {ex.id!r}: answer plus EOS is {len(t)} tokens, more than max_seq_len={max_seq_len}"
             )
         keep = max_seq_len + 1 - len(t)
         if len(p) > keep:
             p = p[len(p) - keep:]
         if not p:
-            raise ValueError(f"example {ex.id!r}: prompt is empty after tokenization")
+            raise TrainingError(f"example {ex.id!r}: prompt is empty after tokenization")
         out.append(TokenizedExample(ex.id, np.asarray(p + t, np.int32), len(p)))
     if not out:
-        raise ValueError("training set is empty: nothing to fine-tune on")
+        raise TrainingError("training set is empty: nothing to fine-tune on")
     return out
 
 
@@ -170,7 +174,7 @@ def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed
     ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together).
     """
     if not examples:
-        raise ValueError("training set is empty: nothing to fine-tune on")
+        raise TrainingError("training set is empty: nothing to fine-tune on")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     rng = epoch_rng(seed, epoch)

@@ -63,3 +63,13 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
                                    pad_token=PAD, unk_token=UNK)
+
+
+def check_lexicon(tokenizer: PreTrainedTokenizerFast, names: Iterable[str]) -> None:
+    """Raise ValueError naming the first name whose words are not one token each (the
+    vocabulary was too small for the world)."""
+    names = list(names)
+    for name, ids in zip(names, tokenizer([f" {n}" for n in names], add_special_tokens=False).input_ids):
+        if len(ids) != len(name.split()):
+            raise ValueError(f"world name {name!r} is not one token per word under vocab_size "
+                             f"{len(tokenizer)}; raise WorldConfig.vocab_size")

@@ -1,0 +1,232 @@
+"""python -m gradual_jax.bench SUBCOMMAND ...: throughput figures, one JSON line per run.
+
+Subcommands live in `COMMANDS` (name -> (add_arguments, run)); each `run(args)` returns a dict
+that `main` prints as one JSON line (and writes to `--out` when given).
+
+`sample`: the SliCK probe's generation workloads on real EntityQuestions 4-shot prompts
+(`Q: {q}\\nA: {a}\\n\\n` x 4 dev exemplars, then `Q: {q}\\nA:`; 12 new tokens; stop at "\\n"):
+- greedy: N test questions answered greedily (the probe's greedy pass);
+- slick: per question 1 greedy answer + 16 samples at T=0.5, top-k 40 (the probe's unit).
+Reports warm throughput (the median of `--repeats` timed runs after one untimed run that
+compiles), compile seconds, the model FLOP rate as a fraction of a big fp32 matmul's rate
+measured in the same process, and with `--compare-hf` the same workload through transformers'
+`generate` in PyTorch (greedy: batches of 32; slick: one prompt at a time, greedy then
+`num_return_sequences=16`) and the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEFAULT_EQ_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "entityquestions"
+STOP = "\n"
+SLICK_SAMPLES = 16
+SLICK_TEMPERATURE = 0.5
+SLICK_TOP_K = 40
+HF_GREEDY_BATCH = 32
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Best GFLOP/s of an `n x n @ n x n` fp32 matmul under jax.jit on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def read_jsonl_gz(path: Path) -> list[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def eq_prompts(eq_dir: Path, relation: str, count: int, shots: int = 4) -> list[str]:
+    """`count` 4-shot probe prompts: the first `shots` dev examples as exemplars (one exemplar
+    set, as the probe uses per relation and prompt index), then each test question."""
+    dev = read_jsonl_gz(eq_dir / "dev" / f"{relation}.dev.jsonl.gz")
+    test = read_jsonl_gz(eq_dir / "test" / f"{relation}.test.jsonl.gz")
+    if len(test) < count:
+        raise SystemExit(f"{eq_dir}/test/{relation}.test.jsonl.gz: {len(test)} questions, fewer than --prompts {count}")
+    shots_text = "".join(f"Q: {e['question']}\nA: {e['answers'][0]}\n\n" for e in dev[:shots])
+    return [f"{shots_text}Q: {e['question']}\nA:" for e in test[:count]]
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    times, out = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+
+
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
+    p.add_argument("--prompts", type=int, default=None, help="questions (default 64 greedy, 1 slick)")
+    p.add_argument("--batch", type=int, default=64, help="most decode rows at once (ours)")
+    p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--workload", choices=("greedy", "slick"), default="greedy")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median counts")
+    p.add_argument("--relation", default="P17")
+    p.add_argument("--eq-dir", type=Path, default=DEFAULT_EQ_DIR)
+
+
+def _our_workload(sampler: Any, prompts: list[str], args: argparse.Namespace) -> list[list[Any]]:
+    from gradual_jax.sampling import Greedy, Sample
+
+    if args.workload == "greedy":
+        methods = [Greedy()]
+    else:
+        methods = [Greedy()] + [Sample(SLICK_TEMPERATURE, SLICK_TOP_K)] * SLICK_SAMPLES
+    return sampler.generate_batch(prompts, max_new_tokens=args.new_tokens, methods=methods,
+                                  stop=(STOP,), batch_size=args.batch)
+
+
+def _flops(sampler: Any) -> float:
+    """Matmul FLOPs the sampler's recorded work implies (padding included, attention left out)."""
+    cfg, st = sampler.config, sampler.stats
+    per_token = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2))
+    lm_head = 2 * cfg.hidden_size * cfg.vocab_size
+    return (st.prefill_tokens + st.decode_row_steps) * per_token + st.logit_rows * lm_head
+
+
+def _hf_workload(model: Any, tok: Any, prompts: list[str], args: argparse.Namespace) -> list[str]:
+    import torch
+
+    common = dict(max_new_tokens=args.new_tokens, stop_strings=[STOP], tokenizer=tok,
+                  pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    texts: list[str] = []
+    with torch.inference_mode():
+        if args.workload == "greedy":
+            for i in range(0, len(prompts), HF_GREEDY_BATCH):
+                enc = tok(prompts[i:i + HF_GREEDY_BATCH], return_tensors="pt", padding=True)
+                out = model.generate(**enc, do_sample=False, **common)
+                texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            return texts
+        for p in prompts:
+            enc = tok([p], return_tensors="pt")
+            out = model.generate(**enc, do_sample=False, **common)
+            texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(**enc, do_sample=True, temperature=SLICK_TEMPERATURE,
+                                 top_k=SLICK_TOP_K, num_return_sequences=SLICK_SAMPLES, **common)
+            texts += tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return texts
+
+
+def _load_hf_torch(path: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if path.endswith(".gguf"):
+        from gradual_jax.models.convert import transformers_gguf_model
+
+        return transformers_gguf_model(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _compare_hf(args: argparse.Namespace, tokenizer: Any, prompts: list[str],
+                our_greedy: list[str]) -> dict[str, Any]:
+    model = _load_hf_torch(args.model)
+    tokenizer.padding_side = "left"
+    warm = argparse.Namespace(**{**vars(args), "new_tokens": 2})
+    _hf_workload(model, tokenizer, prompts[:2], warm)
+    seconds, texts = _median_time(lambda: _hf_workload(model, tokenizer, prompts, args), args.repeats)
+    per_prompt = 1 if args.workload == "greedy" else 1 + SLICK_SAMPLES
+    hf_greedy = [t.split(STOP, 1)[0] for t in texts[::per_prompt]]
+    agree = sum(a == b for a, b in zip(our_greedy, hf_greedy)) / len(hf_greedy)
+    return {"hf_seconds": seconds, "hf_answers_per_s": len(texts) / seconds,
+            "greedy_agreement_with_hf": agree}
+
+
+def run_sample(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the sampler (and optionally transformers) on one probe workload."""
+    import jax
+
+    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.sampling import Sampler
+
+    count = args.prompts or (64 if args.workload == "greedy" else 1)
+    prompts = eq_prompts(args.eq_dir, args.relation, count)
+    peak = matmul_peak_gflops()
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    sampler = Sampler(model, tokenizer)
+
+    t0 = time.perf_counter()
+    _our_workload(sampler, prompts, args)
+    cold = time.perf_counter() - t0
+    compile_seconds, compiles = sampler.stats.compile_seconds, sampler.stats.compiles
+    sampler.reset_stats()
+    seconds, gens = _median_time(lambda: _our_workload(sampler, prompts, args), args.repeats)
+    flops = _flops(sampler) / args.repeats
+    answers = sum(len(g) for g in gens)
+    tokens = sum(len(x.token_ids) for g in gens for x in g)
+    record: dict[str, Any] = {
+        "bench": "sample", "workload": args.workload, "model": str(args.model), "prompts": count,
+        "answers": answers, "batch": args.batch, "new_tokens": args.new_tokens,
+        "seconds": seconds, "answers_per_s": answers / seconds, "tokens_per_s": tokens / seconds,
+        "first_run_seconds": cold, "compile_seconds": compile_seconds, "compiles": compiles,
+        "decode_steps": sampler.stats.decode_steps // args.repeats,
+        "model_gflops_per_s": flops / seconds / 1e9, "matmul_peak_gflops_per_s": peak,
+        "fraction_of_matmul_peak": flops / seconds / 1e9 / peak,
+        "device": str(jax.devices()[0].platform), "repeats": args.repeats,
+    }
+    if args.compare_hf:
+        greedy = [g[0].text for g in gens]
+        record.update(_compare_hf(args, tokenizer, prompts, greedy))
+        record["speedup_vs_hf"] = record["answers_per_s"] / record["hf_answers_per_s"]
+    return record
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatcher
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "sample": (add_sample_args, run_sample),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gradual_jax.bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add_args, _) in COMMANDS.items():
+        p = sub.add_parser(name)
+        add_args(p)
+        p.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
+    args = parser.parse_args(argv)
+    record = COMMANDS[args.command][1](args)
+    line = json.dumps(record)
+    print(line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(line + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

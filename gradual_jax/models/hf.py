@@ -1,0 +1,538 @@
+"""Hugging Face checkpoints in and out: `config.json` + safetensors <-> `Transformer`.
+
+Loading builds the model abstractly and fills one parameter at a time: each tensor is read from
+its safetensors file, transposed and cast on the host, then placed on the device (or sharded over a
+mesh), so a checkpoint never needs two full host copies. Saving streams the parameters back into
+a single `model.safetensors` the same way, one tensor at a time.
+
+HF tensors are `(out, in)`; ours are `(in..., out...)` per head: q `(D, N, H)`, k/v `(D, K, H)`,
+o `(N, H, D)`, gate/up `(D, F)`, down `(F, D)`, lm_head `(D, V)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gradual_jax.models.errors import CheckpointError
+from gradual_jax.models.transformer import (
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    Transformer,
+    abstract_model,
+    as_dtype,
+)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+# What `snapshot_download` fetches for a repo id: config, weights and tokenizer, nothing else.
+HUB_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+]
+# model_type -> transformers class written into `architectures`. SmolLM and SmolLM2 checkpoints
+# are Llama checkpoints; only SmolLM3 has a model_type of its own.
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM", "smollm": "LlamaForCausalLM", "smollm2": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+}
+_HF_MODEL_TYPE = {"smollm": "llama", "smollm2": "llama"}
+_TIED_BY_DEFAULT = {"smollm3"}  # transformers' own default for tie_word_embeddings
+_ROPE_TYPES = ("default", "linear", "llama3")
+_SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+# --------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def _rope_from_hf(d: Mapping[str, Any], source: str) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling or None) from either transformers 5's `rope_parameters` or the
+    older `rope_theta` + `rope_scaling` pair."""
+    params = d.get("rope_parameters") or {}
+    legacy = d.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+    scaling = {k: v for k, v in {**legacy, **params}.items() if k != "rope_theta"}
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    scaling.pop("type", None)
+    kind = scaling.get("rope_type", "default")
+    if kind not in _ROPE_TYPES:
+        raise CheckpointError(f"{source}: rope type {kind!r} is not supported; supported: "
+                              f"{', '.join(_ROPE_TYPES)}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor "
+                              f"{scaling['partial_rotary_factor']} is not supported; expected 1.0")
+    scaling.pop("partial_rotary_factor", None)
+    return theta, (None if kind == "default" else scaling)
+
+
+def config_from_hf(d: Mapping[str, Any], *, source: str = CONFIG_FILE) -> ModelConfig:
+    """The `ModelConfig` of an HF `config.json` dict (llama, mistral, qwen2, qwen3, smollm3).
+
+    Raises `CheckpointError` naming `source` and the key for an unsupported model_type, a missing
+    required key, or a feature this decoder does not implement (other activations, MLP biases,
+    NoPE layers, sliding-window attention in Qwen, unsupported RoPE types).
+    """
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+        if d.get(key) is None:
+            raise CheckpointError(f"{source}: missing required key {key!r}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; expected 'silu'")
+    if d.get("mlp_bias"):
+        raise CheckpointError(f"{source}: mlp_bias=true is not supported; expected false")
+    if d.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: use_sliding_window=true is not supported")
+    if model_type == "mistral" and d.get("sliding_window") is not None:
+        warnings.warn(f"{source}: sliding_window={d['sliding_window']} is ignored; attention is "
+                      f"full, which differs from Mistral only beyond that many tokens", stacklevel=2)
+    if model_type == "smollm3":
+        interval = int(d.get("no_rope_layer_interval", 4))  # transformers' rule when unlisted
+        no_rope = d.get("no_rope_layers") or [int((i + 1) % interval != 0)
+                                              for i in range(int(d["num_hidden_layers"]))]
+        if not all(no_rope):
+            raise CheckpointError(f"{source}: no_rope_layers {no_rope} asks for layers without "
+                                  f"RoPE (NoPE), which this decoder does not implement")
+    theta, scaling = _rope_from_hf(d, source)
+    attention_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
+    if model_type == "mistral" and attention_bias:
+        raise CheckpointError(f"{source}: attention_bias is not a Mistral option")
+    head_dim = d.get("head_dim")
+    return ModelConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=int(d["num_attention_heads"]),
+        num_kv_heads=int(d.get("num_key_value_heads") or d["num_attention_heads"]),
+        head_dim=int(head_dim) if head_dim else None,
+        model_type=model_type,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT)),
+        attention_bias=attention_bias,
+        qk_norm=model_type == "qwen3",
+        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id"),
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The `config.json` dict from which transformers builds the same architecture.
+
+    Raises `CheckpointError` when the model_type cannot express the config (q/k norms outside
+    Qwen3, Qwen3 without them, q/k/v biases on Mistral).
+    """
+    mt = config.model_type
+    if config.qk_norm != (mt == "qwen3"):
+        raise CheckpointError(f"model_type {mt!r} cannot express qk_norm={config.qk_norm} in "
+                              f"transformers; only qwen3 has q/k norms (and always has them)")
+    if config.attention_bias and mt == "mistral":
+        raise CheckpointError("model_type 'mistral' cannot express attention_bias=True; use qwen2")
+    rope = {"rope_theta": float(config.rope_theta), "rope_type": "default"}
+    rope.update({k: v for k, v in (config.rope_scaling or {}).items() if k != "type"})
+    if config.rope_scaling and "type" in config.rope_scaling and "rope_type" not in config.rope_scaling:
+        rope["rope_type"] = config.rope_scaling["type"]
+    d: dict[str, Any] = {
+        "architectures": [HF_ARCHITECTURES[mt]],
+        "model_type": _HF_MODEL_TYPE.get(mt, mt),
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_parameters": rope,
+        "rope_theta": float(config.rope_theta),  # for transformers 4, harmless in 5
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
+        else config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "dtype": config.param_dtype,
+        "torch_dtype": config.param_dtype,
+    }
+    if mt in ("llama", "smollm", "smollm2", "qwen3", "smollm3"):
+        d["attention_bias"] = config.attention_bias
+    if mt in ("llama", "smollm", "smollm2", "smollm3"):
+        d["mlp_bias"] = False
+    if mt == "mistral":
+        d["sliding_window"] = None
+    if mt in ("qwen2", "qwen3", "smollm3"):
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.num_layers)
+    if mt == "smollm3":
+        d.update(no_rope_layers=[1] * config.num_layers, no_rope_layer_interval=config.num_layers + 1)
+    return d
+
+
+def read_hf_config(directory: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of `directory/config.json`; `CheckpointError` if missing or unreadable."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; an HF checkpoint directory needs a config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return config_from_hf(d, source=str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor names and layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One HF tensor and the parameter it fills.
+
+    `transposed`: HF stores it `(out, in)` while ours is `(in..., out...)`; otherwise the two
+    differ only by a reshape (biases `(N*H,)` <-> `(N, H)`).
+    """
+
+    name: str
+    path: tuple[str | int, ...]
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]
+    transposed: bool = False
+
+    def to_ours(self, x: np.ndarray) -> np.ndarray:
+        return (x.T if self.transposed else x).reshape(self.shape)
+
+    def to_hf(self, x: np.ndarray) -> np.ndarray:
+        if self.transposed:
+            return x.reshape(self.hf_shape[1], self.hf_shape[0]).T
+        return x.reshape(self.hf_shape)
+
+
+def hf_tensor_specs(config: ModelConfig) -> list[TensorSpec]:
+    """Every parameter of a model with this config, under its transformers name."""
+    d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    n, k, h = config.num_heads, config.num_kv_heads, config.head_dim
+    specs = [TensorSpec("model.embed_tokens.weight", ("embed",), (v, d), (v, d))]
+    for i in range(config.num_layers):
+        p, a, m = f"model.layers.{i}.", ("layers", i, "attn"), ("layers", i, "mlp")
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", ("layers", i, "attn_norm", "weight"), (d,), (d,)),
+            TensorSpec(p + "self_attn.q_proj.weight", (*a, "q", "kernel"), (n * h, d), (d, n, h), True),
+            TensorSpec(p + "self_attn.k_proj.weight", (*a, "k", "kernel"), (k * h, d), (d, k, h), True),
+            TensorSpec(p + "self_attn.v_proj.weight", (*a, "v", "kernel"), (k * h, d), (d, k, h), True),
+            TensorSpec(p + "self_attn.o_proj.weight", (*a, "o", "kernel"), (d, n * h), (n, h, d), True),
+            TensorSpec(p + "post_attention_layernorm.weight", ("layers", i, "mlp_norm", "weight"), (d,), (d,)),
+            TensorSpec(p + "mlp.gate_proj.weight", (*m, "gate", "kernel"), (f, d), (d, f), True),
+            TensorSpec(p + "mlp.up_proj.weight", (*m, "up", "kernel"), (f, d), (d, f), True),
+            TensorSpec(p + "mlp.down_proj.weight", (*m, "down", "kernel"), (d, f), (f, d), True),
+        ]
+        if config.attention_bias:
+            specs += [
+                TensorSpec(p + "self_attn.q_proj.bias", (*a, "q", "bias"), (n * h,), (n, h)),
+                TensorSpec(p + "self_attn.k_proj.bias", (*a, "k", "bias"), (k * h,), (k, h)),
+                TensorSpec(p + "self_attn.v_proj.bias", (*a, "v", "bias"), (k * h,), (k, h)),
+            ]
+        if config.qk_norm:
+            specs += [
+                TensorSpec(p + "self_attn.q_norm.weight", (*a, "q_norm", "weight"), (h,), (h,)),
+                TensorSpec(p + "self_attn.k_norm.weight", (*a, "k_norm", "weight"), (h,), (h,)),
+            ]
+    specs.append(TensorSpec("model.norm.weight", ("final_norm", "weight"), (d,), (d,)))
+    if not config.tie_word_embeddings:
+        specs.append(TensorSpec("lm_head.weight", ("lm_head",), (v, d), (d, v), True))
+    return specs
+
+
+def _zero_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensors our decoder has no parameter for, which must therefore be zero: outside Qwen2,
+    transformers' `attention_bias` also puts a bias on o_proj."""
+    if config.attention_bias and config.model_type != "qwen2":
+        return {f"model.layers.{i}.self_attn.o_proj.bias": (config.hidden_size,)
+                for i in range(config.num_layers)}
+    return {}
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    # Old checkpoints carry RoPE buffers; tied checkpoints sometimes carry a copy of the embedding.
+    return name.endswith("rotary_emb.inv_freq") or (
+        name == "lm_head.weight" and config.tie_word_embeddings)
+
+
+# --------------------------------------------------------------------------------------------
+# Placing tensors
+
+
+def _partition_spec(logical_axes: tuple[str | None, ...], mesh: Any, rules: Any,
+                    shape: tuple[int, ...]) -> Any:
+    # Imported here: the sharding module pulls in the training stack, which loading without a
+    # mesh never needs.
+    from gradual_jax.training.sharding import param_partition_spec
+
+    return param_partition_spec(logical_axes, mesh, rules, shape=shape)
+
+
+def place(value: np.ndarray, param: nnx.Variable, mesh: Any = None, rules: Any = None) -> jax.Array:
+    """`value` as a device array: on the default device, or sharded over `mesh` by the
+    parameter's `logical_axes`."""
+    if mesh is None:
+        return jax.device_put(value)
+    axes = param.get_metadata().get("logical_axes") or (None,) * value.ndim
+    spec = _partition_spec(tuple(axes), mesh, rules, value.shape)
+    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+
+
+def _get(module: Any, path: tuple[str | int, ...]) -> Any:
+    for key in path:
+        module = module[key] if isinstance(key, int) else getattr(module, key)
+    return module
+
+
+def assemble(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]], *,
+             source: str, mesh: Any = None, rules: Any = None) -> Transformer:
+    """A `Transformer` filled from `(hf_name, array, display_name)` triples, one at a time.
+
+    `display_name` is what error messages call the tensor (its name in the file). Every
+    parameter must be filled exactly once; a tensor of the wrong shape, a tensor the config has no
+    place for, or a missing one raises `CheckpointError` naming `source` and the tensor.
+    """
+    specs = {s.name: s for s in hf_tensor_specs(config)}
+    zeros = _zero_tensors(config)
+    model = abstract_model(config)
+    dtype = np.dtype(as_dtype(config.param_dtype))
+    filled: set[str] = set()
+    for name, array, shown in tensors:
+        spec = specs.get(name)
+        expected = spec.hf_shape if spec else zeros.get(name)
+        if expected is None:
+            if _ignored(name, config):
+                continue
+            raise CheckpointError(f"{source}: unexpected tensor {shown} for this "
+                                  f"{config.model_type} config")
+        if tuple(array.shape) != expected:
+            raise CheckpointError(f"{source}: tensor {shown} has shape {tuple(array.shape)}, "
+                                  f"the config expects {expected}")
+        if spec is None:
+            if np.any(array):
+                raise CheckpointError(f"{source}: tensor {shown} is nonzero, which this decoder "
+                                      f"cannot represent")
+            continue
+        if name in filled:
+            raise CheckpointError(f"{source}: tensor {shown} appears twice")
+        # One host copy per tensor: transpose and cast together.
+        value = np.ascontiguousarray(spec.to_ours(np.asarray(array)), dtype=dtype)
+        param = _get(model, spec.path)
+        param.set_value(place(value, param, mesh, rules))
+        filled.add(name)
+        del array, value
+    missing = [name for name in specs if name not in filled]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{source}: missing tensor {missing[0]}{more}")
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading checkpoints
+
+
+def _looks_like_path(s: str) -> bool:
+    return (os.path.isabs(s) or s.startswith((".", "~")) or s.count("/") > 1
+            or s.endswith((".json", ".safetensors", ".gguf")))
+
+
+def resolve_checkpoint(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory holding the checkpoint: the path itself, or a Hub snapshot of a repo id
+    (config, safetensors and tokenizer files only). `CheckpointError` for a missing local path or
+    a repo that cannot be fetched (offline, unknown, no network)."""
+    s = os.fspath(path_or_repo_id)
+    path = Path(s).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+    if _looks_like_path(s):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    import huggingface_hub
+
+    try:
+        return Path(huggingface_hub.snapshot_download(s, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, network: all mean "cannot get it"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"{s}: not a local directory, and fetching it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {reason})") from None
+
+
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The weight files of an HF checkpoint: `model.safetensors`, or the shards its index names."""
+    directory = Path(directory)
+    index = directory / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = [directory / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing; {index.name} names it")
+        return files
+    single = directory / WEIGHTS_FILE
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{directory}: no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE} "
+                          f"(only safetensors checkpoints are supported)")
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
+    """`(name, array, name)` for every tensor of `files`, read one at a time in file order."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+        with handle as f:
+            for name in f.keys():
+                try:
+                    array = f.get_tensor(name)
+                except (SafetensorError, OSError, ValueError) as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
+                yield name, array, name
+
+
+def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
+            compute_dtype: str | None = None, mesh: Any = None, rules: Any = None) -> Transformer:
+    """The `Transformer` of an HF safetensors checkpoint (local directory or Hub repo id).
+
+    Parameters are stored in `dtype` and computed in `compute_dtype` (default: `dtype`). With a
+    `mesh`, each parameter is sharded by its logical axes through `rules`; otherwise it lives on
+    the default device. Tensors are read one at a time. Bad input raises `CheckpointError`.
+    """
+    directory = resolve_checkpoint(path_or_repo_id)
+    config = read_hf_config(directory).replace(param_dtype=dtype, dtype=compute_dtype or dtype)
+    files = safetensors_files(directory)
+    return assemble(config, iter_safetensors(files), source=str(directory), mesh=mesh, rules=rules)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype,
+                                                        Callable[[], np.ndarray]]]) -> None:
+    """Write a safetensors file, producing and writing one tensor at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header of name -> dtype, shape
+    and byte offsets, then the raw tensors back to back.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, shape, dtype, produce in entries:
+            array = np.ascontiguousarray(produce(), dtype=dtype)
+            if array.shape != shape:
+                raise AssertionError(f"{name}: produced {array.shape}, declared {shape}")
+            array.tofile(f)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_hf(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Write `model` as an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads as the
+    same architecture: `config.json`, one `model.safetensors` (in the model's parameter dtype) and,
+    when given, the tokenizer's files. Each file is written whole or not at all. Returns the dir.
+    """
+    config = model.config
+    hf_config = config_to_hf(config)  # raises before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(as_dtype(config.param_dtype))
+    entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
+    for spec in hf_tensor_specs(config):
+        param = _get(model, spec.path)
+
+        def produce(spec: TensorSpec = spec, param: Any = param) -> np.ndarray:
+            return spec.to_hf(np.asarray(jax.device_get(param[...])))
+
+        entries.append((spec.name, spec.hf_shape, dtype, produce))
+    for name, shape in _zero_tensors(config).items():
+        entries.append((name, shape, dtype, lambda shape=shape: np.zeros(shape, dtype)))
+    _atomic_write(out / WEIGHTS_FILE, lambda p: _write_safetensors(p, entries))
+    _atomic_write(out / CONFIG_FILE,
+                  lambda p: p.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
+    """A transformers fast tokenizer from an HF directory, a Hub repo id, or a `.gguf` file."""
+    from transformers import AutoTokenizer
+
+    s = os.fspath(path_or_gguf)
+    try:
+        if s.endswith(".gguf"):
+            path = Path(s).expanduser()
+            if not path.is_file():
+                raise CheckpointError(f"{path}: no such GGUF file")
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(resolve_checkpoint(s)))
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{s}: cannot load a tokenizer ({reason})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise CheckpointError(f"{s}: only a slow tokenizer is available; a fast one is required")
+    return tokenizer

@@ -1,0 +1,549 @@
+"""Sharded fine-tuning (full or LoRA) with dev-based epoch selection and resumable checkpoints.
+
+One optimizer step consumes ``batch_size * grad_accum`` examples: ``grad_accum`` micro-batches
+of ``batch_size`` rows, scanned inside one jitted function. The loss is the mean cross-entropy
+over every answer token of the whole step (each micro-batch's token-loss sum is divided by the
+step's total answer-token count), so accumulation gives the same update as one big batch.
+
+The model is split into trainable variables (all ``nnx.Param`` for full fine-tuning, only
+``nnx.LoRAParam`` when the model has adapters), the frozen rest, and the ``nnx.Optimizer``
+state; the step is a ``jax.jit`` over those states with params and optimizer state placed by
+their logical axes on the mesh and batches split over ``(data, fsdp)``. Dropout keys are
+``fold_in(fold_in(key(seed), step), micro_batch)``, so a resumed run replays the same noise.
+
+Mixed precision: params stay in ``ModelConfig.param_dtype`` (float32 master weights) and the
+model computes in ``ModelConfig.dtype`` (e.g. bfloat16); logits and the loss are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
+from gradual_jax.models.transformer import Transformer, as_dtype, rope_inv_freq
+from gradual_jax.training import data as data_lib
+from gradual_jax.training.data import Batch, TrainingError
+from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
+from gradual_jax.training.metrics import MetricsWriter
+from gradual_jax.training.sharding import (
+    BATCH_AXES, check_batch_divisible, global_batch, make_mesh, process_rows, state_shardings)
+
+log = logging.getLogger(__name__)
+
+EvalFn = Callable[[Transformer, Sequence[Any]], float]
+
+__all__ = ["Trainer", "TrainResult", "TrainingError", "make_schedule", "make_optimizer", "make_dev_eval",
+           "packed_forward", "token_loss_sums"]
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+    """Learning rate per step: linear warmup from 0 over ``warmup_steps``, then constant or
+    cosine decay to 0 at ``total_steps``."""
+    lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
+    if cfg.schedule != "constant":
+        raise TrainingError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if warmup == 0:
+        return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+
+
+def _decay_mask(params: Any) -> Any:
+    # Matrices decay; norm weights and biases (1-D) do not.
+    return jax.tree.map(lambda x: x.ndim >= 2, params)
+
+
+def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping (``clip_norm`` > 0) then AdamW with the schedule and weight decay."""
+    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                        weight_decay=float(cfg.weight_decay), mask=_decay_mask)
+    if cfg.clip_norm and cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(float(cfg.clip_norm)), adamw)
+    return adamw
+
+
+# ----------------------------------------------------------------------------- forward / loss
+
+
+def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array,
+                   dropout_key: jax.Array | None = None) -> jax.Array:
+    """Logits ``[B, T, V]`` for rows holding several sequences end to end.
+
+    Token t attends to token s only when both are in the same non-zero segment and s <= t;
+    ``positions`` restart at 0 for every segment. Each segment's logits equal the model's
+    logits for that sequence alone.
+    """
+    cfg = model.config
+    t = input_ids.shape[1]
+    x = model.embed[...][input_ids].astype(as_dtype(cfg.dtype))
+    inv_freq = rope_inv_freq(cfg)
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = causal[None] & same & (segment_ids[:, None, :] > 0)
+    keys = (list(jax.random.split(dropout_key, cfg.num_layers)) if dropout_key is not None
+            else [None] * cfg.num_layers)
+    for layer, key in zip(model.layers, keys):
+        if cfg.remat:
+            x, _ = nnx.remat(lambda blk, *a: blk(*a))(layer, x, positions, inv_freq, mask, None, key)
+        else:
+            x, _ = layer(x, positions, inv_freq, mask, None, key)
+    return model.hidden_to_logits(model.final_norm(x))
+
+
+def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: bool,
+                    dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(sum of cross-entropy over loss-masked tokens, number of such tokens)`` for one batch."""
+    if packed:
+        logits = packed_forward(model, batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key)
+    else:
+        logits = model(batch["input_ids"], batch["segment_ids"] > 0, dropout_key=dropout_key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+# ----------------------------------------------------------------------------- dev evaluation
+
+
+def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, batch_size: int = 64) -> EvalFn:
+    """An eval_fn: greedy exact-match accuracy of ``model`` on QA examples with the training prompt.
+
+    Uses ``gradual_jax.sampling.generate``; the answer is the completion up to its first newline.
+    """
+    from gradual_jax.knowledge.match import exact_match
+    from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
+
+    def evaluate(model: Transformer, examples: Sequence[Any]) -> float:
+        from gradual_jax.sampling import generate
+
+        if not examples:
+            return float("nan")
+        correct = 0
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            prompts = [format_train_pair(ex.question, "", template)[0] for ex in chunk]
+            outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
+            correct += sum(exact_match(clean_answer(o[0]), ex.answers) for o, ex in zip(outs, chunk))
+        return correct / len(examples)
+
+    return evaluate
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What ``Trainer.fit`` did. Epochs are 1-based; ``best_epoch`` is the epoch whose weights
+    the model holds at the end (the last epoch for ``selection='convergence'``)."""
+
+    best_epoch: int
+    best_score: float | None
+    selection: str
+    epochs: int
+    steps: int
+    final_loss: float
+    history: list[dict[str, Any]]
+    resumed_from_step: int | None
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    """Fine-tunes ``model`` in place on ``mesh`` (default: every device on the ``data`` axis).
+
+    Low level: ``setup(cfg, total_steps)`` then ``step(batch)`` per optimizer step and
+    ``sync()`` to write the trained values back into ``model``. High level: ``fit``.
+    ``compiler_options`` go to XLA for the jitted step (e.g. ``{"xla_backend_optimization_level":
+    0}`` compiles a tiny model's step several times faster on CPU).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Any = None, *, mesh: Mesh | None = None,
+                 seed: int = 0, progress: bool = True, compiler_options: dict[str, Any] | None = None):
+        self.model = model
+        self.compiler_options = compiler_options
+        self.tokenizer = tokenizer
+        self.mesh = mesh if mesh is not None else make_mesh()
+        self.seed = int(seed)
+        self.progress = progress
+        self._ready = False
+        self._runtime: tuple[Any, list[float]] | None = None
+
+    # -- setup
+
+    def _configure_runtime(self, dropout: float, remat: bool) -> None:
+        if self._runtime is None:
+            self._runtime = (self.model.config, [layer.dropout_rate for layer in self.model.layers])
+        self.model.config = self.model.config.replace(dropout_rate=float(dropout), remat=bool(remat))
+        for layer in self.model.layers:
+            layer.dropout_rate = float(dropout)
+
+    def _restore_runtime(self) -> None:
+        if self._runtime is not None:
+            config, rates = self._runtime
+            self.model.config = config
+            for layer, rate in zip(self.model.layers, rates):
+                layer.dropout_rate = rate
+            self._runtime = None
+
+    def setup(self, cfg: Any, total_steps: int) -> None:
+        """Prepare model, optimizer and the jitted step for ``cfg`` over ``total_steps`` steps.
+
+        Adds LoRA adapters when ``cfg.lora.rank`` > 0 and the model has none; places params and
+        optimizer state on the mesh. Raises TrainingError for a batch size that does not divide
+        over the data axes, or full fine-tuning asked of a model that carries adapters.
+        """
+        check_batch_divisible_training(cfg.batch_size, self.mesh)
+        lora = getattr(cfg, "lora", None)
+        rank = int(getattr(lora, "rank", 0) or 0)
+        if rank > 0 and not has_lora(self.model):
+            try:
+                apply_lora(self.model, rank, float(lora.alpha), list(lora.targets), seed=self.seed)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
+        elif rank == 0 and has_lora(self.model):
+            raise TrainingError("lora.rank = 0 asks for full fine-tuning but the model carries LoRA adapters; "
+                                "merge them first (gradual_jax.training.lora.merge_lora)")
+        if rank > 0 and float(getattr(lora, "dropout", 0.0) or 0.0) > 0:
+            warnings.warn("lora.dropout is not supported by the model's LoRA path and is ignored")
+        self._configure_runtime(cfg.dropout, cfg.remat)
+        self.cfg = cfg
+        self.total_steps = int(total_steps)
+        self.grad_accum = int(cfg.grad_accum)
+        self.schedule = make_schedule(cfg, self.total_steps)
+        self.wrt = trainable_filter(self.model)
+
+        mesh = self.mesh
+        nnx.update(self.model, jax.device_put(nnx.state(self.model), state_shardings(nnx.state(self.model), mesh)))
+        self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
+        self._gd_opt, self._opt_state = self._init_optimizer(make_optimizer(cfg, self.total_steps))
+        self._fingerprint = model_fingerprint(self.model)
+        trainable_sh = state_shardings(self._trainable, mesh)
+        opt_sh = state_shardings(self._opt_state, mesh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+        self._step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
+                                out_shardings=(trainable_sh, opt_sh, replicated),
+                                compiler_options=self.compiler_options)
+        self._packed = bool(getattr(cfg, "packing", False))
+        self._ready = True
+
+    def _init_optimizer(self, tx: optax.GradientTransformation) -> tuple[Any, Any]:
+        # One jitted init placing the state directly (an eager nnx.Optimizer would run and
+        # compile every zeros_like op separately per shape and sharding).
+        gd_model, wrt = self._gd_model, self.wrt
+        abstract = nnx.eval_shape(lambda t, f: nnx.Optimizer(nnx.merge(gd_model, t, f), tx, wrt=wrt),
+                                  self._trainable, self._frozen)
+        gd_opt, abstract_state = nnx.split(abstract)
+
+        def init(trainable, frozen):
+            return nnx.state(nnx.Optimizer(nnx.merge(gd_model, trainable, frozen), tx, wrt=wrt))
+
+        state = jax.jit(init, out_shardings=state_shardings(abstract_state, self.mesh),
+                        compiler_options=self.compiler_options)(self._trainable, self._frozen)
+        return gd_opt, state
+
+    def _make_step_fn(self) -> Callable:
+        gd_model, gd_opt, wrt = self._gd_model, self._gd_opt, self.wrt
+        packed = bool(getattr(self.cfg, "packing", False))
+        dropout = float(self.cfg.dropout) > 0
+        base_key = jax.random.key(self.seed)
+        schedule = self.schedule
+
+        def step_fn(trainable, opt_state, frozen, batch):
+            optimizer = nnx.merge(gd_opt, opt_state)
+            step = optimizer.step[...]
+            total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+            step_key = jax.random.fold_in(base_key, step)
+
+            def micro(i, mb):
+                key = jax.random.fold_in(step_key, i) if dropout else None
+
+                def loss_fn(t):
+                    s, _ = token_loss_sums(nnx.merge(gd_model, t, frozen), mb, packed=packed, dropout_key=key)
+                    return s / total, s
+
+                (_, s), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+                return g, s
+
+            n_micro = batch["input_ids"].shape[0]
+            if n_micro == 1:
+                grads, loss_sum = micro(0, jax.tree.map(lambda x: x[0], batch))
+            else:
+                def body(carry, xs):
+                    g, s = micro(xs[0], xs[1])
+                    return (jax.tree.map(jnp.add, carry[0], g), carry[1] + s), None
+
+                zeros = jax.tree.map(jnp.zeros_like, trainable)
+                (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                                    (jnp.arange(n_micro), batch))
+            model = nnx.merge(gd_model, trainable, frozen)
+            grad_norm = optax.global_norm(grads)
+            optimizer.update(model, grads)
+            metrics = {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": schedule(step),
+                       "answer_tokens": total}
+            return nnx.state(model, wrt), nnx.state(optimizer), metrics
+
+        return step_fn
+
+    # -- stepping
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far."""
+        return int(jax.device_get(self._opt_state["step"][...])) if self._ready else 0
+
+    def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
+        check_batch_divisible_training(batch.rows // self.grad_accum, self.mesh)
+        micro = data_lib.split_micro_batches(batch, self.grad_accum)
+        rows = process_rows(micro["input_ids"].shape[1])
+        local = {k: v[:, rows] for k, v in micro.items()}
+        return global_batch(local, self.mesh, batch_dim=1)
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One optimizer step over ``batch`` (``batch_size * grad_accum`` rows); returns its
+        loss, grad_norm (before clipping), lr and answer_tokens."""
+        if not self._ready:
+            raise TrainingError("Trainer.setup(cfg, total_steps) must run before step()")
+        arrays = self._device_batch(batch)
+        self._trainable, self._opt_state, metrics = self._step_fn(
+            self._trainable, self._opt_state, self._frozen, arrays)
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def sync(self) -> Transformer:
+        """Write the current trained values into ``model`` (steps donate the old buffers)."""
+        if self._ready:
+            nnx.update(self.model, self._trainable)
+        return self.model
+
+    def trainable_params(self) -> Any:
+        """The trainable params as a pure dict of (sharded) arrays."""
+        return nnx.to_pure_dict(self._trainable)
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {"params": nnx.to_pure_dict(self._trainable), "opt": nnx.to_pure_dict(self._opt_state)}
+
+    def _load_checkpoint_tree(self, tree: dict[str, Any]) -> None:
+        # The split states share Variable objects with the model; fresh copies keep it untouched
+        # until sync().
+        self._trainable = jax.tree.map(lambda x: x, self._trainable)
+        self._opt_state = jax.tree.map(lambda x: x, self._opt_state)
+        nnx.replace_by_pure_dict(self._trainable, tree["params"])
+        nnx.replace_by_pure_dict(self._opt_state, tree["opt"])
+
+    def _set_trainable(self, params: Any) -> None:
+        self._trainable = jax.tree.map(lambda x: x, self._trainable)
+        shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(self._trainable))
+        nnx.replace_by_pure_dict(self._trainable, jax.device_put(params, shardings))
+
+    # -- fit
+
+    def fit(self, train_examples: Sequence[Any], dev_examples: Sequence[Any], cfg: Any, *,
+            eval_fn: EvalFn | None = None, checkpoint_manager: CheckpointManager | None = None,
+            metrics: MetricsWriter | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+        """Train for ``cfg.epochs`` epochs and leave the selected epoch's weights in ``model``.
+
+        Dev accuracy (``eval_fn(model, dev_subset)``, default greedy exact match through the
+        sampler) is measured every ``eval_every_epochs`` epochs and after the last one on up
+        to ``dev_eval_size`` dev examples (a fixed seeded subset). ``selection='early_stop'``
+        keeps the epoch with the best dev accuracy (the earliest on ties), ``'convergence'``
+        the last epoch. With a ``checkpoint_manager`` the run saves mid-epoch (its
+        ``save_interval_steps``) and at every epoch end, and resumes from the newest readable
+        checkpoint in its directory, replaying the same data order, so the final params equal
+        an uninterrupted run's. ``on_step(step, metrics)`` is called after every step.
+
+        Raises TrainingError for an empty training set, a batch size that does not divide over
+        the data axes, or early stopping without dev examples.
+        """
+        t_start = time.perf_counter()
+        train_examples = list(train_examples)
+        dev_examples = list(dev_examples or [])
+        if not train_examples:
+            raise TrainingError("training set is empty: nothing to fine-tune on")
+        if self.tokenizer is None:
+            raise TrainingError("Trainer needs a tokenizer to fit on QA examples")
+        check_batch_divisible_training(cfg.batch_size, self.mesh)
+        if cfg.selection not in ("early_stop", "convergence"):
+            raise TrainingError(f"selection must be 'early_stop' or 'convergence', got {cfg.selection!r}")
+        dev_subset = self._dev_subset(dev_examples, int(cfg.dev_eval_size))
+        if eval_fn is None and dev_subset:
+            eval_fn = make_dev_eval(self.tokenizer, cfg.template)
+        if cfg.selection == "early_stop" and (not dev_subset or eval_fn is None):
+            raise TrainingError("selection='early_stop' needs dev examples to pick the best epoch "
+                                "(or use selection='convergence')")
+
+        tokenized = data_lib.tokenize_examples(train_examples, self.tokenizer, template=cfg.template,
+                                               max_seq_len=int(cfg.max_seq_len))
+        batch_rows = int(cfg.batch_size) * int(cfg.grad_accum)
+        order_args = dict(batch_rows=batch_rows, seed=self.seed, max_seq_len=int(cfg.max_seq_len),
+                          packing=bool(cfg.packing))
+        per_epoch = [data_lib.steps_per_epoch(tokenized, epoch=e, **order_args) for e in range(cfg.epochs)]
+        self.setup(cfg, sum(per_epoch))
+
+        start_epoch, start_pos, history = 0, 0, []
+        best_epoch, best_score, best_params = None, -math.inf, None
+        resumed_from = None
+        if checkpoint_manager is not None:
+            checkpoint_manager.bind(self._fingerprint, model_description(self.model))
+            restored = checkpoint_manager.restore_latest(abstract_like(self._checkpoint_tree()))
+            if restored is not None:
+                resumed_from, tree, meta = restored
+                self._check_resume_meta(meta, train_examples, cfg, checkpoint_manager)
+                self._load_checkpoint_tree(tree)
+                start_epoch, start_pos, history = int(meta["epoch"]), int(meta["position"]), list(meta["history"])
+                if meta.get("best_epoch") is not None:
+                    best_epoch, best_score = int(meta["best_epoch"]), float(meta["best_score"])
+                    if cfg.selection == "early_stop":
+                        abstract = abstract_like(nnx.to_pure_dict(self._trainable))
+                        best_params = checkpoint_manager.restore_best(best_epoch, abstract)
+                        if best_params is not None:
+                            best_params = jax.device_get(best_params)
+                log.info("resumed from step %d (epoch %d, batch %d)", resumed_from, start_epoch + 1, start_pos)
+
+        data_key = self._data_key(train_examples, cfg)
+        step = self.step_count
+        last_loss = math.nan
+        bar = _progress(total=sum(per_epoch), initial=step, disable=not self.progress)
+        try:
+            for epoch in range(start_epoch, cfg.epochs):
+                batches = data_lib.epoch_batches(tokenized, epoch=epoch, **order_args)
+                losses = []
+                t_epoch = time.perf_counter()
+                for pos in range(start_pos if epoch == start_epoch else 0, len(batches)):
+                    t0 = time.perf_counter()
+                    out = self.step(batches[pos])
+                    dt = time.perf_counter() - t0
+                    step += 1
+                    last_loss = out["loss"]
+                    losses.append(last_loss)
+                    row = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                           "tokens_per_s": batches[pos].num_tokens / max(dt, 1e-9), "epoch": epoch + 1}
+                    if metrics is not None:
+                        metrics.write(step, row)
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.4f}")
+                    if (checkpoint_manager is not None and pos + 1 < len(batches)
+                            and checkpoint_manager.should_save(step)):
+                        checkpoint_manager.save(step, self._checkpoint_tree(), self._meta(
+                            step, epoch, pos + 1, history, best_epoch, best_score, data_key))
+                    if on_step is not None:
+                        on_step(step, out)
+                entry = {"epoch": epoch + 1, "steps": step,
+                         "train_loss": _nan_to_none(float(np.mean(losses))) if losses else None,
+                         "dev_accuracy": None, "seconds": round(time.perf_counter() - t_epoch, 3)}
+                last = epoch + 1 == cfg.epochs
+                if eval_fn is not None and dev_subset and ((epoch + 1) % cfg.eval_every_epochs == 0 or last):
+                    self.sync()
+                    self._restore_runtime()
+                    try:
+                        score = float(eval_fn(self.model, dev_subset))
+                    finally:
+                        self._configure_runtime(cfg.dropout, cfg.remat)
+                    entry["dev_accuracy"] = _nan_to_none(score)
+                    if metrics is not None:
+                        metrics.write(step, {"dev_accuracy": score, "epoch": epoch + 1})
+                    if math.isfinite(score) and score > best_score:
+                        best_epoch, best_score = epoch + 1, score
+                        if cfg.selection == "early_stop":
+                            best_params = jax.device_get(nnx.to_pure_dict(self._trainable))
+                            if checkpoint_manager is not None:
+                                checkpoint_manager.save_best(epoch + 1, nnx.to_pure_dict(self._trainable))
+                history.append(entry)
+                if checkpoint_manager is not None:
+                    checkpoint_manager.save(step, self._checkpoint_tree(), self._meta(
+                        step, epoch + 1, 0, history, best_epoch, best_score, data_key))
+        finally:
+            bar.close()
+            if checkpoint_manager is not None:
+                checkpoint_manager.wait()
+            if metrics is not None:
+                metrics.flush()
+
+        if cfg.selection == "early_stop":
+            if best_params is None:
+                raise TrainingError("no dev evaluation produced a finite accuracy; cannot select a best epoch")
+            if best_epoch != cfg.epochs:
+                self._set_trainable(best_params)
+            chosen, chosen_score = best_epoch, best_score
+        else:
+            chosen = cfg.epochs
+            chosen_score = history[-1]["dev_accuracy"] if history else None
+        self.sync()
+        self._restore_runtime()
+        if metrics is not None:
+            metrics.flush()
+        return TrainResult(best_epoch=chosen, best_score=_nan_to_none(chosen_score), selection=cfg.selection,
+                           epochs=int(cfg.epochs), steps=step, final_loss=_nan_to_none(last_loss) or 0.0,
+                           history=history, resumed_from_step=resumed_from,
+                           seconds=round(time.perf_counter() - t_start, 3))
+
+    # -- helpers
+
+    def _dev_subset(self, dev: list[Any], size: int) -> list[Any]:
+        if len(dev) <= size:
+            return dev
+        keep = np.sort(np.random.default_rng([self.seed, 7]).choice(len(dev), size, replace=False))
+        return [dev[i] for i in keep]
+
+    def _data_key(self, train: Sequence[Any], cfg: Any) -> str:
+        fields = {k: getattr(cfg, k) for k in ("lr", "epochs", "batch_size", "grad_accum", "warmup_steps",
+                                                "schedule", "weight_decay", "clip_norm", "dropout", "template",
+                                                "max_seq_len", "packing") if hasattr(cfg, k)}
+        text = json.dumps({"ids": [e.id for e in train], "cfg": fields, "seed": self.seed}, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _meta(self, step: int, epoch: int, position: int, history: list, best_epoch: int | None,
+              best_score: float, data_key: str) -> dict[str, Any]:
+        return {"step": step, "epoch": epoch, "position": position, "seed": self.seed,
+                "rng": {"data": [self.seed, epoch], "dropout": [self.seed, step]},
+                "history": history, "best_epoch": best_epoch,
+                "best_score": best_score if best_epoch is not None else None,
+                "data_key": data_key, "fingerprint": self._fingerprint}
+
+    def _check_resume_meta(self, meta: dict, train: Sequence[Any], cfg: Any, mngr: CheckpointManager) -> None:
+        if meta.get("data_key") != self._data_key(train, cfg):
+            warnings.warn(f"{mngr.directory}: resuming a run whose training set, seed or config differ "
+                          "from this one; its data order and schedule will not match an uninterrupted run")
+
+
+def check_batch_divisible_training(batch_size: int, mesh: Mesh) -> None:
+    """TrainingError unless ``batch_size`` (rows per micro-batch) divides over the data axes."""
+    try:
+        check_batch_divisible(int(batch_size), mesh, "batch_size")
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+
+
+def _progress(total: int, initial: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=disable, desc="train", unit="step", dynamic_ncols=True)

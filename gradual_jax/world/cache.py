@@ -1,0 +1,200 @@
+"""Build a world once per config and reuse it: `build_or_load_world`.
+
+A build lives in `<root>/<fingerprint>/`:
+
+    world.json          config, entities and every fact with its mention plan and split
+    qa/{train,dev,test}.jsonl   the QA examples (fields of `QAExample`)
+    corpus.jsonl.gz     the pretraining documents
+    model/              the pretrained model in Hugging Face format, with its tokenizer
+    record.json         pretraining figures (loss curve, tokens/s, wall time)
+
+It is written into a temporary sibling directory and renamed into place, so a killed build
+never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gradual_jax.knowledge.data import QAExample
+from gradual_jax.world.config import WorldConfig
+from gradual_jax.world.corpus import build_corpus
+from gradual_jax.world.generate import SPLITS, World, generate_world
+from gradual_jax.world.qa import lexicon_texts, qa_examples
+from gradual_jax.world.tokenizer import check_lexicon, train_tokenizer
+
+REQUIRED_FILES = ("world.json", "record.json", "qa/train.jsonl", "qa/dev.jsonl", "qa/test.jsonl",
+                  "model/config.json", "model/tokenizer.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldArtifacts:
+    """A built world: where its files are and its QA splits."""
+
+    root: Path
+    config: WorldConfig
+    examples: Mapping[str, list[QAExample]]
+    record: Mapping[str, Any]
+
+    @property
+    def model_dir(self) -> Path:
+        """Hugging Face model directory (config.json, model.safetensors, tokenizer files)."""
+        return self.root / "model"
+
+    @property
+    def world_json(self) -> Path:
+        return self.root / "world.json"
+
+    @property
+    def corpus_path(self) -> Path:
+        return self.root / "corpus.jsonl.gz"
+
+    @property
+    def train(self) -> list[QAExample]:
+        return self.examples["train"]
+
+    @property
+    def dev(self) -> list[QAExample]:
+        return self.examples["dev"]
+
+    @property
+    def test(self) -> list[QAExample]:
+        return self.examples["test"]
+
+    def load_world(self) -> World:
+        from gradual_jax.world.generate import world_from_json
+
+        return world_from_json(json.loads(self.world_json.read_text())["world"])
+
+
+def world_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Directory that holds one subdirectory per built world.
+
+    `cache_dir` if given; else `$GRADUAL_JAX_CACHE/world`; else `$XDG_CACHE_HOME/gradual_jax/world`;
+    else `~/.cache/gradual_jax/world`.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("GRADUAL_JAX_CACHE"):
+        return Path(os.environ["GRADUAL_JAX_CACHE"]).expanduser() / "world"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "gradual_jax" / "world"
+
+
+def build_or_load_world(cfg: WorldConfig, cache_dir: str | os.PathLike | None = None, *,
+                        progress: bool = True) -> WorldArtifacts:
+    """The world for `cfg`, built (minutes) on the first call and read back (instantly) later.
+
+    The cache key is `cfg.fingerprint()`. Concurrent builders of one config both finish; the
+    first rename wins and the other's copy is dropped.
+    """
+    final = world_cache_root(cache_dir) / cfg.fingerprint()
+    if _complete(final):
+        return load_artifacts(final)
+    if final.exists():
+        _say(f"world cache {final} is incomplete; rebuilding it", progress)
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        build_world_dir(cfg, tmp, progress=progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_artifacts(final)
+
+
+def build_world_dir(cfg: WorldConfig, out: Path, *, progress: bool = True,
+                    pretrain_fn: Callable[..., Any] | None = None) -> None:
+    """Generate, pretrain and write everything for `cfg` into `out` (created).
+
+    `pretrain_fn` replaces `pretrain` (same signature); tests use it to skip the real training.
+    """
+    from gradual_jax.world.pretraining import export_model, pretrain
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True)
+    world = generate_world(cfg)
+    examples = qa_examples(world)
+    corpus = build_corpus(world, cfg)
+    tokenizer = train_tokenizer(corpus + lexicon_texts(world), cfg.vocab_size)
+    check_lexicon(tokenizer, [n for names in world.entities.values() for n in names])
+    _say(f"world: {len(world.facts)} facts, {len(corpus)} documents; pretraining the world model", progress)
+    record: dict[str, Any] = {}
+    model = (pretrain_fn or pretrain)(world, corpus, tokenizer, cfg, record=record, progress=progress)
+    export_model(model, tokenizer, out / "model")
+    for split in SPLITS:
+        write_examples(out / "qa" / f"{split}.jsonl", examples[split])
+    with gzip.open(out / "corpus.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(doc) + "\n" for doc in corpus)
+    (out / "world.json").write_text(json.dumps({"config": cfg.to_dict(), "world": world.to_json()}))
+    record["build_wall_s"] = time.perf_counter() - t0
+    (out / "record.json").write_text(json.dumps(record, indent=1))
+
+
+def load_artifacts(root: Path) -> WorldArtifacts:
+    """The WorldArtifacts of a complete world directory."""
+    meta = json.loads((root / "world.json").read_text())
+    from gradual_jax.world.config import world_config_from_dict
+
+    examples = {split: read_examples(root / "qa" / f"{split}.jsonl") for split in SPLITS}
+    return WorldArtifacts(root=root, config=world_config_from_dict(meta["config"]), examples=examples,
+                          record=json.loads((root / "record.json").read_text()))
+
+
+def write_examples(path: Path, examples: list[QAExample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(dataclasses.asdict(e)) + "\n" for e in examples)
+
+
+def read_examples(path: Path) -> list[QAExample]:
+    with open(path, encoding="utf-8") as f:
+        return [QAExample(**{**rec, "answers": tuple(rec["answers"])})
+                for rec in map(json.loads, f) if rec]
+
+
+def _complete(root: Path) -> bool:
+    return all((root / name).is_file() for name in REQUIRED_FILES)
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    """Delete temporary build directories of `final` left by processes that no longer run."""
+    for tmp in final.parent.glob(f".tmp-{final.name}-*"):
+        try:
+            pid = int(tmp.name.split("-")[2])
+        except (IndexError, ValueError):
+            continue
+        if not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _say(message: str, enabled: bool) -> None:
+    if enabled:
+        print(message, file=sys.stderr, flush=True)

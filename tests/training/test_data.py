@@ -1,0 +1,117 @@
+"""Tokenization, loss masks, deterministic epoch order, bucketing and packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from train_helpers import capital_examples
+
+from gradual_jax.knowledge.data import QAExample
+from gradual_jax.training import data as D
+from gradual_jax.training.data import TrainingError
+
+
+def test_tokenize_masks_answer_and_eos_only(tokenizer):
+    ex = capital_examples(1)[0]
+    (tok,) = D.tokenize_examples([ex], tokenizer, template="gekhman", max_seq_len=64)
+    prompt = tokenizer.encode("Answer the following question. What is the capital of France?\n")
+    target = tokenizer.encode("Paris", add_special_tokens=False)
+    assert list(tok.tokens) == prompt + target + [tokenizer.eos_token_id]
+    assert tok.prompt_len == len(prompt)
+    batch = D.epoch_batches([tok], batch_rows=1, seed=0, epoch=0, max_seq_len=64)[0]
+    n = tok.length
+    np.testing.assert_array_equal(batch.input_ids[0, :n], tok.tokens[:-1])
+    np.testing.assert_array_equal(batch.labels[0, :n], tok.tokens[1:])
+    # Loss exactly on the labels that are answer tokens or EOS.
+    masked_labels = batch.labels[0][batch.loss_mask[0] > 0]
+    assert list(masked_labels) == target + [tokenizer.eos_token_id]
+    assert batch.loss_mask[0, n:].sum() == 0 and (batch.segment_ids[0, n:] == 0).all()
+
+
+def test_qa_template_target_keeps_leading_space(tokenizer):
+    ex = capital_examples(1)[0]
+    (tok,) = D.tokenize_examples([ex], tokenizer, template="qa", max_seq_len=64)
+    target = tokenizer.encode(" Paris\n", add_special_tokens=False) + [2]
+    assert list(tok.tokens[tok.prompt_len:]) == target
+
+
+def test_long_prompt_truncated_from_left_answer_kept(tokenizer):
+    ex = capital_examples(1)[0]
+    (full,) = D.tokenize_examples([ex], tokenizer, template="qa", max_seq_len=64)
+    (cut,) = D.tokenize_examples([ex], tokenizer, template="qa", max_seq_len=8)
+    assert len(cut.tokens) == 9
+    np.testing.assert_array_equal(cut.tokens, full.tokens[-9:])
+    with pytest.raises(TrainingError, match="P36.train.0.*max_seq_len=2"):
+        D.tokenize_examples([ex], tokenizer, template="qa", max_seq_len=2)
+
+
+def test_empty_training_set_is_an_error(tokenizer):
+    with pytest.raises(TrainingError, match="training set is empty"):
+        D.tokenize_examples([], tokenizer, template="qa", max_seq_len=32)
+    with pytest.raises(TrainingError, match="training set is empty"):
+        D.epoch_batches([], batch_rows=4, seed=0, epoch=0, max_seq_len=32)
+
+
+def _varied(n: int) -> list[QAExample]:
+    words = ["alpha", "beta gamma", "delta epsilon zeta", "eta"]
+    return [QAExample(f"r.train.{i}", "r", f"What is {' '.join([words[i % 4]] * (1 + i % 5))}?",
+                      (words[(i + 1) % 4],), "train") for i in range(n)]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_epoch_order_is_a_function_of_seed_and_epoch(tokenizer, packing):
+    toks = D.tokenize_examples(_varied(37), tokenizer, template="qa", max_seq_len=48)
+    args = dict(batch_rows=4, max_seq_len=48, packing=packing)
+    a = D.epoch_batches(toks, seed=3, epoch=1, **args)
+    b = D.epoch_batches(toks, seed=3, epoch=1, **args)
+    c = D.epoch_batches(toks, seed=3, epoch=2, **args)
+    assert len(a) == D.steps_per_epoch(toks, seed=3, epoch=1, **args)
+    for x, y in zip(a, b):
+        for k in D.BATCH_KEYS:
+            np.testing.assert_array_equal(getattr(x, k), getattr(y, k))
+    first = lambda bs: [tuple(r[r != 0][:12]) for x in bs for r in x.input_ids]  # noqa: E731
+    assert first(a) != first(c)
+    # Every example trained exactly once per epoch: answer-token totals match.
+    assert sum(x.loss_mask.sum() for x in a) == sum(len(t.tokens) - t.prompt_len for t in toks)
+    for x in a:
+        assert x.rows == 4
+        T = x.input_ids.shape[1]
+        assert T <= 48 and (T == 48 or T & (T - 1) == 0)
+
+
+def test_bucketing_groups_similar_lengths(tokenizer):
+    toks = D.tokenize_examples(_varied(64), tokenizer, template="qa", max_seq_len=64)
+    batches = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=64)
+    padded = sum(x.input_ids.size for x in batches)
+    unsorted = 8 * sum(D.bucket_length(max(t.length for t in toks[i:i + 8]), 64) for i in range(0, 64, 8))
+    assert padded <= unsorted
+    assert sum(x.num_tokens for x in batches) == sum(t.length for t in toks)
+
+
+def test_packing_segments_and_positions(tokenizer):
+    toks = D.tokenize_examples(capital_examples(6), tokenizer, template="qa", max_seq_len=64)
+    (batch,) = D.epoch_batches(toks, batch_rows=4, seed=0, epoch=0, max_seq_len=64, packing=True)
+    assert batch.num_tokens == sum(t.length for t in toks)
+    row = 0
+    segs = batch.segment_ids[row]
+    assert segs.max() >= 2  # several examples share a row
+    for s in range(1, segs.max() + 1):
+        idx = np.flatnonzero(segs == s)
+        np.testing.assert_array_equal(batch.positions[row, idx], np.arange(len(idx)))
+        # Within a segment the labels are the inputs shifted by one.
+        np.testing.assert_array_equal(batch.labels[row, idx[:-1]], batch.input_ids[row, idx[1:]])
+        assert batch.labels[row, idx[-1]] == tokenizer.eos_token_id
+    # Empty filler rows carry no loss.
+    for r in range(batch.rows):
+        if (batch.segment_ids[r] == 0).all():
+            assert batch.loss_mask[r].sum() == 0
+
+
+def test_split_micro_batches_keeps_row_order(tokenizer):
+    toks = D.tokenize_examples(capital_examples(8), tokenizer, template="qa", max_seq_len=32)
+    (batch,) = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=32)
+    micro = D.split_micro_batches(batch, 4)
+    assert micro["input_ids"].shape == (4, 2, batch.input_ids.shape[1])
+    np.testing.assert_array_equal(micro["input_ids"].reshape(8, -1), batch.input_ids)
+    with pytest.raises(ValueError, match="3 micro-batches"):
+        D.split_micro_batches(batch, 3)

@@ -1,0 +1,160 @@
+"""The trainer: learns a small QA set, sharded = single device, accumulation = big batch, LoRA, selection."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from train_helpers import FAST_COMPILE, capital_examples, tiny_model, train_config
+
+from gradual_jax.config import LoRAConfig
+from gradual_jax.training import data as D
+from gradual_jax.training.metrics import MetricsWriter, read_scalars
+from gradual_jax.training.sharding import make_mesh
+from gradual_jax.training.trainer import Trainer, TrainingError, packed_forward, token_loss_sums
+
+
+def _params(model) -> dict:
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+def _assert_trees_close(a, b, atol):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def _greedy(model, tokenizer, prompts, max_new=4, length=32):
+    """Greedy continuation of each prompt, decoded up to EOS, from the model's logits alone."""
+    rows = [tokenizer.encode(p) for p in prompts]
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st)(ids, mask), compiler_options=FAST_COMPILE)
+    outs = [[] for _ in rows]
+    for _ in range(max_new):
+        ids = np.zeros((len(rows), length), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = r
+        logits = np.asarray(forward(state, jnp.asarray(ids), jnp.asarray(ids > 0)))
+        for i, r in enumerate(rows):
+            nxt = int(logits[i, len(r) - 1].argmax())
+            r.append(nxt)
+            outs[i].append(nxt)
+    return [tokenizer.decode(o[:o.index(2)] if 2 in o else o) for o in outs]
+
+
+def test_learns_qa_pairs_and_answers_greedily(tokenizer, tiny_config, tmp_path):
+    examples = capital_examples(8)
+    model = tiny_model(tiny_config, seed=0)
+    trainer = Trainer(model, tokenizer, seed=0, progress=False, compiler_options=FAST_COMPILE)
+    with MetricsWriter(tmp_path) as metrics:
+        result = trainer.fit(examples, [], train_config(epochs=40), metrics=metrics)
+    assert result.steps == 40 and result.best_epoch == 40 and result.selection == "convergence"
+    assert result.history[0]["train_loss"] > 2.0
+    assert result.final_loss < 0.05
+    answers = _greedy(model, tokenizer, [f"Q: {ex.question}\nA:" for ex in examples])
+    assert [a.strip() for a in answers] == [ex.answers[0] for ex in examples]
+    rows = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and {"loss", "lr", "tokens_per_s", "grad_norm"} <= set(rows[0])
+    assert rows[-1]["loss"] == pytest.approx(result.final_loss)
+    (events,) = list(tmp_path.glob("events.out.tfevents.*"))
+    assert sum(tag == "loss" for _, tag, _ in read_scalars(events)) == 40
+
+
+def _one_step(model, tokenizer, mesh, cfg, examples):
+    trainer = Trainer(model, tokenizer, mesh=mesh, progress=False, compiler_options=FAST_COMPILE)
+    trainer.setup(cfg, total_steps=10)
+    toks = D.tokenize_examples(examples, tokenizer, template=cfg.template, max_seq_len=cfg.max_seq_len)
+    (batch,) = D.epoch_batches(toks, batch_rows=cfg.batch_size * cfg.grad_accum, seed=0, epoch=0,
+                               max_seq_len=cfg.max_seq_len)
+    out = trainer.step(batch)
+    trainer.sync()
+    return out, _params(model)
+
+
+def test_sharded_step_equals_single_device(tokenizer, tiny_config):
+    cfg = train_config(batch_size=8, weight_decay=0.1, clip_norm=0.5)
+    examples = capital_examples(8)
+    ref_out, ref = _one_step(tiny_model(tiny_config, seed=1), tokenizer,
+                             make_mesh(devices=jax.devices()[:1]), cfg, examples)
+    model = tiny_model(tiny_config, seed=1)
+    out, params = _one_step(model, tokenizer, make_mesh(2, 2, 2), cfg, examples)
+    assert model.layers[0].mlp.up.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert out["loss"] == pytest.approx(ref_out["loss"], abs=1e-5)
+    assert out["grad_norm"] == pytest.approx(ref_out["grad_norm"], abs=1e-5)
+    _assert_trees_close(params, ref, atol=1e-5)
+    assert not np.allclose(params["embed"], _params(tiny_model(tiny_config, seed=1))["embed"])
+
+
+def test_gradient_accumulation_equals_one_big_batch(tokenizer, tiny_config):
+    examples = capital_examples(8)
+    big_out, big = _one_step(tiny_model(tiny_config, seed=2), tokenizer, make_mesh(devices=jax.devices()[:2]),
+                             train_config(batch_size=8, grad_accum=1), examples)
+    acc_out, acc = _one_step(tiny_model(tiny_config, seed=2), tokenizer, make_mesh(devices=jax.devices()[:2]),
+                             train_config(batch_size=2, grad_accum=4), examples)
+    assert acc_out["loss"] == pytest.approx(big_out["loss"], abs=1e-6)
+    assert acc_out["grad_norm"] == pytest.approx(big_out["grad_norm"], abs=1e-6)
+    _assert_trees_close(acc, big, atol=1e-5)  # Adam amplifies rounding where |g| ~ eps
+
+
+def test_lora_changes_only_lora_params(tokenizer, tiny_config):
+    model = tiny_model(tiny_config, seed=3)
+    base = _params(model)
+    cfg = train_config(epochs=3, lora=LoRAConfig(rank=4, alpha=8.0, targets=["q", "v", "up"]))
+    trainer = Trainer(model, tokenizer, progress=False, compiler_options=FAST_COMPILE)
+    result = trainer.fit(capital_examples(8), [], cfg)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    after = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    _assert_trees_close(jax.tree.map(np.asarray, after), base, atol=0)  # bitwise unchanged
+    b = np.asarray(model.layers[0].attn.q.lora.b[...])
+    assert np.abs(b).max() > 0
+    assert model.layers[0].attn.k.lora is None
+
+
+def test_packed_loss_equals_unpacked(tokenizer, tiny_config):
+    model = tiny_model(tiny_config, seed=4)
+    toks = D.tokenize_examples(capital_examples(6), tokenizer, template="qa", max_seq_len=64)
+    plain = D.epoch_batches(toks, batch_rows=6, seed=0, epoch=0, max_seq_len=64)[0].as_dict()
+    packed = D.epoch_batches(toks, batch_rows=2, seed=0, epoch=0, max_seq_len=64, packing=True)[0].as_dict()
+    s1, n1 = token_loss_sums(model, plain, packed=False)
+    s2, n2 = token_loss_sums(model, packed, packed=True)
+    assert float(n1) == float(n2)
+    assert float(s2) == pytest.approx(float(s1), rel=1e-5)
+    # A lone sequence in a packed row gives the model's own logits.
+    row = jnp.asarray(plain["input_ids"][:1])
+    seg = jnp.asarray(plain["segment_ids"][:1])
+    ref = model(row, seg > 0)
+    got = packed_forward(model, row, seg, jnp.asarray(plain["positions"][:1]))
+    np.testing.assert_allclose(np.asarray(got)[seg[0] > 0], np.asarray(ref)[seg[0] > 0], atol=1e-5)
+
+
+def test_early_stop_restores_best_epoch(tokenizer, tiny_config):
+    model = tiny_model(tiny_config, seed=0)
+    snapshots, scores = [], iter([0.2, 0.9, 0.4])
+
+    def eval_fn(m, dev):
+        assert len(dev) == 2  # dev_eval_size
+        snapshots.append(_params(m))
+        return next(scores)
+
+    cfg = train_config(epochs=3, selection="early_stop", dev_eval_size=2)
+    trainer = Trainer(model, tokenizer, progress=False, compiler_options=FAST_COMPILE)
+    result = trainer.fit(capital_examples(8), capital_examples(5, "dev"), cfg, eval_fn=eval_fn)
+    assert result.best_epoch == 2 and result.best_score == 0.9
+    assert [h["dev_accuracy"] for h in result.history] == [0.2, 0.9, 0.4]
+    _assert_trees_close(_params(model), snapshots[1], atol=0)
+
+
+def test_bad_input_is_clear(tokenizer, tiny_config):
+    model = tiny_model(tiny_config)
+    trainer = Trainer(model, tokenizer, mesh=make_mesh(4, 2, 1), progress=False, compiler_options=FAST_COMPILE)
+    with pytest.raises(TrainingError, match="training set is empty"):
+        trainer.fit([], [], train_config())
+    with pytest.raises(TrainingError, match=r"batch_size 6 does not divide over the data axes \(data=4, fsdp=2; 8 ways\)"):
+        trainer.fit(capital_examples(8), [], train_config(batch_size=6))
+    with pytest.raises(TrainingError, match="needs dev examples"):
+        trainer.fit(capital_examples(8), [], train_config(selection="early_stop"))
+    with pytest.raises(TrainingError, match="step()"):
+        trainer.step(None)
