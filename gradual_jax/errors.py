@@ -12,18 +12,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, EmptySelection, DataError, ProbeError,
                                          PipelineError, FileNotFoundError]
-    try:
-        from gradual_jax.models.errors import CheckpointError
+    from gradual_jax.models.errors import CheckpointError
 
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        from gradual_jax.training.errors import TrainingError
+    errors.append(CheckpointError)
+    from gradual_jax.checkpoint import CheckpointError as TrainCheckpointError
+    from gradual_jax.training.data import TrainingError
 
-        errors.append(TrainingError)
-    except ImportError:
-        pass
+    errors += [TrainCheckpointError, TrainingError]
     return tuple(errors)
 
 

@@ -169,22 +169,27 @@ def gguf_config(file: str | os.PathLike) -> ModelConfig:
     return _config(open_gguf(file), os.fspath(file))
 
 
-def _dequantize(tensor: Any, source: str) -> np.ndarray:
-    """The tensor as a float array in numpy (row-major) order, i.e. GGUF's dims reversed."""
-    from gguf.quants import dequantize
-
+def _check_type(tensor: Any, source: str) -> None:
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_QUANT_TYPES:
         raise CheckpointError(f"{source}: tensor {tensor.name} has quantization type {kind}; "
                               f"supported: {', '.join(SUPPORTED_QUANT_TYPES)}")
+
+
+def _dequantize(tensor: Any, source: str) -> np.ndarray:
+    """The tensor as a float array in numpy (row-major) order, i.e. GGUF's dims reversed."""
+    from gguf.quants import dequantize
+
+    _check_type(tensor, source)
     shape = tuple(int(n) for n in reversed(tensor.shape))
     return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
 def _tensors(reader: Any, config: ModelConfig, source: str) -> Iterator[tuple[str, np.ndarray, str]]:
-    for tensor in reader.tensors:  # check every type before dequantizing anything
-        if tensor.tensor_type.name not in SUPPORTED_QUANT_TYPES:
-            _dequantize(tensor, source)
+    """`(hf_name, array, gguf_name)` per tensor, dequantized and un-permuted one at a time."""
+    for tensor in reader.tensors:  # fail on an unknown type before dequantizing anything
+        _check_type(tensor, source)
+    heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
     for tensor in reader.tensors:
         if tensor.name == ROPE_FREQS:
             continue  # folded into config.rope_scaling
@@ -192,10 +197,9 @@ def _tensors(reader: Any, config: ModelConfig, source: str) -> Iterator[tuple[st
         if name is None:
             raise CheckpointError(f"{source}: unexpected tensor {tensor.name} in a llama GGUF")
         w = _dequantize(tensor, source)
-        heads = {"self_attn.q_proj": config.num_heads, "self_attn.k_proj": config.num_kv_heads}
         for part, n in heads.items():
             # A wrong row count is left for the shape check, which names the tensor.
-            if f".{part}." in name and w.shape[0] == n * config.head_dim and config.head_dim % 2 == 0:
+            if f".{part}." in name and w.shape[0] == n * config.head_dim:
                 w = unpermute_rows(w, n)
         yield name, w, tensor.name
 

@@ -165,3 +165,7 @@ def test_round_trip_bfloat16(tmp_path):
     assert back.model.embed_tokens.weight.dtype == torch.bfloat16
     np.testing.assert_array_equal(back.model.embed_tokens.weight.detach().float().numpy(),
                                   hf.model.embed_tokens.weight.detach().bfloat16().float().numpy())
+    # A bfloat16 checkpoint loads into float32 parameters exactly.
+    widened = load_hf(tmp_path / "out", dtype="float32")
+    np.testing.assert_array_equal(np.asarray(widened.embed[...]),
+                                  np.asarray(ours.embed[...], np.float32))
