@@ -203,11 +203,151 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# train
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
+    p.add_argument("--batch", type=int, default=8, help="rows per optimizer step")
+    p.add_argument("--seq", type=int, default=64, help="tokens per row")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side (after 2 warm-up steps)")
+    p.add_argument("--lora", action="store_true", help="LoRA rank 8 on q,k,v,o instead of full fine-tuning")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also time the same step in PyTorch (transformers + torch.optim.AdamW)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+TRAIN_WARMUP = 2
+TRAIN_LR, TRAIN_WD, TRAIN_CLIP, LORA_RANK, LORA_ALPHA = 1e-5, 0.01, 1.0, 8, 16.0
+LORA_TARGETS = ("q", "k", "v", "o")
+
+
+def _train_batch(vocab: int, rows: int, seq: int, seed: int) -> tuple[Any, Any]:
+    """Random next-token data (ids and labels `[rows, seq]`): step time does not depend on it."""
+    import numpy as np
+
+    tokens = np.random.default_rng(seed).integers(0, vocab, (rows, seq + 1), dtype=np.int32)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def _jax_train_steps(args: argparse.Namespace, model: Any, ids: Any, labels: Any) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    from gradual_jax.config import LoRAConfig, TrainConfig
+    from gradual_jax.training.data import Batch
+    from gradual_jax.training.sharding import make_mesh
+    from gradual_jax.training.trainer import Trainer
+
+    lora = LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA, targets=list(LORA_TARGETS)) if args.lora else LoRAConfig()
+    cfg = TrainConfig(lr=TRAIN_LR, batch_size=args.batch, weight_decay=TRAIN_WD, clip_norm=TRAIN_CLIP,
+                      max_seq_len=args.seq, lora=lora)
+    rows, seq = ids.shape
+    batch = Batch(input_ids=ids, labels=labels, loss_mask=np.ones((rows, seq), np.float32),
+                  segment_ids=np.ones((rows, seq), np.int32),
+                  positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy())
+    trainer = Trainer(model, mesh=make_mesh(devices=jax.devices()[:1]), seed=args.seed, progress=False)
+    trainer.setup(cfg, total_steps=TRAIN_WARMUP + args.steps)
+    t0 = time.perf_counter()
+    first = trainer.step(batch)
+    first_seconds = time.perf_counter() - t0
+    for _ in range(TRAIN_WARMUP - 1):
+        trainer.step(batch)
+    seconds, _ = _median_time(lambda: trainer.step(batch), args.steps)
+    trainable = sum(x.size for x in jax.tree.leaves(trainer.trainable_params()))
+    return {"step_seconds": seconds, "first_step_seconds": first_seconds, "first_loss": first["loss"],
+            "trainable_params": int(trainable)}
+
+
+def _torch_lora(model: Any) -> None:
+    """Freeze `model` and wrap its q/k/v/o projections in rank-8 LoRA adapters (PEFT's layout)."""
+    import torch
+
+    class LoRALinear(torch.nn.Module):
+        def __init__(self, base: torch.nn.Linear):
+            super().__init__()
+            self.base = base
+            self.a = torch.nn.Parameter(torch.randn(base.in_features, LORA_RANK) / base.in_features ** 0.5)
+            self.b = torch.nn.Parameter(torch.zeros(LORA_RANK, base.out_features))
+
+        def forward(self, x):
+            return self.base(x) + (x @ self.a @ self.b) * (LORA_ALPHA / LORA_RANK)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            setattr(attn, name, LoRALinear(getattr(attn, name)))
+
+
+def _torch_train_steps(args: argparse.Namespace, ids: Any, labels: Any) -> dict[str, Any]:
+    import torch
+
+    model = _load_hf_torch(args.model).train()
+    if args.lora:
+        _torch_lora(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN_WD},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=TRAIN_LR)
+    x, y = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
+
+    def step() -> float:
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, TRAIN_CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    first = step()
+    for _ in range(TRAIN_WARMUP - 1):
+        step()
+    seconds, _ = _median_time(step, args.steps)
+    return {"torch_step_seconds": seconds, "torch_first_loss": first, "torch_threads": torch.get_num_threads()}
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Time one fine-tuning step (forward, backward, clip, AdamW) on random tokens."""
+    import jax
+
+    from gradual_jax.models import load_model
+
+    peak = matmul_peak_gflops()
+    model = load_model(args.model)
+    cfg = model.config
+    ids, labels = _train_batch(cfg.vocab_size, args.batch, args.seq, args.seed)
+    tokens = args.batch * args.seq
+    ours = _jax_train_steps(args, model, ids, labels)
+    flops = 6 * cfg.num_params() * tokens
+    record: dict[str, Any] = {
+        "bench": "train", "model": str(args.model), "mode": "lora" if args.lora else "full",
+        "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup_steps": TRAIN_WARMUP,
+        "params": cfg.num_params(), **ours,
+        "tokens_per_s": tokens / ours["step_seconds"],
+        "flops_per_step": flops, "flops_formula": "6 * params * tokens (full-model training FLOPs, also for LoRA)",
+        "model_gflops_per_s": flops / ours["step_seconds"] / 1e9,
+        "matmul_peak_gflops_per_s": peak, "mfu": flops / ours["step_seconds"] / 1e9 / peak,
+        "device": str(jax.devices()[0].platform),
+    }
+    if args.compare_torch:
+        theirs = _torch_train_steps(args, ids, labels)
+        record.update(theirs)
+        record["torch_tokens_per_s"] = tokens / theirs["torch_step_seconds"]
+        record["speedup_vs_torch"] = record["tokens_per_s"] / record["torch_tokens_per_s"]
+    return record
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatcher
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "sample": (add_sample_args, run_sample),
+    "train": (add_train_args, run_train),
 }
 
 

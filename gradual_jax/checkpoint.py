@@ -34,6 +34,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from gradual_jax.models.errors import CheckpointError as _ModelCheckpointError
+
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
@@ -42,8 +44,11 @@ MODEL_FILE = "model.json"
 _RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "remat"})
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be used; the message names the directory and why."""
+class CheckpointError(_ModelCheckpointError):
+    """A checkpoint directory that cannot be used; the message names the directory and why.
+
+    A subclass of the models' ``CheckpointError``, so the CLIs report it as bad input.
+    """
 
 
 # ----------------------------------------------------------------------------- fingerprints

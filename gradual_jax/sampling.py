@@ -492,7 +492,9 @@ class Sampler:
     shape. Call `refresh(model)` after the model's weights change."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, mesh: Any = None,
-                 chunk: int = DEFAULT_CHUNK):
+                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None):
+        """`chunk`: decode steps between host checks (stop strings across tokens, compaction).
+        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
         self.graphdef, state = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
@@ -503,7 +505,7 @@ class Sampler:
         self._compiled: dict[Any, Any] = {}
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
-        self._eos = self._eos_ids()
+        self._eos = self._eos_ids() if eos_ids is None else tuple(int(i) for i in eos_ids)
 
     # ---- setup
 

@@ -86,13 +86,6 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's converter permutation (HF rotate-half rows -> interleaved); the inverse of
-    `unpermute_rows`. Used to write GGUF files the way llama.cpp does."""
-    half = w.shape[0] // n_head // 2
-    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _llama3_rope_scaling(factors: np.ndarray, theta: float, head_dim: int,
                          original: int, source: str) -> dict[str, Any]:
     """The Llama-3 `rope_scaling` that llama.cpp baked into `rope_freqs.weight` (per-frequency
@@ -219,4 +212,4 @@ def load_gguf(file: str | os.PathLike, *, dtype: str = "float32", compute_dtype:
 
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "SUPPORTED_QUANT_TYPES", "gguf_config", "hf_name",
-           "load_gguf", "open_gguf", "permute_rows", "unpermute_rows"]
+           "load_gguf", "open_gguf", "unpermute_rows"]

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from gradual_jax.models.errors import CheckpointError
 from gradual_jax.models.transformer import (
@@ -152,10 +153,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                               f"transformers; only qwen3 has q/k norms (and always has them)")
     if config.attention_bias and mt == "mistral":
         raise CheckpointError("model_type 'mistral' cannot express attention_bias=True; use qwen2")
-    rope = {"rope_theta": float(config.rope_theta), "rope_type": "default"}
-    rope.update({k: v for k, v in (config.rope_scaling or {}).items() if k != "type"})
-    if config.rope_scaling and "type" in config.rope_scaling and "rope_type" not in config.rope_scaling:
-        rope["rope_type"] = config.rope_scaling["type"]
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))
+    rope = {"rope_theta": float(config.rope_theta), "rope_type": kind, **scaling}
     d: dict[str, Any] = {
         "architectures": [HF_ARCHITECTURES[mt]],
         "model_type": _HF_MODEL_TYPE.get(mt, mt),
@@ -271,11 +271,17 @@ def hf_tensor_specs(config: ModelConfig) -> list[TensorSpec]:
 
 def _zero_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """HF tensors our decoder has no parameter for, which must therefore be zero: outside Qwen2,
-    transformers' `attention_bias` also puts a bias on o_proj."""
-    if config.attention_bias and config.model_type != "qwen2":
-        return {f"model.layers.{i}.self_attn.o_proj.bias": (config.hidden_size,)
-                for i in range(config.num_layers)}
-    return {}
+    transformers' `attention_bias` also puts a bias on o_proj; Qwen2 always has q/k/v biases."""
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    zeros: dict[str, tuple[int, ...]] = {}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}.self_attn."
+        if config.attention_bias and config.model_type != "qwen2":
+            zeros[p + "o_proj.bias"] = (d,)
+        if config.model_type == "qwen2" and not config.attention_bias:
+            zeros.update({p + "q_proj.bias": (n * h,), p + "k_proj.bias": (k * h,),
+                          p + "v_proj.bias": (k * h,)})
+    return zeros
 
 
 def _ignored(name: str, config: ModelConfig) -> bool:
@@ -326,7 +332,9 @@ def assemble(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]]
     model = abstract_model(config)
     dtype = np.dtype(as_dtype(config.param_dtype))
     filled: set[str] = set()
-    for name, array, shown in tensors:
+    progress = tqdm(tensors, total=len(specs), desc=f"loading {Path(source).name}", unit="tensor",
+                    leave=False)
+    for name, array, shown in progress:
         spec = specs.get(name)
         expected = spec.hf_shape if spec else zeros.get(name)
         if expected is None:
@@ -466,7 +474,8 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, shape, dtype, produce in entries:
+        for name, shape, dtype, produce in tqdm(entries, desc="writing weights",
+                                                unit="tensor", leave=False):
             array = np.ascontiguousarray(produce(), dtype=dtype)
             if array.shape != shape:
                 raise AssertionError(f"{name}: produced {array.shape}, declared {shape}")

@@ -42,8 +42,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets: Sequence[st
             if proj.lora is not None:
                 raise ValueError(f"projection {kind!r} of layer {layer} already has a LoRA adapter")
             key = jax.random.fold_in(jax.random.fold_in(base, PROJECTIONS.index(kind)), layer)
-            dtype = proj.kernel[...].dtype
-            lora = LoRA(proj.in_shape, proj.out_shape, rank, alpha, rngs=nnx.Rngs(params=key), dtype=dtype)
+            lora = LoRA(proj.in_shape, proj.out_shape, rank, alpha, rngs=nnx.Rngs(params=key),
+                        dtype=proj.kernel.get_value().dtype)
             axes = proj.kernel.get_metadata().get("logical_axes")
             if axes is not None:
                 n_in = len(proj.in_shape)

@@ -17,6 +17,7 @@ model computes in ``ModelConfig.dtype`` (e.g. bfloat16); logits and the loss are
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -44,6 +45,9 @@ from gradual_jax.training.sharding import (
     BATCH_AXES, check_batch_divisible, global_batch, make_mesh, process_rows, state_shardings)
 
 log = logging.getLogger(__name__)
+
+_STEP_CACHE: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+_STEP_CACHE_SIZE = 8
 
 EvalFn = Callable[[Transformer, Sequence[Any]], float]
 
@@ -244,32 +248,54 @@ class Trainer:
         mesh = self.mesh
         nnx.update(self.model, jax.device_put(nnx.state(self.model), state_shardings(nnx.state(self.model), mesh)))
         self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
-        self._gd_opt, self._opt_state = self._init_optimizer(make_optimizer(cfg, self.total_steps))
-        self._fingerprint = model_fingerprint(self.model)
-        trainable_sh = state_shardings(self._trainable, mesh)
-        opt_sh = state_shardings(self._opt_state, mesh)
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-        self._step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
-                                out_shardings=(trainable_sh, opt_sh, replicated),
-                                compiler_options=self.compiler_options)
         self._packed = bool(getattr(cfg, "packing", False))
+        self._fingerprint = model_fingerprint(self.model)
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
+
+        # Trainers with the same model structure, optimizer settings and mesh share the traced and
+        # compiled functions (pipeline stages and arms often do).
+        key = self._cache_key(cfg)
+        cached = _STEP_CACHE.get(key)
+        if cached is None:
+            tx = make_optimizer(cfg, self.total_steps)
+            init_fn = self._make_init_fn(tx)
+        else:
+            tx, init_fn, step_fn = cached
+        self._gd_opt, self._opt_state = init_fn(self._trainable, self._frozen)
+        if cached is None:
+            trainable_sh = state_shardings(self._trainable, mesh)
+            opt_sh = state_shardings(self._opt_state, mesh)
+            step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
+                              out_shardings=(trainable_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
+                              compiler_options=self.compiler_options)
+            _STEP_CACHE[key] = (tx, init_fn, step_fn)
+            while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+                _STEP_CACHE.popitem(last=False)
+        else:
+            _STEP_CACHE.move_to_end(key)
+        self._step_fn = step_fn
         self._ready = True
 
-    def _init_optimizer(self, tx: optax.GradientTransformation) -> tuple[Any, Any]:
-        # One jitted init placing the state directly (an eager nnx.Optimizer would run and
-        # compile every zeros_like op separately per shape and sharding).
-        gd_model, wrt = self._gd_model, self.wrt
-        abstract = nnx.eval_shape(lambda t, f: nnx.Optimizer(nnx.merge(gd_model, t, f), tx, wrt=wrt),
-                                  self._trainable, self._frozen)
+    def _cache_key(self, cfg: Any) -> tuple:
+        fields = tuple(float(getattr(cfg, k)) for k in ("lr", "warmup_steps", "weight_decay", "clip_norm", "dropout"))
+        return (self._gd_model, self.wrt, self.mesh, self._packed, cfg.schedule, fields,
+                self.total_steps if cfg.schedule == "cosine" else None,
+                self.seed if cfg.dropout > 0 else None,
+                tuple(sorted((self.compiler_options or {}).items())))
+
+    def _make_init_fn(self, tx: optax.GradientTransformation) -> Callable:
+        """(trainable, frozen) -> (optimizer graphdef, optimizer state placed on the mesh).
+
+        One jitted init: an eager ``nnx.Optimizer`` would run and compile every zeros_like op
+        separately per shape and sharding.
+        """
+        gd_model, wrt, mesh = self._gd_model, self.wrt, self.mesh
+        make = lambda t, f: nnx.Optimizer(nnx.merge(gd_model, t, f), tx, wrt=wrt)  # noqa: E731
+        abstract = nnx.eval_shape(make, self._trainable, self._frozen)
         gd_opt, abstract_state = nnx.split(abstract)
-
-        def init(trainable, frozen):
-            return nnx.state(nnx.Optimizer(nnx.merge(gd_model, trainable, frozen), tx, wrt=wrt))
-
-        state = jax.jit(init, out_shardings=state_shardings(abstract_state, self.mesh),
-                        compiler_options=self.compiler_options)(self._trainable, self._frozen)
-        return gd_opt, state
+        init = jax.jit(lambda t, f: nnx.state(make(t, f)), out_shardings=state_shardings(abstract_state, mesh),
+                       compiler_options=self.compiler_options)
+        return lambda t, f: (gd_opt, init(t, f))
 
     def _make_step_fn(self) -> Callable:
         gd_model, gd_opt, wrt = self._gd_model, self._gd_opt, self.wrt

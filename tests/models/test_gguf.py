@@ -20,7 +20,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from gradual_jax.models import CheckpointError, gguf_config, load_gguf, load_model, load_tokenizer
 from gradual_jax.models.convert import main as convert_main
-from gradual_jax.models.gguf import permute_rows, unpermute_rows
 
 QK_K = 256  # K-quant super-block; D and F are multiples of it so every type fits every tensor
 VOCAB = 260  # 256 byte tokens + 3 merges + <|endoftext|>
@@ -53,6 +52,13 @@ def tiny_llama(seed: int = 0, **overrides) -> transformers.LlamaForCausalLM:
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     return model.eval()
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf.py `LlamaModel.permute` of q/k rows (HF rotate-half ->
+    its interleaved RoPE), written out here so the test does not trust the loader's inverse."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
 
 
 def gguf_name(hf: str) -> str:
@@ -118,10 +124,11 @@ def write_gguf(path: Path, model: transformers.LlamaForCausalLM, qtype: Q = Q.F3
     if c.tie_word_embeddings:
         state.pop("lm_head.weight")
     for name, tensor in state.items():
-        data = tensor.detach().numpy().astype(np.float32)
+        original = tensor.detach().numpy().astype(np.float32)
+        data = original
         if name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = c.num_attention_heads if "q_proj" in name else c.num_key_value_heads
-            data = permute_rows(data, heads)
+            data = llama_cpp_permute(original, heads)
         if data.ndim == 1 or qtype == Q.F32:
             kind, raw = Q.F32, data
         elif gguf_name(name) in (override or {}):
@@ -134,9 +141,10 @@ def write_gguf(path: Path, model: transformers.LlamaForCausalLM, qtype: Q = Q.F3
             kind = qtype
             raw = gguf.quants.quantize(data, qtype)
         if kind != Q.F32:
-            held = gguf.quants.dequantize(raw, kind).reshape(data.shape)
-            if name.endswith(("q_proj.weight", "k_proj.weight")):
-                held = unpermute_rows(held, heads)  # exact: quantization blocks lie within rows
+            if data is original:
+                held = gguf.quants.dequantize(raw, kind).reshape(data.shape)
+            else:  # quantization blocks lie within rows, so it commutes with the row permutation
+                held = gguf.quants.dequantize(gguf.quants.quantize(original, kind), kind)
             with torch.no_grad():
                 model.state_dict()[name].copy_(torch.from_numpy(np.ascontiguousarray(held)))
         w.add_tensor(gguf_name(name), raw, raw_dtype=None if kind in (Q.F32, Q.F16) else kind)
@@ -218,7 +226,7 @@ def test_config_and_dispatch(tmp_path):
     assert model.embed[...].dtype == jnp.bfloat16
 
 
-def test_convert_cli_writes_loadable_hf_dir(tmp_path, capsys):
+def test_convert_cli_writes_loadable_hf_dir(tmp_path):
     hf = tiny_llama()
     src = write_gguf(tmp_path / "tiny.gguf", hf, Q.Q8_0)
     assert convert_main([str(src), str(tmp_path / "out")]) == 0

