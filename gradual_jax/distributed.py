@@ -1,15 +1,26 @@
-"""Multi-host start-up: `jax.distributed.initialize` from the config or the cluster's environment."""
+"""Multi-host runs: `jax.distributed.initialize` from the config or the cluster's environment,
+and splitting host-side work (the probe's examples) over processes and gathering its records.
+
+Training needs nothing more: every process builds the same model from the same seed, feeds its
+own rows of each global batch (`training.sharding.process_rows` / `global_batch`) and writes its
+own shards of each Orbax checkpoint.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import jax
+import numpy as np
 
 from gradual_jax.config import DistributedConfig
 
 log = logging.getLogger("gradual_jax")
+T = TypeVar("T")
 
 # Variables that mean "this process is one of several" on the clusters we launch on.
 _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
@@ -51,3 +62,51 @@ def maybe_initialize(cfg: DistributedConfig) -> bool:
 def is_main_process() -> bool:
     """Process 0 writes logs, reports and JSON records; every process writes checkpoints."""
     return jax.process_index() == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting host-side work (the probe) over processes
+
+
+def shard_for_process(items: Sequence[T], process_index: int | None = None,
+                      process_count: int | None = None) -> list[T]:
+    """This process's contiguous block of `items` (default: `jax.process_index()` of
+    `jax.process_count()`).
+
+    Blocks differ in size by at most one, earlier processes taking the extra items, and cover
+    `items` exactly once in order, so concatenating every process's block in process order (what
+    `gather_records` returns) restores `items`. Raises ValueError for an index outside
+    `[0, process_count)`.
+    """
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"process_index must be in [0, {count}), got {index}")
+    per, extra = divmod(len(items), count)
+    start = index * per + min(index, extra)
+    return list(items[start:start + per + (1 if index < extra else 0)])
+
+
+def gather_records(records: Sequence[Any]) -> list[Any]:
+    """Every process's JSON-serialisable `records`, concatenated in process order, on every
+    process (a collective: all processes must call it, in the same order).
+
+    Uses `jax.experimental.multihost_utils.process_allgather` on the records encoded as UTF-8
+    JSON bytes: first each process's byte count, then the bytes padded to the longest. It needs
+    no shared filesystem (TPU VM workers have none by default) and runs over JAX's own
+    transport (on CPU, the gloo collectives). One process: returns `list(records)` without
+    encoding. Records come back as JSON decodes them (tuples become lists).
+    """
+    if jax.process_count() == 1:
+        return list(records)
+    from jax.experimental import multihost_utils
+
+    blob = np.frombuffer(json.dumps(list(records), separators=(",", ":")).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int64(blob.size))).reshape(-1)
+    padded = np.zeros(int(sizes.max()) or 1, np.uint8)
+    padded[:blob.size] = blob
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    out: list[Any] = []
+    for row, size in zip(gathered, sizes):
+        out.extend(json.loads(bytes(row[:int(size)]).decode()))
+    return out

@@ -362,15 +362,46 @@ def _abstract_sampler(mc: Any, probe: Any, mesh: Any, prompt_tokens: int) -> dic
 # ----------------------------------------------------------------------------- the plan
 
 
+def _compile_programs(mc: Any, cfg: RunConfig, mesh: Any, sampler: bool,
+                      prompt_tokens: int) -> tuple[dict[str, Program], dict[str, Any], dict[str, Any]]:
+    """Compile the train step (and the sampler's prefill and decode) for architecture `mc`."""
+    train = _abstract_training(mc, cfg.train, mesh)
+    programs = {"train": _compile("train", train["lower"])[0]}
+    probe_info: dict[str, Any] = {}
+    if sampler:
+        samp = _abstract_sampler(mc, cfg.probe, mesh, prompt_tokens)
+        programs["prefill"], start = _compile("prefill", samp["lower_start"])
+        programs["decode"], _ = _compile("decode", lambda: samp["lower_decode"](start))
+        probe_info = {k: samp[k] for k in ("rows", "prompt_tokens", "cache_slots")}
+    return programs, train, probe_info
+
+
+def _extrapolate(a: Program, b: Program, la: int, lb: int, layers: int) -> Program:
+    """`a` (compiled with `la` layers) and `b` (`lb` layers) extended linearly to `layers`."""
+    def line(x: float | None, y: float | None) -> Any:
+        if x is None or y is None:
+            return None
+        return x + (y - x) * (layers - la) / (lb - la)
+
+    return Program(a.name, *(int(round(line(getattr(a, f), getattr(b, f))))
+                             for f in ("argument", "output", "alias", "temp")),
+                   line(a.flops, b.flops), a.compile_seconds + b.compile_seconds)
+
+
 def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
-         prompt_tokens: int | None = None) -> dict[str, Any]:
+         prompt_tokens: int | None = None, layers: int | None = None) -> dict[str, Any]:
     """Compile the configuration's programs for its mesh on `devices` devices; the fit report.
 
     Uses the first `devices` of `jax.devices()` (the caller provides enough; see `plan_main`).
     `fits` is true when every program's per-device total is at most `hbm_bytes`.
-    `per_device_bytes` is the train step's (the largest program in practice); `programs` holds
-    every program's argument/output/alias/temp/total bytes. `prompt_tokens` overrides the probe
-    prompt length estimate. Raises ConfigError for a mesh or batch the devices cannot hold.
+    `per_device_bytes` is the train step's; `programs` holds every program's argument, output,
+    alias, temp and total bytes. `prompt_tokens` overrides the probe prompt length estimate.
+
+    `layers`: compile models of `layers` and `2 * layers` layers instead of the full depth and
+    extend every byte count and the flops linearly to the full depth (decoder layers are
+    identical, so memory is affine in depth; `tests/test_plan.py` checks the extrapolation
+    against a full compile). Params and optimizer bytes always come from the full-depth shapes.
+    Raises ConfigError for a mesh or batch the devices cannot hold.
     """
     import jax
 
@@ -385,26 +416,29 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
     except ValueError as err:
         raise ConfigError(str(err), "mesh") from None
     mc = resolve_model_config(cfg)
-    train = _abstract_training(mc, cfg.train, mesh)
-    programs = {}
-    programs["train"], _ = _compile("train", train["lower"])
-    probe_info: dict[str, Any] = {}
-    if sampler:
-        tokens = prompt_tokens or (cfg.probe.k_shot + 1) * PROBE_TOKENS_PER_PAIR
-        samp = _abstract_sampler(mc, cfg.probe, mesh, tokens)
-        programs["prefill"], start = _compile("prefill", samp["lower_start"])
-        programs["decode"], _ = _compile("decode", lambda: samp["lower_decode"](start))
-        probe_info = {"rows": samp["rows"], "prompt_tokens": samp["prompt_tokens"],
-                      "cache_slots": samp["cache_slots"]}
+    tokens = prompt_tokens or (cfg.probe.k_shot + 1) * PROBE_TOKENS_PER_PAIR
+    depth = mc.num_layers
+    if layers is not None and layers < 1:
+        raise ConfigError(f"layers must be >= 1, got {layers}")
+    if layers is None or 2 * layers >= depth:
+        programs, train, probe_info = _compile_programs(mc, cfg, mesh, sampler, tokens)
+        compiled_layers: list[int] = [depth]
+    else:
+        low, _, probe_info = _compile_programs(mc.replace(num_layers=layers), cfg, mesh, sampler, tokens)
+        high, _, _ = _compile_programs(mc.replace(num_layers=2 * layers), cfg, mesh, sampler, tokens)
+        programs = {k: _extrapolate(low[k], high[k], layers, 2 * layers, depth) for k in low}
+        train = _abstract_training(mc, cfg.train, mesh)  # full-depth shapes, nothing compiled
+        compiled_layers = [layers, 2 * layers]
     step = programs["train"]
     params = shard_bytes(train["params"])
     optimizer = shard_bytes(train["optimizer"])
     per_device = {"params": params, "optimizer": optimizer,
                   "activations": max(step.total - params - optimizer, 0), "total": step.total}
+    model_flops = 6.0 * train["n_params"] * train["tokens"]
     if step.flops is not None:
         flops, flops_source = step.flops * devices, "cost_analysis (per device x devices)"
     else:
-        flops, flops_source = 6.0 * train["n_params"] * train["tokens"], "6 * params * tokens"
+        flops, flops_source = model_flops, "6 * params * tokens"
     peak = max(p.total for p in programs.values())
     return {
         "devices": devices,
@@ -418,9 +452,11 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
         "dtypes": {"params": cfg.model.dtype, "compute": cfg.model.compute_dtype},
         "per_device_bytes": per_device,
         "programs": {name: p.as_dict() for name, p in programs.items()},
+        "compiled_layers": compiled_layers,
         "probe_shapes": probe_info,
         "flops_per_step": flops,
         "flops_source": flops_source,
+        "model_flops_per_step": model_flops,
         "hbm_bytes": int(hbm_bytes),
         "peak_bytes": peak,
         "fits": peak <= hbm_bytes,
@@ -429,6 +465,8 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
 
 
 def _gib(n: float) -> str:
+    if abs(n) < GIB:
+        return f"{n / (1 << 20):8.1f} MiB"
     return f"{n / GIB:8.2f} GiB"
 
 
@@ -451,7 +489,11 @@ def format_table(result: Mapping[str, Any]) -> str:
     for name, p in result["programs"].items():
         lines.append(f"  {name:8s}{_gib(p['argument'])}{_gib(p['output'] - p['alias'])}"
                      f"{_gib(p['temp'])}{_gib(p['total'])}   ({p['compile_seconds']:.0f} s compile)")
-    lines.append(f"flops per step {result['flops_per_step']:.3e} ({result['flops_source']})")
+    if len(result.get("compiled_layers", [])) == 2:
+        a, b = result["compiled_layers"]
+        lines.append(f"  (compiled with {a} and {b} layers, extended linearly to the full depth)")
+    lines.append(f"flops per step {result['flops_per_step']:.3e} ({result['flops_source']}); "
+                 f"6 * params * tokens = {result['model_flops_per_step']:.3e}")
     lines.append(f"target {_gib(result['hbm_bytes']).strip()} per device ({result.get('hbm_source', '')})")
     peak, hbm = result["peak_bytes"], result["hbm_bytes"]
     if result["fits"]:
@@ -489,30 +531,34 @@ def _subprocess_env(devices: int) -> dict[str, str]:
 
 
 def plan_main(cfg: RunConfig, devices: int | None = None, hbm_gib: float | None = None, *,
-              target: str | None = None) -> int:
+              target: str | None = None, layers: int | None = None) -> int:
     """Print the plan (one JSON line, then a table); EXIT_FITS or EXIT_DOES_NOT_FIT.
 
-    Runs in this process when JAX has no backend yet (it is then pinned to `devices` CPU
-    devices) or already has enough CPU devices; otherwise in a subprocess.
+    `devices` defaults to the mesh's size when it has no -1 axis, else DEFAULT_DEVICES; see
+    `resolve_hbm` for the target memory and `plan` for `layers`. Runs in this process when JAX
+    has no backend yet (it is then pinned to `devices` CPU devices) or already has enough CPU
+    devices; otherwise in a subprocess.
     """
     devices = devices or default_devices(cfg)
     if devices < 1:
         raise ConfigError(f"--devices must be >= 1, got {devices}")
     hbm_bytes, hbm_source = resolve_hbm(cfg, hbm_gib, target)
     if not _can_simulate_here(devices):
-        return _plan_in_subprocess(cfg, devices, hbm_bytes, hbm_source)
-    return _report(cfg, devices, hbm_bytes, hbm_source)
+        return _plan_in_subprocess(cfg, devices, hbm_bytes, hbm_source, layers)
+    return _report(cfg, devices, hbm_bytes, hbm_source, layers)
 
 
-def _report(cfg: RunConfig, devices: int, hbm_bytes: int, hbm_source: str) -> int:
-    result = plan(cfg, devices, hbm_bytes)
+def _report(cfg: RunConfig, devices: int, hbm_bytes: int, hbm_source: str,
+            layers: int | None = None) -> int:
+    result = plan(cfg, devices, hbm_bytes, layers=layers)
     result["hbm_source"] = hbm_source
     print(json.dumps(result, sort_keys=True), flush=True)
     print(format_table(result), flush=True)
     return EXIT_FITS if result["fits"] else EXIT_DOES_NOT_FIT
 
 
-def _plan_in_subprocess(cfg: RunConfig, devices: int, hbm_bytes: int, hbm_source: str) -> int:
+def _plan_in_subprocess(cfg: RunConfig, devices: int, hbm_bytes: int, hbm_source: str,
+                        layers: int | None) -> int:
     import yaml
 
     with tempfile.TemporaryDirectory(prefix="gradual_jax_plan_") as tmp:
@@ -520,6 +566,8 @@ def _plan_in_subprocess(cfg: RunConfig, devices: int, hbm_bytes: int, hbm_source
         path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         cmd = [sys.executable, "-m", "gradual_jax.plan", str(path), "--devices", str(devices),
                "--hbm-bytes", str(hbm_bytes), "--hbm-source", hbm_source]
+        if layers is not None:
+            cmd += ["--layers", str(layers)]
         return subprocess.run(cmd, env=_subprocess_env(devices), check=False).returncode
 
 
@@ -532,6 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=None)
     parser.add_argument("--hbm-gib", type=float, default=None)
     parser.add_argument("--target", default=None, help=f"one of {', '.join(TARGETS_GIB)}")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="compile L and 2L layers and extend linearly (faster for deep models)")
     parser.add_argument("--hbm-bytes", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--hbm-source", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
@@ -540,11 +590,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(ns.config, ns.overrides)
         if ns.hbm_bytes is None:
-            return plan_main(cfg, ns.devices, ns.hbm_gib, target=ns.target)
+            return plan_main(cfg, ns.devices, ns.hbm_gib, target=ns.target, layers=ns.layers)
         devices = ns.devices or default_devices(cfg)
         if not _can_simulate_here(devices):
             raise ConfigError(f"cannot simulate {devices} devices in this process")
-        return _report(cfg, devices, ns.hbm_bytes, ns.hbm_source or f"{ns.hbm_bytes / GIB:g} GiB")
+        source = ns.hbm_source or f"{ns.hbm_bytes / GIB:g} GiB"
+        return _report(cfg, devices, ns.hbm_bytes, source, ns.layers)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -122,6 +122,7 @@ class SamplerStats:
     decode_steps: int = 0
     logit_rows: int = 0
     compactions: int = 0
+    prefixes: int = 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,6 +487,11 @@ def _record(d: _Decoding, token: jax.Array, logp: jax.Array, raw: jax.Array,
 # --------------------------------------------------------------------------------------------
 # The sampler
 
+# (name, graphdef, mesh, statics, argument shapes) -> compiled executable. The functions are
+# pure over their arguments, so samplers of one architecture share them (a fresh sampler after
+# fine-tuning compiles nothing).
+_COMPILED: dict[Any, Any] = {}
+
 
 class Sampler:
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
@@ -502,7 +508,6 @@ class Sampler:
         self.chunk = chunk
         self.state = self._place(state)
         self.stats = SamplerStats()
-        self._compiled: dict[Any, Any] = {}
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
         self._eos = self._eos_ids() if eos_ids is None else tuple(int(i) for i in eos_ids)
@@ -602,18 +607,19 @@ class Sampler:
     # ---- compilation
 
     def _compile(self, name: str, fn: Callable, args: tuple, static: dict, donate: tuple = ()) -> Any:
-        """`fn` compiled ahead of time for these argument shapes (cached by them); the compile
-        time goes to `stats`."""
+        """`fn` compiled ahead of time for these argument shapes; the compile time goes to
+        `stats`. Executables are shared by every sampler of the same graph and mesh."""
         spec = jax.tree.map(lambda x: (x.shape, str(x.dtype), getattr(x, "sharding", None)), args)
-        key = (name, tuple(sorted(static.items())), jax.tree.structure(args), tuple(jax.tree.leaves(spec)))
-        compiled = self._compiled.get(key)
+        key = (name, self.graphdef, self.mesh, tuple(sorted(static.items())),
+               jax.tree.structure(args), tuple(jax.tree.leaves(spec)))
+        compiled = _COMPILED.get(key)
         if compiled is None:
             t0 = time.perf_counter()
             jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
             compiled = jitted.lower(*args, **static).compile()
             self.stats.compile_seconds += time.perf_counter() - t0
             self.stats.compiles += 1
-            self._compiled[key] = compiled
+            _COMPILED[key] = compiled
         return compiled
 
     # ---- device functions (pure over the model state)
@@ -712,6 +718,7 @@ class Sampler:
             memo.clear()
             memo[prefix] = self._compile("prefix", self._prefix_fn, args, {})(*args)
             self.stats.prefill_tokens += pack.tokens
+            self.stats.prefixes += 1
         return memo[prefix]
 
     def _pack_args(self, seqs: list[list[int]], offset: int, count: int) -> tuple[_Pack, dict]:

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gradual_jax import bench
+from gradual_jax import bench, sampling
 from gradual_jax.models import save_hf
 from gradual_jax.models.hf import assemble, config_from_hf
 from gradual_jax.models.transformer import KVCache
@@ -115,9 +116,9 @@ def hf_greedy(hf, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
     return rows
 
 
-def full_logits(model, tok, text: str) -> np.ndarray:
-    ids = jnp.asarray([tok(text)["input_ids"]])
-    return np.asarray(model(ids))[0]
+def forward(model, ids: list[int]) -> np.ndarray:
+    """Float64 logits `[T, V]` of one unpadded sequence, from the model's plain call."""
+    return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray([ids])))[0].astype(np.float64)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -145,19 +146,23 @@ def test_greedy_with_shared_prefix_matches_transformers(llama, tok):
     prompts = [PREFIX + q for q in QUESTIONS]
     sampler = Sampler(ours, tok)
     gens = sampler.generate_batch(prompts, max_new_tokens=6)
-    assert sampler.stats.compiles == 3  # prefix, start, decode: the prefix was shared
+    assert sampler.stats.prefixes == 1
     assert [list(g[0].token_ids) for g in gens] == hf_greedy(hf, tok, prompts, 6)
 
 
 def test_decode_step_matches_the_models_cached_call(llama):
     _, ours = llama
-    cache = KVCache.init(ours.config, 2, 16)
     ids = jnp.asarray([[0, 5, 9, 7], [3, 4, 8, 2]])
     mask = jnp.asarray([[False, True, True, True], [True] * 4])
-    _, cache = ours(ids, mask, cache=cache)
     token = jnp.asarray([11, 12])
-    want, want_cache = ours(token[:, None], jnp.ones((2, 1), bool), cache=cache)
-    got, got_cache = _decode_step(ours, token, cache)
+
+    @nnx.jit
+    def both(model):
+        _, cache = model(ids, mask, cache=KVCache.init(model.config, 2, 16))
+        want = model(token[:, None], jnp.ones((2, 1), bool), cache=cache)
+        return want, _decode_step(model, token, cache)
+
+    (want, want_cache), (got, got_cache) = both(ours)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want[:, 0]), atol=1e-4)
     np.testing.assert_allclose(np.asarray(got_cache.keys[1]), np.asarray(want_cache.keys[1]), atol=1e-5)
     assert bool((got_cache.mask == want_cache.mask).all()) and int(got_cache.end) == 5
@@ -182,26 +187,32 @@ def expected_distribution(logits: np.ndarray, temperature: float, top_k: int, to
     return p / p.sum()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.5, 4, 1.0), (3.0, 0, 0.8), (2.0, 12, 0.9)])
-def test_first_token_frequencies_match_the_sampling_distribution(llama, tok, temperature, top_k, top_p):
+def test_first_token_frequencies_match_the_sampling_distribution(llama, tok):
+    """Three settings mixed in one batch (per-row temperature, top-k, top-p); each row's first
+    tokens against softmax(logits / T) restricted as transformers' warpers do."""
     from scipy.stats import chisquare
 
     _, ours = llama
-    prompt, n = "the cat sat", 3000
-    gens = generate_batch(ours, tok, [prompt], max_new_tokens=1, n=n, seed=3,
-                          methods=Sample(temperature, top_k, top_p))[0]
-    logits = full_logits(ours, tok, prompt)[-1].astype(np.float64)
-    expected = expected_distribution(logits, temperature, top_k, top_p)
-    counts = np.bincount([g.token_ids[0] for g in gens], minlength=len(expected))
-    support = expected > 0
-    assert counts[~support].sum() == 0 and support.sum() >= 4
-    big = expected * n >= 5  # chi-square wants expected counts >= 5: pool the rare tokens
-    observed = np.append(counts[big], counts[support & ~big].sum())
-    wanted = np.append(expected[big], expected[support & ~big].sum()) * n
-    assert chisquare(observed, wanted).pvalue > 1e-3
-    first = gens[0].token_ids[0]
-    assert gens[0].logprobs[0] == pytest.approx(math.log(expected[first]), abs=1e-4)
-    assert gens[0].raw_logprobs[0] == pytest.approx(log_softmax(logits)[first], abs=1e-4)
+    prompt, n = "the cat sat", 2000
+    settings = [Sample(1.5, 4), Sample(3.0, 0, 0.8), Sample(2.0, 12, 0.9)]
+    methods = [s for s in settings for _ in range(n)]
+    gens = generate_batch(ours, tok, [prompt], max_new_tokens=1, methods=methods, seed=3)[0]
+    logits = forward(ours, tok(prompt)["input_ids"])[-1]
+    for i, s in enumerate(settings):
+        rows = gens[i * n:(i + 1) * n]
+        expected = expected_distribution(logits, s.temperature, s.top_k, s.top_p)
+        counts = np.bincount([g.token_ids[0] for g in rows], minlength=len(expected))
+        support = expected > 0
+        assert counts[~support].sum() == 0 and support.sum() >= 4
+        big = expected * n >= 5  # chi-square wants expected counts >= 5: pool the rare tokens
+        observed, wanted = counts[big], expected[big] * n
+        if (support & ~big).any():
+            observed = np.append(observed, counts[support & ~big].sum())
+            wanted = np.append(wanted, expected[support & ~big].sum() * n)
+        assert chisquare(observed, wanted).pvalue > 1e-3, s
+        first = rows[0].token_ids[0]
+        assert rows[0].logprobs[0] == pytest.approx(math.log(expected[first]), abs=1e-4)
+        assert rows[0].raw_logprobs[0] == pytest.approx(log_softmax(logits)[first], abs=1e-4)
 
 
 def test_same_seed_same_samples_whatever_the_batch(llama, tok):
@@ -304,7 +315,7 @@ def test_scores_equal_log_softmax_of_full_forward(pair, tok):
         p_ids = tok(prompt)["input_ids"]
         c_ids = tok(cont, add_special_tokens=False)["input_ids"]
         assert list(s.token_ids) == c_ids
-        logits = np.asarray(ours(jnp.asarray([p_ids + c_ids])))[0, len(p_ids) - 1:-1].astype(np.float64)
+        logits = forward(ours, p_ids + c_ids)[len(p_ids) - 1:-1]
         want_raw = log_softmax(logits)[np.arange(len(c_ids)), c_ids]
         np.testing.assert_allclose(s.raw_logprobs, want_raw, atol=1e-4)
         x = logits / temperature
@@ -355,9 +366,10 @@ def test_batch_sharded_over_mesh_matches_single_device(llama, tok):
 def test_bad_input_raises_before_compiling(llama, tok, prompts, kwargs, match):
     _, ours = llama
     sampler = Sampler(ours, tok)
+    compiled = len(sampling._COMPILED)
     with pytest.raises(ValueError, match=match):
         generate(sampler, tok, prompts, **{"max_new_tokens": 4, **kwargs})
-    assert sampler.stats.compiles == 0
+    assert sampler.stats.compiles == 0 and len(sampling._COMPILED) == compiled
 
 
 # --------------------------------------------------------------------------------------------

@@ -197,7 +197,9 @@ def test_tokenizer_round_trips_answers_as_whole_words(tiny, tmp_path):
 # --------------------------------------------------------------------------- pretraining
 
 
-def test_pretraining_loss_decreases(tiny):
+def test_pretraining_loss_decreases_and_export_round_trips(tiny, tmp_path):
+    from gradual_jax.models.hf import load_hf
+
     world, corpus, tok = tiny
     record: dict = {}
     model = pretrain_module.pretrain(world, corpus, tok, TINY, record=record, progress=False)
@@ -205,6 +207,10 @@ def test_pretraining_loss_decreases(tiny):
     assert losses[-1] < losses[0] - 1.0
     assert losses[0] < np.log(model.config.vocab_size) + 1  # sane initial scale
     assert record["tokens_per_s"] > 0 and model.config.vocab_size >= len(tok)
+    assert 0 <= record["dev_qa_greedy_accuracy"] <= 1
+    out = pretrain_module.export_model(model, tok, tmp_path / "m")
+    ids = np.asarray([tok("Q: Where was it?\nA:").input_ids], np.int32)
+    np.testing.assert_allclose(np.asarray(load_hf(out)(ids)), np.asarray(model(ids)), atol=1e-5)
 
 
 def test_packed_batches_cover_the_corpus_in_fixed_rows():
@@ -236,17 +242,6 @@ def test_cache_builds_once_and_reloads(tmp_path, monkeypatch):
     assert (first.model_dir / "config.json").is_file() and (first.model_dir / "tokenizer.json").is_file()
     assert second.config == cfg and second.load_world() == generate_world(cfg)
     assert not list(tmp_path.glob(".tmp-*"))
-
-
-def test_exported_model_loads_with_same_logits(tmp_path, tiny):
-    from gradual_jax.models.hf import load_hf
-
-    world, corpus, tok = tiny
-    model = pretrain_module.pretrain(world, corpus, tok, dataclasses.replace(TINY, pretrain_steps=2),
-                                     progress=False)
-    out = pretrain_module.export_model(model, tok, tmp_path / "m")
-    ids = np.asarray([tok("Q: Where was it?\nA:").input_ids], np.int32)
-    np.testing.assert_allclose(np.asarray(load_hf(out)(ids)), np.asarray(model(ids)), atol=1e-5)
 
 
 def test_failed_build_leaves_no_cache(tmp_path, monkeypatch):

@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "smollm3")
@@ -33,6 +34,22 @@ def as_dtype(name: str | Any) -> Any:
             raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
         return _DTYPES[name]
     return name
+
+
+class FrozenDict(dict):
+    """A read-only dict that hashes, so a ModelConfig holding `rope_scaling` can be a static
+    argument of `jax.jit` (a graphdef hashes its module's config)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("FrozenDict is read-only")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +92,8 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
             )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         as_dtype(self.param_dtype)
@@ -156,8 +175,17 @@ def _param(rngs: nnx.Rngs, shape: Sequence[int], axes: tuple[str | None, ...], d
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
-        value = (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+        value = (_normal(rngs.params(), shape) / math.sqrt(fan_in)).astype(dtype)
     return nnx.Param(value, logical_axes=axes)
+
+
+def _normal(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Standard normal values from `key`. Concrete keys draw on the host with numpy: eager
+    `jax.random.normal` compiles once per shape, which made a tiny model's init take seconds."""
+    if isinstance(key, jax.core.Tracer):  # under nnx.eval_shape / jit: stay abstract
+        return jax.random.normal(key, shape, jnp.float32)
+    seed = np.asarray(jax.random.key_data(key)).ravel().tolist()
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32))
 
 
 class LoRA(nnx.Module):
@@ -170,7 +198,7 @@ class LoRA(nnx.Module):
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...], rank: int,
                  alpha: float, *, rngs: nnx.Rngs, dtype: Any = jnp.float32):
         fan_in = math.prod(in_shape)
-        a = jax.random.normal(rngs.params(), (*in_shape, rank), jnp.float32) / math.sqrt(fan_in)
+        a = _normal(rngs.params(), (*in_shape, rank)) / math.sqrt(fan_in)
         self.a = nnx.LoRAParam(a.astype(dtype))
         self.b = nnx.LoRAParam(jnp.zeros((rank, *out_shape), dtype))
         self.scale = alpha / rank
