@@ -87,6 +87,13 @@ def model_fingerprint(model: nnx.Module) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def multihost_sync(name: str) -> None:
+    """Barrier across processes (a no-op with one process)."""
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
@@ -154,7 +161,8 @@ class CheckpointManager:
             return
         if self.all_steps():
             raise CheckpointError(f"{self.directory}: has step checkpoints but no {RUN_FILE}; refusing to resume from it")
-        _write_json_atomic(path, {"fingerprint": fingerprint, "description": description, "created": time.time()})
+        if jax.process_index() == 0:
+            _write_json_atomic(path, {"fingerprint": fingerprint, "description": description, "created": time.time()})
 
     # -- steps
 
@@ -190,31 +198,39 @@ class CheckpointManager:
         with a warning and the next older one is tried.
         """
         self.wait()
+        skipped = []
         for step in reversed(self.all_steps()):
             try:
                 out = self._steps.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
             except Exception as err:  # noqa: BLE001 - any failure to read means "not usable"
                 moved = self._quarantine(self.directory / "steps" / str(step))
+                if jax.process_count() > 1:
+                    multihost_sync(f"quarantine_{step}")
+                self._steps.reload()
                 warnings.warn(
                     f"{self.directory}: checkpoint step {step} is unreadable "
                     f"({type(err).__name__}: {' '.join(str(err).split())[:200]}); moved it to {moved} "
                     "and falling back to the previous complete checkpoint"
                 )
+                skipped.append(step)
                 continue
             return step, out["state"], dict(out["meta"])
+        if skipped:
+            warnings.warn(f"{self.directory}: no readable checkpoint left; training starts from the beginning")
         return None
 
     def _quarantine(self, path: Path) -> Path:
+        """Move an unreadable step out of Orbax's sight (process 0 moves; the others wait)."""
         dest_dir = self.directory / "corrupt"
-        dest_dir.mkdir(exist_ok=True)
         dest = dest_dir / path.name
         n = 1
         while dest.exists():
             dest = dest_dir / f"{path.name}.{n}"
             n += 1
-        shutil.move(str(path), dest)
-        self._steps.reload()
+        if jax.process_index() == 0:
+            dest_dir.mkdir(exist_ok=True)
+            shutil.move(str(path), dest)
         return dest
 
     # -- best epoch
@@ -273,6 +289,8 @@ def save_model_params(directory: str | Path, model: nnx.Module) -> Path:
         ckptr.save(directory / "params", nnx.to_pure_dict(nnx.state(model)))
         ckptr.wait_until_finished()
     cfg = getattr(model, "config", None)
+    if jax.process_index() != 0:
+        return directory
     _write_json_atomic(directory / MODEL_FILE, {
         "fingerprint": model_fingerprint(model),
         "description": model_description(model),

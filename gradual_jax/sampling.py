@@ -55,6 +55,7 @@ MIN_BUCKET = 8
 MIN_SHARED_PREFIX = 16
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK = 4
+MIN_COMPACT_ROWS = 8  # below this a decode step costs about the same: not worth a compile
 
 
 # --------------------------------------------------------------------------------------------
@@ -848,7 +849,7 @@ class Sampler:
                 self._collect(d, row_ids, results, np.ones_like(done))
                 return results
             live = np.flatnonzero(~done)
-            target = _round_up(next_pow2(len(live)), self._dp())
+            target = _round_up(next_pow2(len(live), MIN_COMPACT_ROWS), self._dp())
             if target <= len(done) // 2:
                 d, row_ids = self._compact(d, row_ids, live, target, results, done)
             limit = self._put_replicated(np.int32(min(step + self.chunk, new_tokens)))

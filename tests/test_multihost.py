@@ -1,12 +1,13 @@
 """Two JAX processes on CPU train like one: same params, one Orbax checkpoint written by both.
 
-The test spawns this file twice as a worker (`python tests/test_multihost.py PID PORT OUT`):
+The tests spawn this file twice as a worker (`python tests/test_multihost.py MODE PID PORT OUT`):
 each worker joins a 2-process job through `gradual_jax.distributed.maybe_initialize` (gloo CPU
-collectives, 2 local CPU devices each, so the mesh spans 4 devices on 2 processes), fine-tunes
-a tiny model with `Trainer.fit` for 2 steps on an fsdp=4 mesh (every parameter is split across
-both processes), feeding only its own rows of each global batch, and saves Orbax checkpoints
-that both processes write. The test process then restores the last checkpoint and compares it
-with the same training run in one process.
+collectives, 2 local CPU devices each, so the mesh spans 4 devices on 2 processes) and trains a
+tiny model on an fsdp=4 mesh, so every parameter is split across both processes, feeding only
+its own rows of each global batch. Mode "step": one `Trainer.step`, then one Orbax checkpoint
+that both processes write. Mode "fit" (slow): `Trainer.fit` for two one-step epochs with its
+own checkpointing. The test process restores the workers' last checkpoint and compares it with
+the same training done in one process on one device.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "training"))  # train_helpers
 
 LOCAL_DEVICES = 2
 NUM_PROCESSES = 2
-EPOCHS = 2  # one step per epoch: 8 examples, batch 8
+EPOCHS = 2  # "fit" mode: one step per epoch (8 examples, batch 8)
 ITEMS = list(range(11))  # probe work split over processes, gathered back
 
 
@@ -41,26 +44,60 @@ def _tokenizer():
     return WordTokenizer([f"Q: What is the capital of {c}?\nA: {a}\n" for c, a in CAPITALS])
 
 
-def _fit(mesh, ckpt_dir: Path | None):
-    """The training run both sides do: returns the trainer after `EPOCHS` one-step epochs."""
-    from train_helpers import FAST_COMPILE, capital_examples, tiny_model, train_config
+def _trainer(mesh):
+    from train_helpers import FAST_COMPILE, tiny_model
 
-    from gradual_jax.checkpoint import CheckpointManager
     from gradual_jax.training.trainer import Trainer
 
-    model = tiny_model(_model_config(), seed=0)
-    trainer = Trainer(model, _tokenizer(), mesh=mesh, seed=0, progress=False,
-                      compiler_options=FAST_COMPILE)
-    cfg = train_config(batch_size=8, epochs=EPOCHS, weight_decay=0.1)
+    return Trainer(tiny_model(_model_config(), seed=0), _tokenizer(), mesh=mesh, seed=0,
+                   progress=False, compiler_options=FAST_COMPILE)
+
+
+def _config():
+    from train_helpers import train_config
+
+    return train_config(batch_size=8, epochs=EPOCHS, weight_decay=0.1)
+
+
+def _one_step(mesh, ckpt_dir: Path | None):
+    """Setup and one optimizer step on the 8-example batch; saved as step 1 when `ckpt_dir`."""
+    from train_helpers import capital_examples
+
+    from gradual_jax.checkpoint import CheckpointManager
+    from gradual_jax.training import data as D
+
+    trainer = _trainer(mesh)
+    cfg = _config()
+    trainer.setup(cfg, total_steps=EPOCHS)
+    toks = D.tokenize_examples(capital_examples(8), trainer.tokenizer, template=cfg.template,
+                               max_seq_len=cfg.max_seq_len)
+    (batch,) = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=cfg.max_seq_len)
+    trainer.step(batch)  # each process feeds its rows (process_rows) of the global batch
+    if ckpt_dir is not None:
+        with CheckpointManager(ckpt_dir) as manager:
+            manager.save(1, trainer._checkpoint_tree(), {"epoch": 0})
+    return trainer
+
+
+def _fit(mesh, ckpt_dir: Path | None):
+    """`Trainer.fit` for `EPOCHS` one-step epochs, checkpointing every epoch when `ckpt_dir`."""
+    from train_helpers import capital_examples
+
+    from gradual_jax.checkpoint import CheckpointManager
+
+    trainer = _trainer(mesh)
     manager = None if ckpt_dir is None else CheckpointManager(ckpt_dir, max_to_keep=EPOCHS)
-    result = trainer.fit(capital_examples(8), [], cfg, checkpoint_manager=manager)
+    result = trainer.fit(capital_examples(8), [], _config(), checkpoint_manager=manager)
     if manager is not None:
         manager.close()
     assert result.steps == EPOCHS
     return trainer
 
 
-def _worker(process_id: int, port: int, out: Path) -> None:
+MODES = {"step": _one_step, "fit": _fit}
+
+
+def _worker(mode: str, process_id: int, port: int, out: Path) -> None:
     import jax
 
     from gradual_jax.config import DistributedConfig
@@ -72,7 +109,7 @@ def _worker(process_id: int, port: int, out: Path) -> None:
     assert jax.local_device_count() == LOCAL_DEVICES and jax.device_count() == 4
     from gradual_jax.training.sharding import make_mesh
 
-    _fit(make_mesh(data=1, fsdp=4), out / "ckpt")
+    MODES[mode](make_mesh(data=1, fsdp=4), out / "ckpt")
     mine = shard_for_process(ITEMS)
     gathered = gather_records([{"item": i, "by": jax.process_index()} for i in mine])
     (out / f"worker{process_id}.json").write_text(json.dumps({"mine": mine, "gathered": gathered}))
@@ -98,7 +135,7 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def test_multihost_train_step_and_checkpoint(tmp_path):
+def _run_workers_and_compare(mode: str, tmp_path: Path, steps: list[int]) -> None:
     import jax
     import numpy as np
     from flax import nnx
@@ -108,11 +145,11 @@ def test_multihost_train_step_and_checkpoint(tmp_path):
 
     port = _free_port()
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(NUM_PROCESSES)]
-    procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(tmp_path)],
+    procs = [subprocess.Popen([sys.executable, __file__, mode, str(i), str(port), str(tmp_path)],
                               env=_worker_env(), stdout=logs[i], stderr=subprocess.STDOUT)
              for i in range(NUM_PROCESSES)]
     # The single-process run trains meanwhile, on one device.
-    reference = _fit(make_mesh(devices=jax.devices()[:1]), None)
+    reference = MODES[mode](make_mesh(devices=jax.devices()[:1]), None)
     deadline = time.monotonic() + 240
     for i, p in enumerate(procs):
         try:
@@ -126,11 +163,10 @@ def test_multihost_train_step_and_checkpoint(tmp_path):
         assert rc == 0, f"worker {i} exited {rc}:\n{log[-4000:]}"
 
     # Both processes wrote the checkpoint; read it back here and compare with the reference.
-    manager = CheckpointManager(tmp_path / "ckpt")
-    assert manager.all_steps() == [1, 2]
-    step, tree, meta = manager.restore_latest(abstract_like(reference._checkpoint_tree()))
-    manager.close()
-    assert step == EPOCHS and meta["epoch"] == EPOCHS
+    with CheckpointManager(tmp_path / "ckpt") as manager:
+        assert manager.all_steps() == steps
+        step, tree, _ = manager.restore_latest(abstract_like(reference._checkpoint_tree()))
+    assert step == steps[-1]
     want = jax.tree_util.tree_flatten_with_path(jax.device_get(reference._checkpoint_tree()))[0]
     got = jax.tree.leaves(jax.device_get(tree))
     assert len(want) == len(got)
@@ -150,6 +186,15 @@ def test_multihost_train_step_and_checkpoint(tmp_path):
         assert [rec["by"] for rec in r["gathered"]] == [0] * 6 + [1] * 5
 
 
+def test_multihost_train_step_and_checkpoint(tmp_path):
+    _run_workers_and_compare("step", tmp_path, steps=[1])
+
+
+@pytest.mark.slow
+def test_multihost_fit_two_epochs(tmp_path):
+    _run_workers_and_compare("fit", tmp_path, steps=[1, 2])
+
+
 def _reference_init():
     from train_helpers import tiny_model
 
@@ -165,11 +210,9 @@ def test_shard_for_process_covers_items_in_order():
         assert sum(blocks, []) == items
         assert max(map(len, blocks)) - min(map(len, blocks)) <= 1
     assert gather_records([{"a": 1}]) == [{"a": 1}]  # one process: returned as given
-    import pytest
-
     with pytest.raises(ValueError, match="process_index"):
         shard_for_process(items, 4, 4)
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))

@@ -42,7 +42,7 @@ from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.training.sharding import (
-    BATCH_AXES, check_batch_divisible, global_batch, make_mesh, process_rows, state_shardings)
+    check_batch_divisible, global_batch, make_mesh, process_rows, state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class TrainResult:
     selection: str
     epochs: int
     steps: int
-    final_loss: float
+    final_loss: float | None
     history: list[dict[str, Any]]
     resumed_from_step: int | None
     seconds: float
@@ -250,7 +250,6 @@ class Trainer:
         self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
         self._packed = bool(getattr(cfg, "packing", False))
         self._fingerprint = model_fingerprint(self.model)
-        self._batch_sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
 
         # Trainers with the same model structure, optimizer settings and mesh share the traced and
         # compiled functions (pipeline stages and arms often do).
@@ -332,7 +331,7 @@ class Trainer:
                 (grads, loss_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
                                                     (jnp.arange(n_micro), batch))
             model = nnx.merge(gd_model, trainable, frozen)
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             optimizer.update(model, grads)
             metrics = {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": schedule(step),
                        "answer_tokens": total}
@@ -515,11 +514,15 @@ class Trainer:
                 metrics.flush()
 
         if cfg.selection == "early_stop":
-            if best_params is None:
+            if best_epoch is None:
                 raise TrainingError("no dev evaluation produced a finite accuracy; cannot select a best epoch")
-            if best_epoch != cfg.epochs:
-                self._set_trainable(best_params)
-            chosen, chosen_score = best_epoch, best_score
+            if best_params is None:
+                warnings.warn(f"params of the best epoch {best_epoch} are unavailable; keeping the last epoch's")
+                chosen, chosen_score = cfg.epochs, history[-1]["dev_accuracy"] if history else None
+            else:
+                if best_epoch != cfg.epochs:
+                    self._set_trainable(best_params)
+                chosen, chosen_score = best_epoch, best_score
         else:
             chosen = cfg.epochs
             chosen_score = history[-1]["dev_accuracy"] if history else None
@@ -527,8 +530,10 @@ class Trainer:
         self._restore_runtime()
         if metrics is not None:
             metrics.flush()
+        if not math.isfinite(last_loss) and history:  # resumed after the last step: nothing ran now
+            last_loss = history[-1]["train_loss"] if history[-1]["train_loss"] is not None else math.nan
         return TrainResult(best_epoch=chosen, best_score=_nan_to_none(chosen_score), selection=cfg.selection,
-                           epochs=int(cfg.epochs), steps=step, final_loss=_nan_to_none(last_loss) or 0.0,
+                           epochs=int(cfg.epochs), steps=step, final_loss=_nan_to_none(last_loss),
                            history=history, resumed_from_step=resumed_from,
                            seconds=round(time.perf_counter() - t_start, 3))
 

@@ -16,7 +16,7 @@ from gradual_jax.config import LoRAConfig
 from gradual_jax.training import data as D
 from gradual_jax.training.metrics import MetricsWriter, read_scalars
 from gradual_jax.training.sharding import make_mesh
-from gradual_jax.training.trainer import Trainer, TrainingError, packed_forward, token_loss_sums
+from gradual_jax.training.trainer import Trainer, TrainingError, token_loss_sums
 
 
 def _params(model) -> dict:
@@ -164,3 +164,21 @@ def test_bad_input_is_clear(tokenizer, tiny_config):
         trainer.fit(capital_examples(8), [], train_config(selection="early_stop"))
     with pytest.raises(TrainingError, match="step()"):
         trainer.step(None)
+
+
+def test_bf16_compute_dropout_remat_are_deterministic(tokenizer, tiny_config):
+    """bf16 compute keeps fp32 master weights; dropout noise is a function of (seed, step)."""
+    config = tiny_config.replace(dtype="bfloat16")
+    cfg = train_config(epochs=2, dropout=0.2, remat=True)
+    runs = []
+    for _ in range(2):
+        model = tiny_model(config, seed=5)
+        trainer = Trainer(model, tokenizer, seed=3, progress=False, compiler_options=FAST_COMPILE)
+        result = trainer.fit(capital_examples(8), [], cfg)
+        runs.append((result, _params(model)))
+        assert model.embed[...].dtype == jnp.float32
+        assert model.config.dropout_rate == 0.0 and not model.config.remat  # runtime switches restored
+    (r1, p1), (r2, p2) = runs
+    assert np.isfinite(r1.final_loss) and r1.history[1]["train_loss"] < r1.history[0]["train_loss"]
+    assert r1.final_loss == r2.final_loss
+    _assert_trees_close(p1, p2, atol=0)
