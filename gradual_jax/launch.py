@@ -18,7 +18,7 @@ from gradual_jax.config import ConfigError, RunConfig, config_hash, load_config,
 
 log = logging.getLogger("gradual_jax")
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = PACKAGE_CONFIGS / "default.yaml"
 
 EXIT_BAD_INPUT = 2
@@ -69,9 +69,13 @@ def load_resources(cfg: RunConfig):
     if source == "world":
         from gradual_jax.world import build_or_load_world, world_config_from_dict
 
-        art = build_or_load_world(world_config_from_dict(cfg.world))
+        try:
+            world_cfg = world_config_from_dict(cfg.world)
+        except ValueError as err:
+            raise ConfigError(f"world: {err}") from None
+        art = build_or_load_world(world_cfg)
         model_dir = str(art.model_dir)
-        splits = {"train": list(art.train), "dev": list(art.dev), "test": list(art.test)}
+        splits = {s: list(art.examples[s]) for s in ("train", "dev", "test")}
         source = model_dir
     else:
         splits = load_splits(cfg, qa)
@@ -125,6 +129,27 @@ def _limit(examples: list, per_relation: int | None) -> list:
             seen[e.relation] = seen.get(e.relation, 0) + 1
             out.append(e)
     return out
+
+
+def enable_compilation_cache() -> Path | None:
+    """Keep XLA executables on disk across runs (resumes and repeated runs compile nothing).
+
+    Under `$GRADUAL_JAX_CACHE/xla` (default `~/.cache/gradual_jax/xla`); `GRADUAL_JAX_CACHE=off`
+    disables it.
+    """
+    import os
+
+    import jax
+
+    root = os.environ.get("GRADUAL_JAX_CACHE")
+    if root == "off":
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradual_jax"
+    path = base / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return path
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -182,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         from gradual_jax.distributed import maybe_initialize
 
         maybe_initialize(cfg.distributed)
+        enable_compilation_cache()
         run(cfg)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,8 +28,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from gradual_jax import curriculum
 from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_config
 from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
@@ -130,6 +128,7 @@ class SeedRun:
         t0 = time.time()
         stage0 = {s: by_category(self.probe(self.res.model, s, self.root / "stage0" / f"{s}.jsonl"))
                   for s in ("train", "test")}
+        self.stage0_test = stage0["test"]
         noise = None
         if self.cfg.noise_control:
             noise = {s: by_category(self.probe(self.res.model, s, self.root / "noise" / f"{s}.jsonl",
@@ -190,7 +189,8 @@ class SeedRun:
                 plan.append((dataclasses.replace(last, name=f"stage{k + 1}"), {}))
                 extra -= 1
             stage_cfg, limits = plan[k]
-            model, state, info = self.run_stage(arm, k, stage_cfg, limits, model, state)
+            test_before = stages[-1]["test_after"] if stages else self.stage0_test
+            model, state, info = self.run_stage(arm, k, stage_cfg, limits, model, state, test_before)
             stages.append(info)
             k += 1
         test_correct = cached_json(arm_dir / "test_correct.json", lambda: self.accuracy_fn(
@@ -199,15 +199,30 @@ class SeedRun:
         write_json(summary_path, summary)
         return summary
 
+    @staticmethod
+    def _skipped_stage(stage_cfg: StageConfig, state: curriculum.CurriculumState,
+                       test_before: dict[str, str]) -> tuple[curriculum.CurriculumState, dict]:
+        """A stage that trained nothing: the model and both probes stay as they were."""
+        latest = dict(state.latest)
+        state = curriculum.advance(state, [{"id": i, "category": c} for i, c in latest.items()])
+        return state, {"name": stage_cfg.name, "trained_ids": [], "selected_counts": {},
+                       "steps": 0, "best_epoch": 0, "dev_accuracy": [], "curve": [],
+                       "skipped": True, "train_after": latest, "test_after": dict(test_before)}
+
     def run_stage(self, arm: str, k: int, stage_cfg: StageConfig, limits: dict, model: Any,
-                  state: curriculum.CurriculumState):
+                  state: curriculum.CurriculumState, test_before: dict[str, str]):
         stage_dir = self.root / arm / stage_cfg.name
         train_cfg: TrainConfig = stage_train_config(self.cfg, stage_cfg)
         spec = stage_cfg.spec()
         try:
             ids = curriculum.select(state, spec, rng=self.seed * 1_000 + k)
         except curriculum.EmptySelection as err:
-            raise PipelineError(f"arm {arm}, stage {stage_cfg.name}: {err}") from None
+            if k == 0:
+                raise PipelineError(f"arm {arm}, stage {stage_cfg.name}: {err}") from None
+            # Nothing moved up after the previous stage: the method has nothing to add.
+            log.warning("arm %s, stage %s: nothing selected, stage skipped (%s)", arm, stage_cfg.name, err)
+            state, info = self._skipped_stage(stage_cfg, state, test_before)
+            return model, state, info
         params_dir = stage_dir / "params"
         info_path = stage_dir / "stage.json"
         if info_path.exists() and params_dir.exists():
@@ -230,5 +245,3 @@ class SeedRun:
         return model, state, {**info, "train_after": train_after, "test_after": test_after}
 
 
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax import nnx
 
 from gradual_jax.config import RunConfig, TrainConfig
@@ -106,6 +107,7 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
             result = trainer.fit(examples, dev, train_cfg, checkpoint_manager=manager, metrics=metrics)
         if train_cfg.lora.rank > 0:
             merge_lora(work)
+        _to_default_device(work)
         curve = _curve(Path(metrics_dir))
         info = {"steps": result.steps, "best_epoch": result.best_epoch, "epochs": result.epochs,
                 "dev_accuracy": [h.get("dev_accuracy") for h in result.history],
@@ -122,10 +124,19 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
         save_model_params(directory, model)
 
     def load_params(directory: Path) -> Any:
-        return restore_model_params(directory, abstract_model(base_config))
+        model = restore_model_params(directory, abstract_model(base_config))
+        _to_default_device(model)
+        return model
 
     return {"engine_factory": engine_factory, "trainer_fn": trainer_fn,
             "accuracy_fn": accuracy_fn, "params_io": (save_params, load_params)}
+
+
+def _to_default_device(model: Any) -> None:
+    """Put every weight on the default device, as loading does: the sampler's compiled
+    functions are keyed by argument shardings, so a model left on the trainer's mesh would
+    compile them all again."""
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
 
 
 def _curve(metrics_dir: Path) -> list[dict]:

@@ -249,18 +249,44 @@ class _Batch:
     suffixes: list[list[int]]
 
 
-def _plan(prompt_ids: list[list[int]], per_batch: int, share: bool | None) -> list[_Batch]:
-    """Batches of at most `per_batch` prompts in token order, each with its shared prefix."""
+def _groups(prompt_ids: list[list[int]], share: bool | None) -> list[tuple[int, list[int]]]:
+    """Prompts in token order, grouped as (shared prefix length, members).
+
+    Consecutive prompts sharing at least MIN_SHARED_PREFIX tokens (any, with share=True) form a
+    group with their common prefix (each member keeps a token of its own); prompts that share
+    nothing long enough gather in prefix-less groups.
+    """
     order = sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i])
-    batches = []
-    for start in range(0, len(order), per_batch):
-        items = order[start:start + per_batch]
-        rows = [prompt_ids[i] for i in items]
-        n = _common_prefix(rows) if len(rows) > 1 else 0
-        n = min(n, min(len(r) for r in rows) - 1)  # every prompt keeps a token to prefill
-        if share is False or (share is None and n < MIN_SHARED_PREFIX) or n <= 0:
+    least = 1 if share else MIN_SHARED_PREFIX
+    runs: list[tuple[int, list[int]]] = []
+    for i in order:
+        if runs and share is not False:
+            n, members = runs[-1]
+            first = prompt_ids[members[0]]
+            shared = min(n, _common_prefix([first, prompt_ids[i]]), len(prompt_ids[i]) - 1)
+            if shared >= least:
+                runs[-1] = (shared, members + [i])
+                continue
+        runs.append((len(prompt_ids[i]) - 1, [i]))
+    groups: list[tuple[int, list[int]]] = []
+    for n, members in runs:
+        if len(members) == 1 or n < least:
             n = 0
-        batches.append(_Batch(items, tuple(rows[0][:n]), [r[n:] for r in rows]))
+        if groups and n == 0 and groups[-1][0] == 0:
+            groups[-1][1].extend(members)
+        else:
+            groups.append((n, list(members)))
+    return groups
+
+
+def _plan(prompt_ids: list[list[int]], per_batch: int, share: bool | None) -> list[_Batch]:
+    """Batches of at most `per_batch` prompts of one group each, with the group's prefix."""
+    batches = []
+    for n, members in _groups(prompt_ids, share):
+        prefix = tuple(prompt_ids[members[0]][:n])
+        for start in range(0, len(members), per_batch):
+            items = members[start:start + per_batch]
+            batches.append(_Batch(items, prefix, [prompt_ids[i][n:] for i in items]))
     return batches
 
 
@@ -499,14 +525,17 @@ class Sampler:
     shape. Call `refresh(model)` after the model's weights change."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, mesh: Any = None,
-                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None):
+                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None,
+                 compact: bool = True):
         """`chunk`: decode steps between host checks (stop strings across tokens, compaction).
-        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
+        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS).
+        `compact`: drop finished rows from the decode batch (off only to measure its effect)."""
         self.graphdef, state = nnx.split(model)
         self.config = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chunk = chunk
+        self.compact = compact
         self.state = self._place(state)
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
@@ -765,8 +794,10 @@ class Sampler:
         table = self._put_replicated(self.stop_table(stop))
         out: list[list[Generation]] = [[] for _ in prompts]
         memo: dict = {}
-        for batch in _plan(prompt_ids, max(1, batch_size // len(fan)), share_prefix):
-            gens = self._run_batch(batch, prompt_ids, keys, fan, max_new_tokens, stop, table, seed, memo)
+        per_batch = max(1, batch_size // len(fan))
+        for batch in _plan(prompt_ids, per_batch, share_prefix):
+            gens = self._run_batch(batch, prompt_ids, keys, fan, max_new_tokens, stop, table, seed,
+                                   memo, per_batch)
             for i, g in zip(batch.items, gens):
                 out[i] = g
         return out
@@ -814,11 +845,16 @@ class Sampler:
 
         return batch_sharding(self.mesh, ndim)
 
+    def _batch_rows(self, count: int, per_batch: int) -> int:
+        """Prompts a batch is padded to: `per_batch` when full, else a power of two; a
+        multiple of the data-parallel size."""
+        return _round_up(min(next_pow2(count), max(count, per_batch)), self._dp())
+
     def _run_batch(self, batch: _Batch, prompt_ids: list[list[int]], prompt_keys: list[int],
                    fan: list[Method], new_tokens: int, stop: tuple[str, ...], table: jax.Array,
-                   seed: int, memo: dict) -> list[list[Generation]]:
+                   seed: int, memo: dict, per_batch: int) -> list[list[Generation]]:
         count, m = len(batch.items), len(fan)
-        b = _round_up(next_pow2(count), self._dp())
+        b = self._batch_rows(count, per_batch)
         prefix = self._prefix_cache(batch.prefix, memo)
         _, pack = self._pack_args(batch.suffixes, len(batch.prefix), b)
         rows, policy = self._rows(fan, b)
@@ -850,7 +886,7 @@ class Sampler:
                 return results
             live = np.flatnonzero(~done)
             target = _round_up(next_pow2(len(live), MIN_COMPACT_ROWS), self._dp())
-            if target <= len(done) // 2:
+            if self.compact and target <= len(done) // 2:
                 d, row_ids = self._compact(d, row_ids, live, target, results, done)
             limit = self._put_replicated(np.int32(min(step + self.chunk, new_tokens)))
             args = (self.state, d, table, limit)
@@ -937,14 +973,15 @@ class Sampler:
         out: list[TokenScores] = [TokenScores((), (), ())] * len(prompts)
         memo: dict = {}
         for batch in _plan(prompt_ids, batch_size, None):
-            for i, s in zip(batch.items, self._score_batch(batch, conts, temperature, top_k, memo)):
+            scored = self._score_batch(batch, conts, temperature, top_k, memo, batch_size)
+            for i, s in zip(batch.items, scored):
                 out[i] = s
         return out
 
     def _score_batch(self, batch: _Batch, conts: list[list[int]], temperature: float, top_k: int,
-                     memo: dict) -> list[TokenScores]:
+                     memo: dict, batch_size: int) -> list[TokenScores]:
         count = len(batch.items)
-        b = _round_up(next_pow2(count), self._dp())
+        b = self._batch_rows(count, batch_size)
         prefix = self._prefix_cache(batch.prefix, memo)
         rows = [conts[i] for i in batch.items]
         seqs = [s + c for s, c in zip(batch.suffixes, rows)]

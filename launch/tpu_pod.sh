@@ -32,7 +32,7 @@
 #   EXTRA_ENV   extra "VAR=value ..." exported before the command (e.g. XLA flags)
 set -euo pipefail
 
-usage() { sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 3 ]] || usage
 action=$1 tpu=$2 zone=$3
 shift 3

@@ -271,7 +271,7 @@ def test_compaction_keeps_results(llama, tok):
     kw = dict(max_new_tokens=NEW, stop=[" ", "e", "a"], methods=Sample(2.0, 20), n=8)
     compacting = Sampler(ours, tok, chunk=1)
     got = compacting.generate_batch(PROMPTS, **kw)
-    plain = Sampler(ours, tok, chunk=NEW).generate_batch(PROMPTS, **kw)
+    plain = Sampler(ours, tok, compact=False).generate_batch(PROMPTS, **kw)
     assert compacting.stats.compactions > 0
     assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in plain]
 
@@ -341,7 +341,7 @@ def test_batch_sharded_over_mesh_matches_single_device(llama, tok):
     from gradual_jax.training.sharding import make_mesh
 
     _, ours = llama
-    kw = dict(max_new_tokens=4, methods=MIXED, seed=4)
+    kw = dict(max_new_tokens=NEW, methods=MIXED, seed=4)
     got = Sampler(ours, tok, mesh=make_mesh(data=-1)).generate_batch(PROMPTS, **kw)
     want = Sampler(ours, tok).generate_batch(PROMPTS, **kw)
     assert [[g.token_ids for g in r] for r in got] == [[g.token_ids for g in r] for r in want]
@@ -439,3 +439,19 @@ def test_smollm2_slick_unit_samples_answers(smollm2, eq_dir):
         assert len(row) == 17 and row[0].text == g[0].text
         assert all("\n" not in s.text and s.finish_reason in ("stop", "eos", "length") for s in row)
         assert len({s.text for s in row[1:]}) >= 1
+
+
+def test_plan_groups_prompts_by_shared_prefix():
+    """Prompts of two exemplar sets interleaved: one group (and prefix) per set, batches never
+    straddle groups; prompts sharing nothing long enough go together without a prefix."""
+    set_a, set_b = list(range(100, 130)), list(range(200, 240))
+    prompts = [set_a + [1, 2], set_b + [3], set_a + [4], set_b + [5, 6], [7, 8], set_a + [9], [10]]
+    batches = sampling._plan(prompts, per_batch=2, share=None)
+    seen = {}
+    for b in batches:
+        assert all(prompts[i] == list(b.prefix) + s for i, s in zip(b.items, b.suffixes))
+        for i in b.items:
+            seen[i] = len(b.prefix)
+    assert seen == {0: 30, 2: 30, 5: 30, 1: 40, 3: 40, 4: 0, 6: 0}
+    assert all(len({seen[i] for i in b.items}) == 1 for b in batches)
+    assert all(len(b.prefix) == 0 for b in sampling._plan(prompts, per_batch=8, share=False))

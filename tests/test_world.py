@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from gradual_jax.world import (
     RELATIONS,
@@ -131,7 +132,7 @@ def test_mentions_are_skewed_with_conflicts(default_world):
     assert 0.05 < np.mean(counts == 0) < 0.2
     assert counts.max() == cfg.max_mentions and np.median(counts) <= 6
     conflicted = [f for f in world.facts if f.wrong_answer is not None]
-    assert conflicted and all(0 < f.wrong_mentions < f.mentions / 2 for f in conflicted)
+    assert conflicted and all(0 < f.wrong_mentions <= f.mentions / 2 for f in conflicted)
     assert all(f.wrong_answer != f.answer for f in conflicted)
 
 
@@ -210,7 +211,9 @@ def test_pretraining_loss_decreases_and_export_round_trips(tiny, tmp_path):
     assert 0 <= record["dev_qa_greedy_accuracy"] <= 1
     out = pretrain_module.export_model(model, tok, tmp_path / "m")
     ids = np.asarray([tok("Q: Where was it?\nA:").input_ids], np.int32)
-    np.testing.assert_allclose(np.asarray(load_hf(out)(ids)), np.asarray(model(ids)), atol=1e-5)
+    forward = nnx.jit(lambda m, x: m(x))
+    np.testing.assert_allclose(np.asarray(forward(load_hf(out), ids)), np.asarray(forward(model, ids)),
+                               atol=1e-5)
 
 
 def test_packed_batches_cover_the_corpus_in_fixed_rows():

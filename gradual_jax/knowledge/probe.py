@@ -199,15 +199,22 @@ def _by_prefix(items: Sequence[_Work], prompt_sets: PromptSets, i: int) -> dict[
     """Group work items by the exemplar prefix of prompt i of their relation."""
     groups: dict[str, list[_Work]] = defaultdict(list)
     for w in items:
-        prefix = format_probe_prompt(prompt_sets[w.example.relation][i], "")
+        prefix, _ = split_prompt(prompt_sets[w.example.relation][i], w.example.question)
         groups[prefix].append(w)
     return groups
 
 
+def split_prompt(exemplars: list[dict], question: str) -> tuple[str, str]:
+    """(exemplar block, question tail) of the probe prompt; their concatenation is the prompt."""
+    full = format_probe_prompt(exemplars, question)
+    tail = len(format_probe_prompt([], question))
+    return full[:-tail], full[-tail:]
+
+
 def _suffix(prefix: str, example: QAExample, exemplars: list[dict]) -> str:
-    full = format_probe_prompt(exemplars, example.question)
-    assert full.startswith(prefix)
-    return full[len(prefix):]
+    head, tail = split_prompt(exemplars, example.question)
+    assert head == prefix
+    return tail
 
 
 class Probe:

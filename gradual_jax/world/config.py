@@ -29,11 +29,11 @@ class WorldConfig:
 
     seed: int = 0
     # Entities.
-    n_people: int = 1000
-    n_countries: int = 24
-    n_cities: int = 120
-    n_companies: int = 80
-    n_works: int = 150
+    n_people: int = 500
+    n_countries: int = 20
+    n_cities: int = 100
+    n_companies: int = 50
+    n_works: int = 100
     citizenship_follows_birthplace: float = 0.9
     # Mentions: a mentioned fact is stated round(exp(U(log min, log max+1))) times, clipped.
     min_mentions: int = 1
@@ -42,15 +42,17 @@ class WorldConfig:
     # Conflicts: for this share of subjects, each fact stated at least twice gets one wrong value,
     # used in a share U(conflict_rate_min, conflict_rate_max) of its mentions.
     conflict_subject_fraction: float = 0.5
-    conflict_rate_min: float = 0.2
-    conflict_rate_max: float = 0.45
+    conflict_rate_min: float = 0.25
+    conflict_rate_max: float = 0.5
     # QA-format text: share of corpus documents that are `Q: ..\nA: ..\n\n` blocks, pairs per block,
     # and the share of train facts whose QA pairs may appear there (dev and background facts
     # always may; test facts never do).
-    qa_text_fraction: float = 0.15
+    qa_text_fraction: float = 0.25
     qa_pairs_per_doc: int = 5
     qa_train_coverage: float = 0.1
-    # QA splits per relation (clipped for relations with few subjects).
+    # QA splits per relation: at most qa_split_fraction of a relation's non-dev subjects become
+    # train/test examples (clipped to the counts below); the rest are background facts.
+    qa_split_fraction: float = 0.5
     n_train_per_relation: int = 60
     n_dev_per_relation: int = 10
     n_test_per_relation: int = 30
@@ -62,7 +64,7 @@ class WorldConfig:
     n_heads: int = 4
     d_mlp: int = 384
     # Pretraining.
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 800
     batch_size: int = 32
     seq_len: int = 128
     learning_rate: float = 3e-3
@@ -76,7 +78,7 @@ class WorldConfig:
                                "batch_size", "seq_len", "n_dev_per_relation"))
         _check_fraction(self, ("citizenship_follows_birthplace", "never_mentioned_fraction",
                                "conflict_subject_fraction", "conflict_rate_min",
-                               "conflict_rate_max", "qa_train_coverage"))
+                               "conflict_rate_max", "qa_train_coverage", "qa_split_fraction"))
         if not 0 <= self.qa_text_fraction < 1:
             raise ValueError(f"WorldConfig.qa_text_fraction must be in [0, 1), got {self.qa_text_fraction}")
         if self.min_mentions > self.max_mentions:

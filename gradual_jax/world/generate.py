@@ -184,12 +184,16 @@ def _answers(rng: np.random.Generator, cfg: WorldConfig,
 
 
 def split_sizes(n_subjects: int, cfg: WorldConfig) -> tuple[int, int, int]:
-    """(dev, train, test) sizes for a relation with `n_subjects` subjects."""
+    """(dev, train, test) sizes for a relation with `n_subjects` subjects.
+
+    At most `qa_split_fraction` of the non-dev subjects become train or test examples; the rest
+    stay background facts, which the corpus may show in QA form to teach the format.
+    """
     dev = min(n_subjects, cfg.n_dev_per_relation, max(5, n_subjects // 5))
-    rest = max(0, n_subjects - dev)
+    room = int(max(0, n_subjects - dev) * cfg.qa_split_fraction)
     share = cfg.n_train_per_relation / max(1, cfg.n_train_per_relation + cfg.n_test_per_relation)
-    train = min(cfg.n_train_per_relation, round(rest * share))
-    test = min(cfg.n_test_per_relation, rest - train)
+    train = min(cfg.n_train_per_relation, round(room * share))
+    test = min(cfg.n_test_per_relation, room - train)
     return dev, train, test
 
 
@@ -238,7 +242,7 @@ def _plan_fact(rng: np.random.Generator, cfg: WorldConfig, rel: Relation, subjec
     if not conflicted or mentions < 2:
         return Fact(rel.id, subject, answer, split, mentions)
     rate = rng.uniform(cfg.conflict_rate_min, cfg.conflict_rate_max)
-    wrong_mentions = min(int(round(rate * mentions)), (mentions - 1) // 2)  # the truth stays the majority
+    wrong_mentions = min(int(round(rate * mentions)), mentions // 2)  # the truth is never outnumbered
     if wrong_mentions == 0:
         return Fact(rel.id, subject, answer, split, mentions)
     candidates = entities[rel.object_kind]

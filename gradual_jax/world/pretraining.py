@@ -163,8 +163,9 @@ def qa_greedy_accuracy(model: Transformer, tokenizer: PreTrainedTokenizerFast,
         target = tokenizer(f" {a}\n", add_special_tokens=False).input_ids
         rows.append(prompt + target)
         spans.append((len(prompt), len(prompt) + len(target)))
-    n_rows = -(-len(rows) // batch_size) * batch_size  # whole batches: one compile
-    ids = np.full((n_rows, max(len(r) for r in rows)), tokenizer.pad_token_id, np.int32)
+    n_rows = -(-len(rows) // batch_size) * batch_size  # whole batches and a width rounded up to
+    width = -(-max(len(r) for r in rows) // 32) * 32    # 32: few shapes, few compiles
+    ids = np.full((n_rows, width), tokenizer.pad_token_id, np.int32)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = r  # right padding: causal attention keeps real positions exact
     pred = np.concatenate([np.asarray(_greedy_next(model, jnp.asarray(ids[s:s + batch_size])))
