@@ -567,6 +567,13 @@ class Sampler:
     def _replicated(self) -> Any:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
+    def _rows_sharding(self, ndim: int) -> Any:
+        """Rows (dim 0) over the mesh's data axes, other dims replicated."""
+        # Imported here: the sharding module pulls in the training stack.
+        from gradual_jax.training.sharding import batch_sharding
+
+        return batch_sharding(self.mesh, ndim) if ndim else self._replicated()
+
     def _dp(self) -> int:
         if self.mesh is None:
             return 1
@@ -578,10 +585,7 @@ class Sampler:
         """Host rows to the device, split over the mesh's data axes when there is one."""
         if self.mesh is None:
             return jnp.asarray(x)
-        from gradual_jax.training.sharding import batch_sharding
-
-        x = np.asarray(x)
-        return jax.device_put(x, batch_sharding(self.mesh, x.ndim) if x.ndim else self._replicated())
+        return jax.device_put(x, self._rows_sharding(np.ndim(x)))
 
     def _put_replicated(self, x: Any) -> jax.Array:
         return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self._replicated())
@@ -590,14 +594,8 @@ class Sampler:
         """Rows of every array split over the mesh's data axes (no-op without a mesh)."""
         if self.mesh is None:
             return tree
-        from gradual_jax.training.sharding import batch_sharding
-
-        def one(x: jax.Array) -> jax.Array:
-            if x.ndim == 0:
-                return x
-            return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, x.ndim))
-
-        return jax.tree.map(one, tree)
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(x, self._rows_sharding(x.ndim)), tree)
 
     def _eos_ids(self) -> tuple[int, ...]:
         ids = set(self.config.eos_ids)
@@ -838,12 +836,7 @@ class Sampler:
         j = jnp.tile(jnp.arange(fan, dtype=jnp.uint32), len(prompt_keys))
         per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, p)
         keys = jax.vmap(jax.random.fold_in)(per_prompt, j)
-        return keys if self.mesh is None else jax.device_put(keys, self._constrain_sharding(1))
-
-    def _constrain_sharding(self, ndim: int) -> Any:
-        from gradual_jax.training.sharding import batch_sharding
-
-        return batch_sharding(self.mesh, ndim)
+        return keys if self.mesh is None else jax.device_put(keys, self._rows_sharding(1))
 
     def _batch_rows(self, count: int, per_batch: int) -> int:
         """Prompts a batch is padded to: `per_batch` when full, else a power of two; a

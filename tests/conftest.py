@@ -21,3 +21,24 @@ def eq_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"EntityQuestions copy not found at {path}")
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_world():
+    """The smoke config's synthetic world (built once per machine, then read from the cache)."""
+    from gradual_jax.config import load_config
+    from gradual_jax.world import build_or_load_world, world_config_from_dict
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    return build_or_load_world(world_config_from_dict(cfg.world), progress=False)
+
+
+@pytest.fixture(scope="session")
+def smoke_model(smoke_world):
+    """(model, tokenizer) of the smoke world, loaded once per session."""
+    from gradual_jax.models import load_hf, load_tokenizer
+
+    return load_hf(smoke_world.model_dir), load_tokenizer(smoke_world.model_dir)

@@ -1,0 +1,170 @@
+"""The SliCK probe on a real (tiny, pretrained) model: mode equivalence, resume, parity."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from gradual_jax.knowledge.categories import CATEGORIES, UNKNOWN
+from gradual_jax.knowledge.probe import (
+    Probe,
+    ProbeError,
+    ProbeSettings,
+    answer_variants,
+    category_table,
+    row_seed,
+    split_prompt,
+)
+from gradual_jax.knowledge.prompts import build_prompt_sets
+from gradual_jax.runtime import JaxEngine
+
+SETTINGS = dict(n_prompts=3, n_samples=4, temperature=0.5, top_k=40, max_new_tokens=8, chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def setup(smoke_world, smoke_model):
+    model, tokenizer = smoke_model
+    train = list(smoke_world.examples["train"])
+    relations = sorted({e.relation for e in train})
+    # A few questions of every relation keep the module fast.
+    per_rel: dict[str, list] = {}
+    for e in train:
+        per_rel.setdefault(e.relation, [])
+        if len(per_rel[e.relation]) < 6:
+            per_rel[e.relation].append(e)
+    examples = [e for rel in relations for e in per_rel[rel]]
+    prompts = build_prompt_sets(smoke_world.examples["dev"], relations, n_prompts=3, k=2, seed=0)
+    engine = JaxEngine(model, tokenizer, batch_size=64)
+    return engine, prompts, examples, tokenizer, model
+
+
+def _probe(setup, **kw):
+    engine, prompts, examples, *_ = setup
+    return Probe(engine, prompts, ProbeSettings(**{**SETTINGS, **kw}), progress=False)
+
+
+def test_lazy_and_exhaustive_agree(setup):
+    examples = setup[2]
+    exhaustive = _probe(setup, mode="exhaustive").run(examples)
+    lazy = _probe(setup, mode="lazy").run(examples)
+    assert [r["category"] for r in lazy] == [r["category"] for r in exhaustive]
+    assert [r["greedy_answers"] for r in lazy] == [r["greedy_answers"] for r in exhaustive]
+    full = SETTINGS["n_prompts"] * SETTINGS["n_samples"]
+    assert all(r["n_sampled"] == full for r in exhaustive)
+    assert sum(r["n_sampled"] for r in lazy) < sum(r["n_sampled"] for r in exhaustive)
+    for r in exhaustive:
+        assert r["p_sample"] == r["n_sample_correct"] / full
+        assert r["p_greedy"] * SETTINGS["n_prompts"] == pytest.approx(round(r["p_greedy"] * SETTINGS["n_prompts"]))
+    # The probe must see more than one category, or the comparison above proves little.
+    assert len({r["category"] for r in exhaustive}) >= 2
+
+
+def test_records_follow_the_slick_rules(setup):
+    for r in _probe(setup, mode="exhaustive").run(setup[2]):
+        n_greedy = round(r["p_greedy"] * SETTINGS["n_prompts"])
+        if n_greedy == SETTINGS["n_prompts"]:
+            assert r["category"] == "HighlyKnown"
+        elif n_greedy > 0:
+            assert r["category"] == "MaybeKnown"
+        elif r["n_sample_correct"] > 0:
+            assert r["category"] == "WeaklyKnown"
+        else:
+            assert r["category"] == UNKNOWN
+
+
+def test_resume_skips_done_chunks_and_repairs_a_cut_line(setup, tmp_path):
+    examples = setup[2]
+    out = tmp_path / "probe.jsonl"
+    first = _probe(setup, mode="lazy").run(examples, out)
+    lines = out.read_text().splitlines(keepends=True)
+    # Keep the first chunk and half a line of the next, as a kill mid-write would.
+    out.write_text("".join(lines[:16]) + lines[16][: len(lines[16]) // 2])
+    again = _probe(setup, mode="lazy").run(examples, out)
+    assert again == first
+    assert len(out.read_text().splitlines()) == len(examples)
+
+
+def test_output_of_another_configuration_is_refused(setup, tmp_path):
+    out = tmp_path / "probe.jsonl"
+    _probe(setup, mode="lazy").run(setup[2][:4], out)
+    before = out.read_bytes()
+    with pytest.raises(ProbeError, match="different configuration"):
+        _probe(setup, mode="lazy", seed=1).run(setup[2][:4], out)
+    assert out.read_bytes() == before
+
+
+def test_greedy_answers_match_a_plain_transformers_probe(setup, smoke_world):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from gradual_jax.knowledge.reference import TransformersEngine
+
+    engine, prompts, examples, tokenizer, _ = setup
+    hf = AutoModelForCausalLM.from_pretrained(smoke_world.model_dir, dtype=torch.float32)
+    ref = Probe(TransformersEngine(hf, tokenizer), prompts,
+                ProbeSettings(**{**SETTINGS, "n_samples": 0}), progress=False).run(examples[:12])
+    ours = Probe(engine, prompts, ProbeSettings(**{**SETTINGS, "n_samples": 0}),
+                 progress=False).run(examples[:12])
+    assert [r["greedy_answers"] for r in ours] == [r["greedy_answers"] for r in ref]
+
+
+def test_screened_categories_match_lazy_and_skip_sampling(setup):
+    examples = setup[2]
+    lazy = _probe(setup, mode="lazy").run(examples)
+    screened = _probe(setup, mode="screened").run(examples)
+    disagree = [(a["id"], a["category"], b["category"]) for a, b in zip(lazy, screened)
+                if a["category"] != b["category"]]
+    assert len(disagree) <= 1, disagree
+    undecided = [r for r in screened if r["p_greedy"] == 0]
+    assert all("q" in r and len(r["q"]) == SETTINGS["n_prompts"] for r in undecided)
+    skipped = [r for r in undecided if r["sampling_skipped"]]
+    assert all(r["category"] == UNKNOWN and r["n_sampled"] == 0 for r in skipped)
+    for r in undecided:
+        expected = SETTINGS["n_samples"] * sum(r["q"])
+        assert r["expected_right_samples"] == pytest.approx(expected)
+        none = math.prod((1 - q) ** SETTINGS["n_samples"] for q in r["q"])
+        assert r["p_any_right"] == pytest.approx(1 - none, abs=1e-9)
+
+
+def test_answer_probability_matches_sampled_frequency(setup):
+    """q (teacher-forced chance of ` gold\\n` under the top-k tempered distribution) against
+    the frequency of that exact completion over many samples."""
+    engine, prompts, examples, _, _ = setup
+    n = 512
+    best = None
+    for ex in examples:
+        prefix, suffix = split_prompt(prompts[ex.relation][0], ex.question)
+        q = engine.answer_probability(prefix, [suffix], [[f" {ex.answers[0]}\n"]], temperature=0.5, top_k=40)[0][0]
+        if 0.05 < q < 0.95:
+            best = (prefix, suffix, ex, q)
+            break
+    if best is None:
+        pytest.skip("no question with a moderate answer probability in this world")
+    prefix, suffix, ex, q = best
+    samples = engine.sample(prefix, [suffix], n, [row_seed(0, ex.id, 0)], temperature=0.5,
+                            top_k=40, max_new_tokens=8)[0]
+    hits = sum(s == f" {ex.answers[0]}" for s in samples)
+    sd = math.sqrt(q * (1 - q) / n)
+    assert abs(hits / n - q) < 4 * sd + 1e-3, (hits / n, q)
+
+
+def test_answer_variants_normalise_to_the_gold():
+    assert answer_variants("paris") == ["paris", "Paris", "the paris", "The paris"]
+    assert answer_variants("The Hague") == ["The Hague", "the Hague"]
+
+
+def test_category_table_counts_every_relation():
+    recs = [{"relation": "P1", "category": c} for c in CATEGORIES] + [{"relation": "P2", "category": UNKNOWN}]
+    table = category_table(recs)
+    assert "P1" in table and "P2" in table and table.splitlines()[-1].split()[-1] == "5"
+
+
+def test_row_seed_is_stable_and_distinct():
+    assert row_seed(0, "P1.train.3", 2) == row_seed(0, "P1.train.3", 2)
+    seeds = {row_seed(s, f"id{i}", j) for s in range(2) for i in range(20) for j in range(10)}
+    assert len(seeds) == 400
+    assert all(0 <= s < 2**31 for s in seeds)
+    assert np.unique(list(seeds)).size == 400
