@@ -66,6 +66,9 @@ def load_resources(cfg: RunConfig):
     from gradual_jax.pipeline import Resources
 
     source = cfg.model.source
+    if source != "world" and not Path(source).exists() and (
+            source.endswith(".gguf") or source.startswith((".", "/", "~"))):
+        raise ConfigError(f"model.source: {source} does not exist")
     if source == "world":
         from gradual_jax.world import build_or_load_world, world_config_from_dict
 
@@ -79,9 +82,6 @@ def load_resources(cfg: RunConfig):
         source = model_dir
     else:
         splits = load_splits(cfg, qa)
-    path = Path(source)
-    if not path.exists() and (source.endswith(".gguf") or source.startswith((".", "/"))):
-        raise ConfigError(f"model.source: {source} does not exist")
     model = load_model(source, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
     tokenizer = load_tokenizer(source)
     return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id=str(source))

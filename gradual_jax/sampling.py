@@ -860,8 +860,12 @@ class Sampler:
         self.stats.logit_rows += b
         results = self._decode_loop(d, np.where(padding, -1, np.arange(b * m)), new_tokens, stop,
                                     table, policy)
-        return [[self._finish(prompt_ids[item], *results[p * m + j], stop) for j in range(m)]
-                for p, item in enumerate(batch.items)]
+        out = []
+        for p, item in enumerate(batch.items):
+            prompt = prompt_ids[item]
+            head = self._decode(prompt)
+            out.append([self._finish(head, prompt, *results[p * m + j], stop) for j in range(m)])
+        return out
 
     def _decode_loop(self, d: _Decoding, row_ids: np.ndarray, new_tokens: int,
                      stop: tuple[str, ...], table: jax.Array,
@@ -918,15 +922,15 @@ class Sampler:
             d = dataclasses.replace(d, done=self._put(done))
         return d, done
 
-    def _finish(self, prompt: list[int], tokens: np.ndarray, logp: np.ndarray, raw: np.ndarray,
-                stop: tuple[str, ...]) -> Generation:
-        """Cut a row's record after its stopping token and its text before the stop string."""
+    def _finish(self, head: str, prompt: list[int], tokens: np.ndarray, logp: np.ndarray,
+                raw: np.ndarray, stop: tuple[str, ...]) -> Generation:
+        """Cut a row's record after its stopping token and its text before the stop string
+        (`head`: the prompt's decoded text)."""
         ids = [int(t) for t in tokens if t >= 0]
         reason, end = "length", len(ids)
         eos = next((i for i, t in enumerate(ids) if t in self._eos), None)
         if eos is not None:
             reason, end = "eos", eos + 1
-        head = self._decode(prompt)
         text = self._text(head, prompt, ids[:eos] if eos is not None else ids)
         cut = min((text.find(s) for s in stop if s in text), default=-1)
         if cut >= 0:

@@ -118,9 +118,13 @@ def hf_greedy(hf, tok, prompts: list[str], new_tokens: int) -> list[list[int]]:
     return rows
 
 
-def forward(model, ids: list[int]) -> np.ndarray:
-    """Float64 logits `[T, V]` of one unpadded sequence, from the model's plain call."""
-    return np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray([ids])))[0].astype(np.float64)
+def forward(model, seqs: list[list[int]]) -> list[np.ndarray]:
+    """Float64 logits `[T, V]` of each sequence from the model's plain call (one compile: the
+    batch is right padded, which causal attention never lets earlier positions see)."""
+    width = max(len(s) for s in seqs)
+    ids = jnp.asarray([s + [0] * (width - len(s)) for s in seqs])
+    logits = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids)).astype(np.float64)
+    return [row[:len(s)] for row, s in zip(logits, seqs)]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -196,7 +200,7 @@ def test_first_token_frequencies_match_the_sampling_distribution(llama, tok):
     settings = [Sample(1.5, 4), Sample(3.0, 0, 0.8), Sample(2.0, 12, 0.9)]
     methods = [s for s in settings for _ in range(n)]
     gens = generate_batch(ours, tok, [prompt], max_new_tokens=1, methods=methods, seed=3)[0]
-    logits = forward(ours, tok(prompt)["input_ids"])[-1]
+    logits = forward(ours, [tok(prompt)["input_ids"]])[0][-1]
     for i, s in enumerate(settings):
         rows = gens[i * n:(i + 1) * n]
         expected = expected_distribution(logits, s.temperature, s.top_k, s.top_p)
@@ -307,11 +311,12 @@ def test_scores_equal_log_softmax_of_full_forward(pair, tok):
     conts = [" France", " London\n", " Japan", " sat on the mat"]
     temperature, top_k = 0.5, 7
     scores = score_continuations(ours, tok, prompts, conts, temperature=temperature, top_k=top_k)
-    for prompt, cont, s in zip(prompts, conts, scores):
-        p_ids = tok(prompt)["input_ids"]
-        c_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    c_ids = [tok(c, add_special_tokens=False)["input_ids"] for c in conts]
+    full = forward(ours, [p + c for p, c in zip(p_ids, c_ids)])
+    for p_ids, c_ids, s, logits in zip(p_ids, c_ids, scores, full):
         assert list(s.token_ids) == c_ids
-        logits = forward(ours, p_ids + c_ids)[len(p_ids) - 1:-1]
+        logits = logits[len(p_ids) - 1:-1]
         want_raw = log_softmax(logits)[np.arange(len(c_ids)), c_ids]
         np.testing.assert_allclose(s.raw_logprobs, want_raw, atol=1e-4)
         x = logits / temperature
@@ -370,11 +375,18 @@ def test_bad_input_raises_before_compiling(llama, tok, prompts, kwargs, match):
 # Bench
 
 
-def test_bench_prompts_and_sample_command(tok, tmp_path, eq_dir, capsys):
+def test_bench_prompts_and_subcommands(eq_dir):
     prompts = bench.eq_prompts(eq_dir, "P17", 3)
     shots, question = prompts[0].rsplit("\n\n", 1)
     assert shots.count("Q: ") == 4 and question.startswith("Q: ") and question.endswith("\nA:")
-    assert len({p.rsplit("\n\n", 1)[0] for p in prompts}) == 1
+    assert len({p.rsplit("\n\n", 1)[0] for p in prompts}) == 1  # one exemplar set: one prefix
+    assert "sample" in bench.COMMANDS
+    with pytest.raises(SystemExit):
+        bench.main(["sample"])  # --model is required
+
+
+@pytest.mark.slow
+def test_bench_sample_command_end_to_end(tok, tmp_path, eq_dir, capsys):
     model_dir = tmp_path / "tiny"
     save_hf(to_ours(tiny_hf("llama", len(tok), context=512)), model_dir, tokenizer=tok)
     out = tmp_path / "bench.json"

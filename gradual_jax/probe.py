@@ -1,0 +1,104 @@
+"""`python -m gradual_jax.probe`: SliCK categories of any model on a QA set, as JSONL.
+
+    python -m gradual_jax.probe --model PATH --data DIR --split train|dev|test \\
+        [--relations P36,P17] [--limit-per-relation N] [--n-prompts 10] [--n-samples 16] \\
+        [--temperature 0.5] [--top-k 40] [--mode lazy|exhaustive|screened] [--seed 0] \\
+        [--prompts-out FILE] [--prompts-in FILE] --out FILE.jsonl
+
+`--model` takes a Hugging Face directory (or repo id) or a GGUF file; `--data` an EntityQuestions
+directory (gzipped JSONL copy or the official JSON release) or a JSONL file. The probe resumes
+into an existing `--out` written with the same configuration and refuses one written otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m gradual_jax.probe", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", choices=("train", "dev", "test"), required=True)
+    p.add_argument("--relations", default=None, help="comma-separated, e.g. P36,P17")
+    p.add_argument("--limit-per-relation", type=int, default=None)
+    p.add_argument("--n-prompts", type=int, default=10)
+    p.add_argument("--k-shot", type=int, default=4)
+    p.add_argument("--n-samples", type=int, default=16)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--mode", choices=("lazy", "exhaustive", "screened"), default="lazy")
+    p.add_argument("--screen-threshold", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--prompts-out", default=None)
+    p.add_argument("--prompts-in", default=None)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def load_examples(data: str, split: str, relations: list[str] | None, limit: int | None):
+    """QA examples of `split` from an EntityQuestions directory or a JSONL file."""
+    from gradual_jax.knowledge import data as qa
+
+    path = Path(data)
+    if path.is_file():
+        examples = qa.load_jsonl(path, split=split)
+        if relations:
+            examples = [e for e in examples if e.relation in relations]
+        return examples
+    return qa.load_entityquestions(path, split, relations, limit_per_relation=limit)
+
+
+def run(ns: argparse.Namespace) -> list[dict]:
+    from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_table
+    from gradual_jax.knowledge.prompts import build_prompt_sets, load_prompt_sets, save_prompt_sets
+    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.runtime import JaxEngine
+
+    relations = ns.relations.split(",") if ns.relations else None
+    examples = load_examples(ns.data, ns.split, relations, ns.limit_per_relation)
+    rels = sorted({e.relation for e in examples})
+    if ns.prompts_in:
+        prompt_sets = load_prompt_sets(ns.prompts_in)
+    else:
+        dev = load_examples(ns.data, "dev", rels, None)
+        prompt_sets = build_prompt_sets(dev, rels, n_prompts=ns.n_prompts, k=ns.k_shot, seed=ns.seed)
+    if ns.prompts_out:
+        save_prompt_sets(ns.prompts_out, prompt_sets)
+    settings = ProbeSettings(n_prompts=ns.n_prompts, n_samples=ns.n_samples, temperature=ns.temperature,
+                             top_k=ns.top_k, mode=ns.mode, seed=ns.seed, max_new_tokens=ns.max_new_tokens,
+                             chunk_size=ns.chunk_size, screen_threshold=ns.screen_threshold)
+    model = load_model(ns.model)
+    tokenizer = load_tokenizer(ns.model)
+    probe = Probe(JaxEngine(model, tokenizer, batch_size=ns.batch_size), prompt_sets, settings,
+                  model_id=str(ns.model))
+    t0 = time.time()
+    records = probe.run(examples, ns.out)
+    print(category_table(records))
+    print(f"{len(records)} questions in {time.time() - t0:.1f} s -> {ns.out}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    from gradual_jax.errors import USER_ERRORS
+
+    try:
+        run(ns)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""End to end: the smoke config through `python -m gradual_jax.launch`, its report, resume after
+kill -9, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gradual_jax.knowledge.categories import CATEGORIES
+from gradual_jax.launch import main
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "configs" / "smoke.yaml")
+
+
+def _report_numbers(report: dict) -> dict:
+    """Everything in the report but timing and paths."""
+    drop = {"wall_seconds", "config"}
+    return {k: v for k, v in report.items() if k not in drop}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, smoke_world):
+    run_dir = tmp_path_factory.mktemp("runs")
+    t0 = time.time()
+    assert main([SMOKE, f"run_dir={run_dir}"]) == 0
+    return run_dir / "smoke", time.time() - t0
+
+
+def test_smoke_report_has_every_field(smoke_run):
+    root, seconds = smoke_run
+    report = json.loads((root / "report.json").read_text())
+    assert report["stages"][0]["train_counts"].keys() >= set(CATEGORIES)
+    for stage in report["stages"]:
+        assert set(stage["train_counts"]) >= set(CATEGORIES)
+        assert set(stage["test_counts"]) >= set(CATEGORIES)
+    for arm in ("two_stage", "one_stage", "natural", "highly_known", "random_subset"):
+        fields = report["arms"][arm]
+        for key in ("test_accuracy", "test_accuracy_by_category", "train_highly_known", "retention"):
+            assert key in fields, (arm, key)
+    for key in ("knowledge_gain_pct", "untrained_upgrades", "noise_control", "transitions", "wall_seconds"):
+        assert key in report
+    acc = report["arms"]["two_stage"]["test_accuracy"]
+    assert set(acc) >= {"mean", "low", "high"}
+    assert (root / "report.md").read_text().startswith("#")
+    assert list(root.glob("*.png"))
+
+
+def test_second_invocation_resumes_everything(smoke_run, capsys):
+    root, first_seconds = smoke_run
+    before = json.loads((root / "report.json").read_text())
+    t0 = time.time()
+    assert main([SMOKE, f"run_dir={root.parent}"]) == 0
+    assert _report_numbers(json.loads((root / "report.json").read_text())) == _report_numbers(before)
+    assert time.time() - t0 < first_seconds
+
+
+def test_run_dir_of_another_configuration_is_refused(smoke_run, capsys):
+    root, _ = smoke_run
+    before = (root / "report.json").read_bytes()
+    assert main([SMOKE, f"run_dir={root.parent}", "train.lr=0.5"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+    assert (root / "report.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["model.source=/nonexistent/model.gguf"], "does not exist"),
+    (["train.lrr=1"], "unknown key"),
+    (["train.lr=abc"], "expected float"),
+    (["stages.0.select.categories=[Famous]"], "Famous"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+    assert main([SMOKE, f"run_dir={tmp_path}", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def _launch(run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "gradual_jax.launch", SMOKE, f"run_dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
+    t0 = time.time()
+    while not ready():
+        if proc.poll() is not None:
+            return
+        if time.time() - t0 > timeout:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+KILL_POINTS = {
+    "mid_probe": lambda root: (root / "seed_0" / "stage0" / "train.jsonl").exists(),
+    "mid_training": lambda root: any((root / "seed_0" / "two_stage").glob("stage1/ckpt/*")),
+    "after_stage": lambda root: (root / "seed_0" / "two_stage" / "stage1" / "stage.json").exists(),
+    "second_seed": lambda root: (root / "seed_1").exists(),
+}
+
+
+@pytest.mark.parametrize("point", ["mid_training"])
+def test_kill_and_resume_gives_the_same_report(smoke_run, tmp_path, point):
+    _resume_after_kill(smoke_run, tmp_path, [point])
+
+
+@pytest.mark.slow
+def test_kill_at_every_point_and_resume(smoke_run, tmp_path):
+    _resume_after_kill(smoke_run, tmp_path, list(KILL_POINTS))
+
+
+def _resume_after_kill(smoke_run, tmp_path, points):
+    root, _ = smoke_run
+    reference = _report_numbers(json.loads((root / "report.json").read_text()))
+    run_root = tmp_path / "smoke"
+    for point in points:
+        _kill_when(_launch(tmp_path), lambda: KILL_POINTS[point](run_root))
+    assert main([SMOKE, f"run_dir={tmp_path}"]) == 0
+    assert _report_numbers(json.loads((run_root / "report.json").read_text())) == reference
