@@ -90,7 +90,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--workload", choices=("greedy", "slick"), default="greedy")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per side; the median counts")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of ours; the median counts")
+    p.add_argument("--hf-repeats", type=int, default=None, help="timed runs of transformers "
+                   "(default: --repeats)")
     p.add_argument("--relation", default="P17")
     p.add_argument("--eq-dir", type=Path, default=DEFAULT_EQ_DIR)
 
@@ -154,12 +156,13 @@ def _compare_hf(args: argparse.Namespace, tokenizer: Any, prompts: list[str],
     tokenizer.padding_side = "left"
     warm = argparse.Namespace(**{**vars(args), "new_tokens": 2})
     _hf_workload(model, tokenizer, prompts[:2], warm)
-    seconds, texts = _median_time(lambda: _hf_workload(model, tokenizer, prompts, args), args.repeats)
+    repeats = args.hf_repeats or args.repeats
+    seconds, texts = _median_time(lambda: _hf_workload(model, tokenizer, prompts, args), repeats)
     per_prompt = 1 if args.workload == "greedy" else 1 + SLICK_SAMPLES
     hf_greedy = [t.split(STOP, 1)[0] for t in texts[::per_prompt]]
     agree = sum(a == b for a, b in zip(our_greedy, hf_greedy)) / len(hf_greedy)
     return {"hf_seconds": seconds, "hf_answers_per_s": len(texts) / seconds,
-            "greedy_agreement_with_hf": agree}
+            "hf_repeats": repeats, "greedy_agreement_with_hf": agree}
 
 
 def run_sample(args: argparse.Namespace) -> dict[str, Any]:

@@ -4,9 +4,10 @@ How a call runs (`Sampler.generate_batch`):
 - Prompts are tokenized whole (the tokenizer's default special tokens, as `tokenizer(text)`),
   ordered by their token ids so that prompts sharing a few-shot prefix sit together, and cut
   into batches of at most `batch_size` decode rows (prompts x samples per prompt).
-- Shared prefix: when the prompts of a batch begin with the same tokens (at least
-  `MIN_SHARED_PREFIX`), that token prefix is prefilled once, for one row, and reused by every
-  row. The prefix is found on the token ids of the whole prompts, never by tokenizing a prefix
+- Shared prefix: prompts that begin with the same tokens (at least `MIN_SHARED_PREFIX`, e.g.
+  the few-shot exemplars of one prompt set) form a group whose common token prefix is
+  prefilled once, for one row, and reused by every row of the group's batches; batches never
+  mix groups. The prefix is found on the token ids of the whole prompts, never by tokenizing a prefix
   string on its own: a byte-level BPE tokenizes "...\\n\\n" alone as one "\\n\\n" token but
   "...\\n\\nQ:" as "\\n", "\\n", "Q", so a separately tokenized prefix would change the prompt.
   Sharing therefore gives exactly the tokens of the unshared path, whatever the tokenizer.
@@ -31,8 +32,8 @@ batch composition or order. Per-row temperature/top-k/top-p let one decode batch
 rows with sampled ones (the SliCK probe's 1 greedy + 16 samples per prompt).
 
 Shapes are bucketed (packed rows, widths, cache sizes, batch rows) so a dataset compiles a
-handful of times. Compiled functions are cached per `Sampler` by shapes and compiled ahead of
-time so compile time can be reported (`Sampler.stats`).
+handful of times. Functions are compiled ahead of time (so compile time can be reported in
+`Sampler.stats`) and cached by graph, mesh and shapes, shared by every `Sampler`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from gradual_jax.models.transformer import KVCache, Transformer, apply_rope, as_
 MIN_BUCKET = 8
 MIN_SHARED_PREFIX = 16
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_CHUNK = 4
+DEFAULT_CHUNK = 2
 MIN_COMPACT_ROWS = 8  # below this a decode step costs about the same: not worth a compile
 
 
@@ -139,11 +140,14 @@ def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-def _check_prompts(prompts: Any, what: str = "prompts") -> list:
+def _check_prompts(prompts: Any, what: str = "prompts") -> list[str]:
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise ValueError(f"{what} must be a list of strings, got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError(f"{what} is empty: nothing to generate")
+    bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
+    if bad is not None:
+        raise ValueError(f"{what}[{bad}] is {type(prompts[bad]).__name__}, expected a string")
     return list(prompts)
 
 
@@ -265,7 +269,8 @@ def _groups(prompt_ids: list[list[int]], share: bool | None) -> list[tuple[int, 
             first = prompt_ids[members[0]]
             shared = min(n, _common_prefix([first, prompt_ids[i]]), len(prompt_ids[i]) - 1)
             if shared >= least:
-                runs[-1] = (shared, members + [i])
+                members.append(i)
+                runs[-1] = (shared, members)
                 continue
         runs.append((len(prompt_ids[i]) - 1, [i]))
     groups: list[tuple[int, list[int]]] = []
@@ -294,11 +299,6 @@ def _plan(prompt_ids: list[list[int]], per_batch: int, share: bool | None) -> li
 # Device code: forward passes
 
 
-def _logits(model: Transformer, h: jax.Array) -> jax.Array:
-    """Float32 logits `[B, T, V]` of final-normed hidden states `[B, T, D]`."""
-    return model.hidden_to_logits(h)
-
-
 def _packed_forward(model: Transformer, prefix: KVCache | None, ids: jax.Array, pos: jax.Array,
                     seg: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
     """Final-normed hidden states `[R, W, D]` of packed sequences, and per layer the keys and
@@ -320,21 +320,21 @@ def _packed_forward(model: Transformer, prefix: KVCache | None, ids: jax.Array, 
         mask = jnp.concatenate([jnp.broadcast_to(prefix.mask[:, None, :], (rows, width, p)) & real,
                                 mask], axis=-1)
 
-    def slots(cached: list[jax.Array] | None, i: int) -> jax.Array:
+    def slots(layer: int, which: str) -> jax.Array:
+        """The layer's prefix keys or values for every row, then room for the packed tokens."""
         fresh = jnp.zeros(shape, dtype)
-        if cached is None:
+        if prefix is None:
             return fresh
-        return jnp.concatenate([jnp.broadcast_to(cached[i], (rows, *cached[i].shape[1:])).astype(dtype),
-                                fresh], axis=1)
+        cached = getattr(prefix, which)[layer]
+        cached = jnp.broadcast_to(cached, (rows, *cached.shape[1:])).astype(dtype)
+        return jnp.concatenate([cached, fresh], axis=1)
 
     x = model.embed[...][ids].astype(dtype)
     inv_freq = rope_inv_freq(cfg)
     end = jnp.asarray(p, jnp.int32)
     keys, values = [], []
     for i, layer in enumerate(model.layers):
-        kv = (slots(None if prefix is None else prefix.keys, i),
-              slots(None if prefix is None else prefix.values, i), end)
-        x, (k, v) = layer(x, pos, inv_freq, mask, kv)
+        x, (k, v) = layer(x, pos, inv_freq, mask, (slots(i, "keys"), slots(i, "values"), end))
         keys.append(k)
         values.append(v)
     return model.final_norm(x), keys, values
@@ -385,7 +385,7 @@ def _decode_step(model: Transformer, tokens: jax.Array, cache: KVCache) -> tuple
         x = x + layer.mlp(layer.mlp_norm(x))
         keys.append(k)
         values.append(v)
-    logits = _logits(model, model.final_norm(x))[:, 0]
+    logits = model.hidden_to_logits(model.final_norm(x))[:, 0]
     return logits, KVCache(keys=keys, values=values, mask=kv_mask, end=cache.end + 1)
 
 
@@ -401,21 +401,20 @@ def _unpack_cache(prefix: KVCache | None, keys: list[jax.Array], values: list[ja
     r = jnp.broadcast_to(row[:, None], (b, span))
     c = p + jnp.clip(col[:, None] + j[None, :], 0, keys[0].shape[1] - p - 1)
 
-    def one(packed: jax.Array, cached: jax.Array | None) -> jax.Array:
+    def rows(packed: jax.Array, cached: jax.Array | None) -> jax.Array:
         own = jnp.where(valid[..., None, None], packed[r, c], 0)
         parts = [own, jnp.zeros((b, new_tokens, *packed.shape[2:]), packed.dtype)]
         if cached is not None:
             parts.insert(0, jnp.broadcast_to(cached, (b, *cached.shape[1:])).astype(packed.dtype))
         return jnp.concatenate(parts, axis=1)
 
-    pk = [None] * len(keys) if prefix is None else prefix.keys
-    pv = [None] * len(values) if prefix is None else prefix.values
-    mask_parts = [valid, jnp.zeros((b, new_tokens), jnp.bool_)]
+    none = [None] * len(keys)
+    mask = [valid, jnp.zeros((b, new_tokens), jnp.bool_)]
     if prefix is not None:
-        mask_parts.insert(0, jnp.broadcast_to(prefix.mask, (b, p)))
-    return KVCache(keys=[one(k, c_) for k, c_ in zip(keys, pk)],
-                   values=[one(v, c_) for v, c_ in zip(values, pv)],
-                   mask=jnp.concatenate(mask_parts, axis=1), end=jnp.asarray(p + span, jnp.int32))
+        mask.insert(0, jnp.broadcast_to(prefix.mask, (b, p)))
+    return KVCache(keys=[rows(k, pre) for k, pre in zip(keys, none if prefix is None else prefix.keys)],
+                   values=[rows(v, pre) for v, pre in zip(values, none if prefix is None else prefix.values)],
+                   mask=jnp.concatenate(mask, axis=1), end=jnp.asarray(p + span, jnp.int32))
 
 
 # --------------------------------------------------------------------------------------------
@@ -669,7 +668,7 @@ class Sampler:
         row, col, length = pack["row"], pack["col"], pack["length"]
         cache = _unpack_cache(prefix, k, v, row, col, length, span, new_tokens)
         last = h[row, jnp.clip(col + length - 1, 0, h.shape[1] - 1)]
-        logits = _logits(model, last[:, None])[:, 0]
+        logits = model.hidden_to_logits(last[:, None])[:, 0]
         if fanout > 1:
             rep = lambda a: jnp.repeat(a, fanout, axis=0)  # noqa: E731
             cache = KVCache([rep(a) for a in cache.keys], [rep(a) for a in cache.values],
@@ -713,7 +712,7 @@ class Sampler:
         c = jnp.arange(cont.shape[1])
         at = pack["col"][:, None] + prompt_len[:, None] - 1 + c[None, :]
         hidden = h[pack["row"][:, None], jnp.clip(at, 0, h.shape[1] - 1)]  # [B, C, D]
-        logits = _logits(model, hidden)
+        logits = model.hidden_to_logits(hidden)
         pick = lambda a: jnp.take_along_axis(a, cont[..., None], axis=-1)[..., 0]  # noqa: E731
         raw = pick(jax.nn.log_softmax(logits, axis=-1))
         if temperature == 0:
@@ -826,7 +825,8 @@ class Sampler:
             top_p = "full"
         tile = lambda v, dt: self._put(np.tile(np.asarray(v, dt), prompts))  # noqa: E731
         rows = _Rows(temperature=tile([s.temperature for s in settings], np.float32),
-                     top_k=tile([s.top_k for s in settings], np.int32),
+                     # greedy rows: a top-1 distribution, so their sampling log-prob is 0
+                     top_k=tile([s.top_k if s.temperature > 0 else 1 for s in settings], np.int32),
                      top_p=tile([s.top_p for s in settings], np.float32))
         return rows, _Policy(bool(sampled), k_cap, top_p)
 

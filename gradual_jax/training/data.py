@@ -204,9 +204,34 @@ def steps_per_epoch(examples: Sequence[TokenizedExample], *, batch_rows: int, se
     return math.ceil(len(_pack_rows(order, max_seq_len)) / batch_rows)
 
 
-def split_micro_batches(batch: Batch, grad_accum: int) -> dict[str, np.ndarray]:
-    """Arrays ``[grad_accum, rows / grad_accum, T]``: micro-batch i is rows ``i*m:(i+1)*m``."""
-    if batch.rows % grad_accum:
-        raise ValueError(f"batch of {batch.rows} rows does not split into {grad_accum} micro-batches")
-    m = batch.rows // grad_accum
-    return {k: v.reshape(grad_accum, m, *v.shape[1:]) for k, v in batch.as_dict().items()}
+def loss_positions(loss_mask: np.ndarray) -> dict[str, np.ndarray] | None:
+    """Where the loss is, per row: ``loss_positions`` ``[rows, K]`` int32 and their weights
+    ``loss_weights`` ``[rows, K]`` (0 on padding), K a power-of-two bucket of the most loss
+    tokens in a row. None when K would not be smaller than the row length (then the loss is
+    computed at every position anyway).
+
+    QA answers are a few tokens of each row, so projecting only these hidden states to the
+    vocabulary saves most of the LM head's work.
+    """
+    rows, length = loss_mask.shape
+    counts = (loss_mask > 0).sum(axis=1)
+    k = bucket_length(int(counts.max()) if rows else 0, length)
+    if k >= length:
+        return None
+    positions = np.zeros((rows, k), np.int32)
+    weights = np.zeros((rows, k), np.float32)
+    for r in range(rows):
+        idx = np.flatnonzero(loss_mask[r] > 0)
+        positions[r, :len(idx)] = idx
+        weights[r, :len(idx)] = loss_mask[r, idx]
+    return {"loss_positions": positions, "loss_weights": weights}
+
+
+def split_micro_batches(batch: Batch | dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
+    """Arrays ``[grad_accum, rows / grad_accum, ...]``: micro-batch i is rows ``i*m:(i+1)*m``."""
+    arrays = batch.as_dict() if isinstance(batch, Batch) else dict(batch)
+    rows = arrays["input_ids"].shape[0]
+    if rows % grad_accum:
+        raise ValueError(f"batch of {rows} rows does not split into {grad_accum} micro-batches")
+    m = rows // grad_accum
+    return {k: v.reshape(grad_accum, m, *v.shape[1:]) for k, v in arrays.items()}

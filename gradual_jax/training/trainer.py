@@ -89,8 +89,9 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
 
 
 def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array,
-                   dropout_key: jax.Array | None = None) -> jax.Array:
-    """Logits ``[B, T, V]`` for rows holding several sequences end to end.
+                   dropout_key: jax.Array | None = None, *, return_hidden: bool = False) -> jax.Array:
+    """Logits ``[B, T, V]`` (final-normed hidden states ``[B, T, D]`` with ``return_hidden``) for
+    rows holding several sequences end to end.
 
     Token t attends to token s only when both are in the same non-zero segment and s <= t;
     ``positions`` restart at 0 for every segment. Each segment's logits equal the model's
@@ -110,19 +111,32 @@ def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Ar
             x, _ = nnx.remat(lambda blk, *a: blk(*a))(layer, x, positions, inv_freq, mask, None, key)
         else:
             x, _ = layer(x, positions, inv_freq, mask, None, key)
-    return model.hidden_to_logits(model.final_norm(x))
+    h = model.final_norm(x)
+    return h if return_hidden else model.hidden_to_logits(h)
 
 
 def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: bool,
                     dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """``(sum of cross-entropy over loss-masked tokens, number of such tokens)`` for one batch."""
+    """``(sum of cross-entropy over loss-masked tokens, their total weight)`` for one batch.
+
+    With ``loss_positions``/``loss_weights`` in the batch (``data.loss_positions``) only those
+    positions' hidden states go through the LM head; the result is the same.
+    """
     if packed:
-        logits = packed_forward(model, batch["input_ids"], batch["segment_ids"], batch["positions"], dropout_key)
+        hidden = packed_forward(model, batch["input_ids"], batch["segment_ids"], batch["positions"],
+                                dropout_key, return_hidden=True)
     else:
-        logits = model(batch["input_ids"], batch["segment_ids"] > 0, dropout_key=dropout_key)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(ce * mask), jnp.sum(mask)
+        hidden = model(batch["input_ids"], batch["segment_ids"] > 0, dropout_key=dropout_key, return_hidden=True)
+    labels, weights = batch["labels"], batch["loss_mask"]
+    if "loss_positions" in batch:
+        where = batch["loss_positions"]
+        hidden = jnp.take_along_axis(hidden, where[:, :, None], axis=1)
+        labels = jnp.take_along_axis(labels, where, axis=1)
+        weights = batch["loss_weights"]
+    logits = model.hidden_to_logits(hidden)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    weights = weights.astype(jnp.float32)
+    return jnp.sum(ce * weights), jnp.sum(weights)
 
 
 # ----------------------------------------------------------------------------- dev evaluation
@@ -348,7 +362,9 @@ class Trainer:
 
     def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
         check_batch_divisible_training(batch.rows // self.grad_accum, self.mesh)
-        micro = data_lib.split_micro_batches(batch, self.grad_accum)
+        arrays = batch.as_dict()
+        arrays.update(data_lib.loss_positions(batch.loss_mask) or {})
+        micro = data_lib.split_micro_batches(arrays, self.grad_accum)
         rows = process_rows(micro["input_ids"].shape[1])
         local = {k: v[:, rows] for k, v in micro.items()}
         return global_batch(local, self.mesh, batch_dim=1)

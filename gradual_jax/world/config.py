@@ -41,12 +41,13 @@ class WorldConfig:
     never_mentioned_fraction: float = 0.1
     # Conflicts: for this share of subjects, each fact stated at least twice gets one wrong value,
     # used in a share U(conflict_rate_min, conflict_rate_max) of its mentions.
-    conflict_subject_fraction: float = 0.5
+    conflict_subject_fraction: float = 0.6
     conflict_rate_min: float = 0.25
     conflict_rate_max: float = 0.5
-    # QA-format text: share of corpus documents that are `Q: ..\nA: ..\n\n` blocks, pairs per block,
-    # and the share of train facts whose QA pairs may appear there (dev and background facts
-    # always may; test facts never do).
+    # QA-format text: share of corpus documents that are `Q: ..\nA: ..\n\n` blocks (each block
+    # is longer than a statement document: 0.25 of documents is about half of the tokens),
+    # pairs per block, and the share of train facts whose QA pairs may appear there (dev and
+    # background facts always may; test facts never do).
     qa_text_fraction: float = 0.25
     qa_pairs_per_doc: int = 5
     qa_train_coverage: float = 0.1

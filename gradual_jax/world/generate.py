@@ -92,12 +92,6 @@ class World:
     def facts_of(self, relation: str, split: str | None = None) -> list[Fact]:
         return [f for f in self.facts if f.relation == relation and (split is None or f.split == split)]
 
-    def answer(self, relation: str, subject: str) -> str:
-        for f in self.facts:
-            if f.relation == relation and f.subject == subject:
-                return f.answer
-        raise KeyError(f"no {relation} fact about {subject!r}")
-
     def to_json(self) -> dict[str, Any]:
         return {"seed": self.seed, "entities": {k: list(v) for k, v in self.entities.items()},
                 "facts": [dataclasses.asdict(f) for f in self.facts]}
@@ -121,12 +115,13 @@ def generate_world(cfg: WorldConfig) -> World:
     entities = _entities(rng, cfg)
     answers = _answers(rng, cfg, entities)
     splits = _splits(rng, cfg, entities, answers)
+    # Drawn per entity, not per fact: a never-mentioned person is absent from every statement
+    # about them, and a conflicted person's facts all carry wrong values.
+    never = _subjects_with_probability(rng, entities, cfg.never_mentioned_fraction)
+    conflicted = _subjects_with_probability(rng, entities, cfg.conflict_subject_fraction)
     facts = []
     for rel in RELATIONS:
-        subjects = entities[rel.subject_kind]
-        never = _never_mentioned(rng, cfg, subjects)
-        conflicted = set(np.asarray(subjects)[rng.random(len(subjects)) < cfg.conflict_subject_fraction])
-        for s in subjects:
+        for s in entities[rel.subject_kind]:
             split = splits[rel.id].get(s, BACKGROUND)
             facts.append(_plan_fact(rng, cfg, rel, s, answers[rel.id][s], split,
                                     s in never and split != "dev", s in conflicted, entities))
@@ -139,7 +134,7 @@ def _entities(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, tuple[str
     cities = unique_words(rng, cfg.n_cities, taken, syllables=(2, 3))
     companies = company_names(rng, cfg.n_companies, taken)
     people = person_names(rng, cfg.n_people, taken)
-    works = work_titles(rng, cfg.n_works)
+    works = work_titles(rng, cfg.n_works, taken)
     return {"country": tuple(countries), "city": tuple(cities), "company": tuple(companies),
             "person": tuple(people), "work": tuple(works)}
 
@@ -225,8 +220,9 @@ def _assign(order: list[str], sizes: tuple[int, int, int]) -> dict[str, str]:
     return dict(zip(order, labels))
 
 
-def _never_mentioned(rng: np.random.Generator, cfg: WorldConfig, subjects: tuple[str, ...]) -> set[str]:
-    return set(np.asarray(subjects)[rng.random(len(subjects)) < cfg.never_mentioned_fraction])
+def _subjects_with_probability(rng: np.random.Generator, entities: Mapping[str, tuple[str, ...]],
+                               p: float) -> set[str]:
+    return {name for kind in sorted(entities) for name in entities[kind] if rng.random() < p}
 
 
 def _log_uniform_count(rng: np.random.Generator, lo: int, hi: int) -> int:

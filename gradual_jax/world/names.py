@@ -11,9 +11,6 @@ _CODAS = ("", "", "", "n", "r", "l", "s", "m", "k", "th")
 
 COMPANY_SUFFIXES = ("Industries", "Systems", "Labs", "Group", "Works", "Holdings", "Motors",
                     "Foods", "Media", "Logistics")
-WORK_ADJECTIVES = ("Silent", "Broken", "Golden", "Hidden", "Last", "Crimson", "Frozen", "Distant",
-                   "Secret", "Burning", "Quiet", "Lost", "Iron", "Pale", "Wandering", "Hollow",
-                   "Bright", "Shattered", "Endless", "Northern")
 WORK_NOUNS = ("Harbor", "River", "Garden", "Tower", "Mirror", "Winter", "Road", "Kingdom",
               "Orchard", "Lantern", "Voyage", "Empire", "Valley", "Shore", "Forest", "Crown",
               "Bridge", "Archive", "Island", "Storm")
@@ -67,13 +64,8 @@ def company_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str
     return [f"{stem} {COMPANY_SUFFIXES[rng.integers(len(COMPANY_SUFFIXES))]}" for stem in stems]
 
 
-def work_titles(rng: np.random.Generator, n: int) -> list[str]:
-    """`n` distinct titles 'The <Adjective> <Noun>', with an invented word once those run out."""
-    combos = [(a, b) for a in WORK_ADJECTIVES for b in WORK_NOUNS]
-    order = rng.permutation(len(combos))
-    titles = [f"The {combos[i][0]} {combos[i][1]}" for i in order[:n]]
-    extra = n - len(titles)
-    if extra > 0:
-        stems = unique_words(rng, extra, set(), syllables=(2,))
-        titles += [f"The {stem} {WORK_NOUNS[i % len(WORK_NOUNS)]}" for i, stem in enumerate(stems)]
-    return titles
+def work_titles(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
+    """`n` distinct titles 'The <Invented> <Noun>' ('The Velmor Harbor'); the invented word alone
+    identifies the work, so a title is not a conjunction of shared words."""
+    stems = unique_words(rng, n, taken, syllables=(2,))
+    return [f"The {stem} {WORK_NOUNS[rng.integers(len(WORK_NOUNS))]}" for stem in stems]

@@ -115,3 +115,16 @@ def test_split_micro_batches_keeps_row_order(tokenizer):
     np.testing.assert_array_equal(micro["input_ids"].reshape(8, -1), batch.input_ids)
     with pytest.raises(ValueError, match="3 micro-batches"):
         D.split_micro_batches(batch, 3)
+
+
+def test_loss_positions_gather_the_masked_tokens(tokenizer):
+    toks = D.tokenize_examples(capital_examples(8), tokenizer, template="qa", max_seq_len=32)
+    (batch,) = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=32)
+    where = D.loss_positions(batch.loss_mask)
+    pos, w = where["loss_positions"], where["loss_weights"]
+    assert pos.shape == (8, 8)  # answers + EOS are at most 8 tokens: bucket 8 of 32 positions
+    for r in range(8):
+        n = int(batch.loss_mask[r].sum())
+        np.testing.assert_array_equal(pos[r, :n], np.flatnonzero(batch.loss_mask[r]))
+        assert w[r, :n].sum() == n and w[r, n:].sum() == 0
+    assert D.loss_positions(np.ones((2, 16), np.float32)) is None  # every position: no gathering
