@@ -233,7 +233,8 @@ def _train_batch(vocab: int, rows: int, seq: int, seed: int) -> tuple[Any, Any]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _jax_train_steps(args: argparse.Namespace, model: Any, ids: Any, labels: Any) -> dict[str, Any]:
+def _jax_train_stepper(args: argparse.Namespace, model: Any, ids: Any, labels: Any) -> tuple[Callable[[], Any], dict]:
+    """The Trainer's step on one fixed batch, compiled and warmed up; and first-step facts."""
     import jax
     import numpy as np
 
@@ -256,10 +257,9 @@ def _jax_train_steps(args: argparse.Namespace, model: Any, ids: Any, labels: Any
     first_seconds = time.perf_counter() - t0
     for _ in range(TRAIN_WARMUP - 1):
         trainer.step(batch)
-    seconds, _ = _median_time(lambda: trainer.step(batch), args.steps)
     trainable = sum(x.size for x in jax.tree.leaves(trainer.trainable_params()))
-    return {"step_seconds": seconds, "first_step_seconds": first_seconds, "first_loss": first["loss"],
-            "trainable_params": int(trainable)}
+    return (lambda: trainer.step(batch)), {"first_step_seconds": first_seconds, "first_loss": first["loss"],
+                                           "trainable_params": int(trainable)}
 
 
 def _torch_lora(model: Any) -> None:
@@ -284,7 +284,8 @@ def _torch_lora(model: Any) -> None:
             setattr(attn, name, LoRALinear(getattr(attn, name)))
 
 
-def _torch_train_steps(args: argparse.Namespace, ids: Any, labels: Any) -> dict[str, Any]:
+def _torch_train_stepper(args: argparse.Namespace, ids: Any, labels: Any) -> tuple[Callable[[], Any], dict]:
+    """The same step in PyTorch (transformers model, AdamW, clipping), warmed up."""
     import os
 
     # OpenMP threads spin while waiting by default; on a CPU shared with other work that spinning
@@ -314,13 +315,16 @@ def _torch_train_steps(args: argparse.Namespace, ids: Any, labels: Any) -> dict[
     first = step()
     for _ in range(TRAIN_WARMUP - 1):
         step()
-    seconds, _ = _median_time(step, args.steps)
-    return {"torch_step_seconds": seconds, "torch_first_loss": first, "torch_threads": torch.get_num_threads(),
-            "torch_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    return step, {"torch_first_loss": first, "torch_threads": torch.get_num_threads(),
+                  "torch_omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """Time one fine-tuning step (forward, backward, clip, AdamW) on random tokens."""
+    """Time one fine-tuning step (forward, backward, clip, AdamW) on random tokens.
+
+    With --compare-torch both steps are warmed up first and then timed alternately, step by
+    step, so load from other processes on a shared CPU falls on both sides alike.
+    """
     import jax
 
     from gradual_jax.models import load_model
@@ -330,8 +334,17 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.config
     ids, labels = _train_batch(cfg.vocab_size, args.batch, args.seq, args.seed)
     tokens = args.batch * args.seq
-    ours = _jax_train_steps(args, model, ids, labels)
+    ours, info = _jax_train_stepper(args, model, ids, labels)
+    theirs, torch_info = _torch_train_stepper(args, ids, labels) if args.compare_torch else (None, {})
+    times: dict[str, list[float]] = {"jax": [], "torch": []}
+    for _ in range(args.steps):
+        for name, step in (("jax", ours), ("torch", theirs)):
+            if step is not None:
+                t0 = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t0)
     peak = max(peak, matmul_peak_gflops())  # the CPU is shared: the better of before and after
+    seconds = statistics.median(times["jax"])
     # Full fine-tuning: forward 2N + backward 4N per token. LoRA skips the frozen weights'
     # gradients (2N of the backward); the adapters' own FLOPs are negligible.
     factor = 4 if args.lora else 6
@@ -339,19 +352,22 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "bench": "train", "model": str(args.model), "mode": "lora" if args.lora else "full",
         "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup_steps": TRAIN_WARMUP,
-        "params": cfg.num_params(), **ours,
-        "tokens_per_s": tokens / ours["step_seconds"],
+        "params": cfg.num_params(), "step_seconds": seconds, **info,
+        "step_seconds_all": [round(t, 3) for t in times["jax"]],
+        "tokens_per_s": tokens / seconds,
         "flops_per_step": flops,
         "flops_formula": f"{factor} * params * tokens" + (" (LoRA: no frozen-weight gradients)" if args.lora else ""),
-        "model_gflops_per_s": flops / ours["step_seconds"] / 1e9,
-        "matmul_peak_gflops_per_s": peak, "mfu": flops / ours["step_seconds"] / 1e9 / peak,
+        "model_gflops_per_s": flops / seconds / 1e9,
+        "matmul_peak_gflops_per_s": peak, "mfu": flops / seconds / 1e9 / peak,
         "device": str(jax.devices()[0].platform),
     }
-    if args.compare_torch:
-        theirs = _torch_train_steps(args, ids, labels)
-        record.update(theirs)
-        record["torch_tokens_per_s"] = tokens / theirs["torch_step_seconds"]
-        record["speedup_vs_torch"] = record["tokens_per_s"] / record["torch_tokens_per_s"]
+    if theirs is not None:
+        torch_seconds = statistics.median(times["torch"])
+        record.update(torch_info)
+        record["torch_step_seconds"] = torch_seconds
+        record["torch_step_seconds_all"] = [round(t, 3) for t in times["torch"]]
+        record["torch_tokens_per_s"] = tokens / torch_seconds
+        record["speedup_vs_torch"] = torch_seconds / seconds
     return record
 
 

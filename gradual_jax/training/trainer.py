@@ -522,6 +522,13 @@ class Trainer:
                 if checkpoint_manager is not None:
                     checkpoint_manager.save(step, self._checkpoint_tree(), self._meta(
                         step, epoch + 1, 0, history, best_epoch, best_score, data_key))
+        except BaseException:
+            # Leave the model usable (steps donated its old buffers) and as configured before.
+            try:
+                self.sync()
+            finally:
+                self._restore_runtime()
+            raise
         finally:
             bar.close()
             if checkpoint_manager is not None:

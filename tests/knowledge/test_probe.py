@@ -21,7 +21,7 @@ from gradual_jax.knowledge.probe import (
 from gradual_jax.knowledge.prompts import build_prompt_sets
 from gradual_jax.runtime import JaxEngine
 
-SETTINGS = dict(n_prompts=3, n_samples=4, temperature=0.5, top_k=40, max_new_tokens=8, chunk_size=16)
+SETTINGS = dict(n_prompts=4, n_samples=4, temperature=0.5, top_k=40, max_new_tokens=8, chunk_size=16)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def setup(smoke_world, smoke_model):
         if len(per_rel[e.relation]) < 6:
             per_rel[e.relation].append(e)
     examples = [e for rel in relations for e in per_rel[rel]]
-    prompts = build_prompt_sets(smoke_world.examples["dev"], relations, n_prompts=3, k=2, seed=0)
+    prompts = build_prompt_sets(smoke_world.examples["dev"], relations, n_prompts=4, k=2, seed=0)
     engine = JaxEngine(model, tokenizer, batch_size=64)
     return engine, prompts, examples, tokenizer, model
 
