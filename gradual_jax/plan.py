@@ -198,7 +198,11 @@ def resolve_hbm(cfg: RunConfig, hbm_gib: float | None = None,
 
 
 def default_devices(cfg: RunConfig) -> int:
-    """The mesh's device count when no axis is -1 (fill), else DEFAULT_DEVICES."""
+    """A `plan.devices` config field when the config has one, else the mesh's device count when
+    no axis is -1 (fill), else DEFAULT_DEVICES."""
+    devices = getattr(getattr(cfg, "plan", None), "devices", None)
+    if devices:
+        return int(devices)
     sizes = (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     return DEFAULT_DEVICES if -1 in sizes else math.prod(sizes)
 

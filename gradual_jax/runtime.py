@@ -98,7 +98,10 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
         if max_steps is not None:
             train_cfg = dataclasses.replace(
                 train_cfg, epochs=_epochs_for_budget(train_cfg, len(examples), max_steps))
+        # The train step donates its buffers: train a copy whose arrays are its own, so the
+        # model of the previous stage (or the base model other arms start from) survives.
         work = nnx.clone(model)
+        nnx.update(work, jax.tree.map(lambda x: x.copy(), nnx.state(work)))
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, seed=seed, progress=True)

@@ -90,6 +90,13 @@ def test_target_memory():
         P.resolve_hbm(cfg, 0.0)
     assert P.default_devices(load_config(None, ["mesh.data=2", "mesh.fsdp=4"])) == 8
     assert P.default_devices(load_config(None)) == P.DEFAULT_DEVICES
+    # A `plan:` config section (target, hbm_gib, devices), once config.py has one, is honoured.
+    from types import SimpleNamespace
+
+    planned = SimpleNamespace(mesh=cfg.mesh, plan=SimpleNamespace(target="h100", hbm_gib=None, devices=16))
+    assert P.resolve_hbm(planned) == (80 * P.GIB, "target h100: 80 GiB")
+    assert P.resolve_hbm(planned, 16.0)[0] == 16 * P.GIB  # the flag wins
+    assert P.default_devices(planned) == 16
 
 
 # ----------------------------------------------------------------------------- the planner

@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -315,9 +314,9 @@ def test_shared_prefix_equals_unshared_and_transformers(llama, tok):
 # Teacher-forced scores
 
 
-def test_scores_equal_log_softmax_of_full_forward(pair, tok):
-    _, ours = pair
-    prompts = [PREFIX + q for q in QUESTIONS[:3]] + ["the cat"]
+def test_scores_equal_log_softmax_of_full_forward(llama, tok):
+    _, ours = llama
+    prompts = [PREFIX + q for q in QUESTIONS]  # a shared prefix: the prefill is reused
     conts = [" France", " London\n", " Japan", " sat on the mat"]
     temperature, top_k = 0.5, 7
     scores = score_continuations(ours, tok, prompts, conts, temperature=temperature, top_k=top_k)

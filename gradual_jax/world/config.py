@@ -65,8 +65,8 @@ class WorldConfig:
     n_heads: int = 4
     d_mlp: int = 384
     # Pretraining.
-    pretrain_steps: int = 800
-    batch_size: int = 32
+    pretrain_steps: int = 1600
+    batch_size: int = 16
     seq_len: int = 128
     learning_rate: float = 3e-3
     warmup_steps: int = 100
