@@ -182,6 +182,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--plan", action="store_true", help="compile for the mesh and report memory; no training")
     parser.add_argument("--devices", type=int, default=None, help="simulated device count for --plan")
     parser.add_argument("--hbm-gib", type=float, default=None, help="target device memory for --plan")
+    parser.add_argument("--target", default=None, help="target accelerator for --plan (tpu-v5e, h100, ...)")
+    parser.add_argument("--plan-layers", type=int, default=None,
+                        help="--plan: compile L and 2L layers and extrapolate (faster for big models)")
     parser.add_argument("-v", "--verbose", action="store_true")
     ns = parser.parse_args(argv)
     ns.config = None
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.plan:
             from gradual_jax.plan import plan_main
 
-            return plan_main(cfg, devices=ns.devices, hbm_gib=ns.hbm_gib)
+            return plan_main(cfg, devices=ns.devices, hbm_gib=ns.hbm_gib, target=ns.target,
+                             layers=ns.plan_layers)
         from gradual_jax.distributed import maybe_initialize
 
         maybe_initialize(cfg.distributed)
