@@ -217,6 +217,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora", action="store_true", help="LoRA rank 8 on q,k,v,o instead of full fine-tuning")
     p.add_argument("--compare-torch", action="store_true",
                    help="also time the same step in PyTorch (transformers + torch.optim.AdamW)")
+    p.add_argument("--answer-tokens", type=int, default=0,
+                   help="loss on the last K tokens of each row only, as in QA fine-tuning (0: every token); "
+                        "PyTorch then computes logits for those positions only (logits_to_keep)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -247,7 +250,10 @@ def _jax_train_stepper(args: argparse.Namespace, model: Any, ids: Any, labels: A
     cfg = TrainConfig(lr=TRAIN_LR, batch_size=args.batch, weight_decay=TRAIN_WD, clip_norm=TRAIN_CLIP,
                       max_seq_len=args.seq, lora=lora)
     rows, seq = ids.shape
-    batch = Batch(input_ids=ids, labels=labels, loss_mask=np.ones((rows, seq), np.float32),
+    loss_mask = np.ones((rows, seq), np.float32)
+    if args.answer_tokens:
+        loss_mask[:, :seq - args.answer_tokens] = 0.0
+    batch = Batch(input_ids=ids, labels=labels, loss_mask=loss_mask,
                   segment_ids=np.ones((rows, seq), np.int32),
                   positions=np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy())
     trainer = Trainer(model, mesh=make_mesh(devices=jax.devices()[:1]), seed=args.seed, progress=False)
@@ -302,9 +308,13 @@ def _torch_train_stepper(args: argparse.Namespace, ids: Any, labels: Any) -> tup
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": TRAIN_WD},
                              {"params": no_decay, "weight_decay": 0.0}], lr=TRAIN_LR)
     x, y = torch.from_numpy(ids).long(), torch.from_numpy(labels).long()
+    keep = {}
+    if args.answer_tokens:
+        keep = {"logits_to_keep": args.answer_tokens}
+        y = y[:, -args.answer_tokens:].contiguous()
 
     def step() -> float:
-        logits = model(input_ids=x).logits
+        logits = model(input_ids=x, **keep).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, TRAIN_CLIP)
@@ -351,12 +361,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     flops = factor * cfg.num_params() * tokens
     record: dict[str, Any] = {
         "bench": "train", "model": str(args.model), "mode": "lora" if args.lora else "full",
-        "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup_steps": TRAIN_WARMUP,
+        "batch": args.batch, "seq": args.seq, "answer_tokens": args.answer_tokens or args.seq,
+        "steps": args.steps, "warmup_steps": TRAIN_WARMUP,
         "params": cfg.num_params(), "step_seconds": seconds, **info,
         "step_seconds_all": [round(t, 3) for t in times["jax"]],
         "tokens_per_s": tokens / seconds,
         "flops_per_step": flops,
-        "flops_formula": f"{factor} * params * tokens" + (" (LoRA: no frozen-weight gradients)" if args.lora else ""),
+        "flops_formula": f"{factor} * params * tokens" + (" (LoRA: no frozen-weight gradients)" if args.lora else "")
+        + (" (an upper bound: the LM head runs on the answer tokens only)" if args.answer_tokens else ""),
         "model_gflops_per_s": flops / seconds / 1e9,
         "matmul_peak_gflops_per_s": peak, "mfu": flops / seconds / 1e9 / peak,
         "device": str(jax.devices()[0].platform),
@@ -372,12 +384,202 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
+# probe
+
+
+PROBE_MODES = ("lazy", "exhaustive", "screened")
+
+
+def _csv_list(choices: tuple[str, ...] | None = None) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"duplicate entries in {text!r}")
+        bad = [x for x in items if choices is not None and x not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; expected some of {list(choices)}")
+        return items
+    return parse
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def add_probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
+    p.add_argument("--relations", type=_csv_list(), default=["P36", "P17", "P26"])
+    p.add_argument("--per-relation", type=_int_at_least(1), default=32,
+                   help="questions per relation (the first N of the split)")
+    p.add_argument("--split", default="train", help="split the probed questions come from")
+    p.add_argument("--modes", type=_csv_list(PROBE_MODES), default=list(PROBE_MODES))
+    p.add_argument("--n-prompts", type=_int_at_least(1), default=10)
+    p.add_argument("--n-samples", type=_int_at_least(0), default=SLICK_SAMPLES)
+    p.add_argument("--temperature", type=float, default=SLICK_TEMPERATURE)
+    p.add_argument("--top-k", type=_int_at_least(0), default=SLICK_TOP_K)
+    p.add_argument("--batch", type=_int_at_least(1), default=64, help="most decode rows at once (ours)")
+    p.add_argument("--warmup-questions", type=_int_at_least(1), default=2,
+                   help="questions per relation in the untimed warm-up pass of each mode")
+    p.add_argument("--compare-hf", action="store_true",
+                   help="also time the plain transformers probe (exhaustive) on a subset")
+    p.add_argument("--hf-questions", type=_int_at_least(1), default=4,
+                   help="questions the transformers probe is timed on (the first ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eq-dir", type=Path, default=DEFAULT_EQ_DIR)
+
+
+def _probe_inputs(args: argparse.Namespace) -> tuple[list[Any], Any]:
+    """The probed questions and the seeded dev-split prompt sets (the same for every mode)."""
+    from gradual_jax.knowledge.data import load_entityquestions
+    from gradual_jax.knowledge.prompts import build_prompt_sets
+
+    examples = load_entityquestions(args.eq_dir, args.split, args.relations,
+                                    limit_per_relation=args.per_relation)
+    dev = load_entityquestions(args.eq_dir, "dev", args.relations)
+    sets = build_prompt_sets(dev, args.relations, n_prompts=args.n_prompts, seed=args.seed)
+    return examples, sets
+
+
+def run_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the SliCK probe per mode on our sampler (and optionally the plain transformers probe).
+
+    Each mode first runs untimed on `--warmup-questions` per relation (compiles), then on all
+    questions, timed. Compile time that still falls in the timed pass (a shape the warm-up did
+    not meet) is reported and subtracted from `seconds`.
+    """
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see _torch_train_stepper
+    if not Path(args.model).exists():
+        raise SystemExit(f"--model {args.model}: not found")
+    examples, sets = _probe_inputs(args)
+    if args.compare_hf and args.hf_questions > len(examples):
+        raise SystemExit(f"--hf-questions {args.hf_questions} > {len(examples)} probed questions")
+
+    import jax
+
+    from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
+    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.runtime import JaxEngine
+
+    model = load_model(args.model)
+    tokenizer = load_tokenizer(args.model)
+    engine = JaxEngine(model, tokenizer, batch_size=args.batch)
+    sampler = engine.sampler
+    per_rel: dict[str, int] = {}
+    warm = []
+    for e in examples:
+        if per_rel.get(e.relation, 0) < args.warmup_questions:
+            per_rel[e.relation] = per_rel.get(e.relation, 0) + 1
+            warm.append(e)
+    n_q = len(examples)
+    exhaustive_samples = n_q * args.n_prompts * args.n_samples
+
+    def settings(mode: str) -> Any:
+        return ProbeSettings(n_prompts=args.n_prompts, n_samples=args.n_samples,
+                             temperature=args.temperature, top_k=args.top_k, mode=mode,
+                             seed=args.seed)
+
+    modes: dict[str, dict[str, Any]] = {}
+    records: dict[str, list[dict]] = {}
+    for mode in args.modes:
+        probe = Probe(engine, sets, settings(mode), progress=False)
+        sampler.reset_stats()
+        t0 = time.perf_counter()
+        probe.run(warm)
+        warm_seconds = time.perf_counter() - t0
+        warm_compile = sampler.stats.compile_seconds
+        sampler.reset_stats()
+        t0 = time.perf_counter()
+        recs = probe.run(examples)
+        raw = time.perf_counter() - t0
+        st = sampler.stats
+        seconds = raw - st.compile_seconds
+        records[mode] = recs
+        drawn = sum(r["n_sampled"] for r in recs)
+        modes[mode] = {
+            "questions": n_q, "seconds": seconds, "questions_per_s": n_q / seconds,
+            "seconds_raw": raw, "compile_seconds": warm_compile,
+            "compile_seconds_in_timed": st.compile_seconds, "compiles_in_timed": st.compiles,
+            "warmup_questions": len(warm), "warmup_seconds": warm_seconds,
+            "decode_row_steps_per_s": st.decode_row_steps / seconds,
+            "prefill_tokens_per_s": st.prefill_tokens / seconds,
+            "samples_drawn": drawn, "samples_exhaustive": exhaustive_samples,
+            "samples_skipped": exhaustive_samples - drawn,
+            "greedy_answers": n_q * args.n_prompts,
+            "sampling_skipped_by_screen": sum(bool(r.get("sampling_skipped")) for r in recs),
+            "categories": category_counts(recs),
+        }
+    record: dict[str, Any] = {
+        "bench": "probe", "model": str(args.model), "relations": args.relations,
+        "split": args.split, "per_relation": args.per_relation, "questions": n_q,
+        "n_prompts": args.n_prompts, "n_samples": args.n_samples,
+        "temperature": args.temperature, "top_k": args.top_k, "batch": args.batch,
+        "max_new_tokens": settings("lazy").max_new_tokens, "seed": args.seed,
+        "device": str(jax.devices()[0].platform),
+        "note": "seconds exclude compile (untimed warm-up pass per mode; any compile left in the "
+                "timed pass is subtracted: compile_seconds_in_timed); decode_row_steps count "
+                "decoded rows x steps incl. padding/finished rows (generated-token rate upper bound)",
+        "modes": modes,
+    }
+
+    def cats(mode: str) -> dict[str, str]:
+        return {r["id"]: r["category"] for r in records[mode]}
+
+    if "lazy" in records and "exhaustive" in records:
+        record["lazy_equals_exhaustive"] = cats("lazy") == cats("exhaustive")
+    if "lazy" in records and "screened" in records:
+        a, b = cats("lazy"), cats("screened")
+        record["screened_vs_lazy_disagreements"] = sum(a[k] != b[k] for k in a)
+    if args.compare_hf:
+        from gradual_jax.knowledge.reference import TransformersEngine
+
+        hf_tok = load_tokenizer(args.model)
+        hf = TransformersEngine(_load_hf_torch(args.model), hf_tok)
+        hf.greedy("", ["Q: What is the capital of France?\nA:"], 2)  # warm-up
+        subset = examples[:args.hf_questions]
+        probe = Probe(hf, sets, settings("exhaustive"), progress=False)
+        t0 = time.perf_counter()
+        hf_recs = probe.run(subset)
+        hf_seconds = time.perf_counter() - t0
+        hf_rate = len(subset) / hf_seconds
+        ours = {r["id"]: r for r in records.get("exhaustive", [])}
+        record["hf"] = {
+            "engine": "TransformersEngine (prompt by prompt: generate greedy, then "
+                      "num_return_sequences=n_samples), exhaustive",
+            "hf_questions_measured": len(subset), "seconds": hf_seconds,
+            "questions_per_s": hf_rate,
+            "extrapolated_seconds_all_questions": n_q / hf_rate,
+            "extrapolated": f"rate measured on the first {len(subset)} of {n_q} questions",
+            "categories": category_counts(hf_recs),
+            "greedy_answers_equal_ours": (sum(r["greedy_answers"] == ours[r["id"]]["greedy_answers"]
+                                              for r in hf_recs) if ours else None),
+            "categories_equal_ours": (sum(r["category"] == ours[r["id"]]["category"]
+                                          for r in hf_recs) if ours else None),
+        }
+        for m in modes.values():
+            m["speedup_vs_hf"] = m["questions_per_s"] / hf_rate
+    return record
+
+
+# --------------------------------------------------------------------------------------------
 # Dispatcher
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "sample": (add_sample_args, run_sample),
     "train": (add_train_args, run_train),
+    "probe": (add_probe_args, run_probe),
 }
 
 

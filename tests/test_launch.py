@@ -22,7 +22,7 @@ SMOKE = str(REPO / "configs" / "smoke.yaml")
 
 def _report_numbers(report: dict) -> dict:
     """Everything in the report but timing and paths."""
-    drop = {"wall_seconds", "config"}
+    drop = {"wall_seconds", "config", "invocation_seconds"}
     return {k: v for k, v in report.items() if k not in drop}
 
 
