@@ -11,7 +11,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "entityquestions"
+_EQ = Path("shared") / "data" / "entityquestions"
+# The shared copy sits beside the checkout (../shared); a clone elsewhere finds the workplace's.
+_CANDIDATES = [Path(__file__).resolve().parents[2] / _EQ, Path("/work") / _EQ]
+SHARED_DATA = next((p for p in _CANDIDATES if p.is_dir()), _CANDIDATES[0])
 
 
 @pytest.fixture(scope="session")
