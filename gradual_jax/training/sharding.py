@@ -144,11 +144,6 @@ def shard_model(model: nnx.Module, mesh: Mesh,
     return model
 
 
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """``jax.ShapeDtypeStruct`` leaves carrying ``shardings`` (a matching tree): restore targets."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 # --------------------------------------------------------------------------------------------
 # Batches
 

@@ -51,8 +51,8 @@ _STEP_CACHE_SIZE = 8
 
 EvalFn = Callable[[Transformer, Sequence[Any]], float]
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "make_schedule", "make_optimizer", "make_dev_eval",
-           "packed_forward", "token_loss_sums"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "clip_by_global_norm", "make_schedule", "make_optimizer",
+           "make_dev_eval", "packed_forward", "token_loss_sums"]
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -76,12 +76,28 @@ def _decay_mask(params: Any) -> Any:
     return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` as one multiply by ``max_norm / max(norm, max_norm)``.
+
+    Same values; XLA:CPU fuses this form into the Adam update, while optax's select-and-divide
+    form materialises the clipped gradients (measured on SmolLM2-135M: 0.88 s -> 0.37 s for
+    clip + AdamW).
+    """
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        del params
+        norm = optax.tree.norm(updates)
+        scale = max_norm / jnp.maximum(norm, max_norm)
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.init_empty_state, update)
+
+
 def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping (``clip_norm`` > 0) then AdamW with the schedule and weight decay."""
     adamw = optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8,
                         weight_decay=float(cfg.weight_decay), mask=_decay_mask)
     if cfg.clip_norm and cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(float(cfg.clip_norm)), adamw)
+        return optax.chain(clip_by_global_norm(float(cfg.clip_norm)), adamw)
     return adamw
 
 
@@ -239,7 +255,7 @@ class Trainer:
         optimizer state on the mesh. Raises TrainingError for a batch size that does not divide
         over the data axes, or full fine-tuning asked of a model that carries adapters.
         """
-        check_batch_divisible_training(cfg.batch_size, self.mesh)
+        _check_batch_size(cfg.batch_size, self.mesh)
         lora = getattr(cfg, "lora", None)
         rank = int(getattr(lora, "rank", 0) or 0)
         if rank > 0 and not has_lora(self.model):
@@ -361,7 +377,7 @@ class Trainer:
         return int(jax.device_get(self._opt_state["step"][...])) if self._ready else 0
 
     def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
-        check_batch_divisible_training(batch.rows // self.grad_accum, self.mesh)
+        _check_batch_size(batch.rows // self.grad_accum, self.mesh)
         arrays = batch.as_dict()
         arrays.update(data_lib.loss_positions(batch.loss_mask) or {})
         micro = data_lib.split_micro_batches(arrays, self.grad_accum)
@@ -432,7 +448,7 @@ class Trainer:
             raise TrainingError("training set is empty: nothing to fine-tune on")
         if self.tokenizer is None:
             raise TrainingError("Trainer needs a tokenizer to fit on QA examples")
-        check_batch_divisible_training(cfg.batch_size, self.mesh)
+        _check_batch_size(cfg.batch_size, self.mesh)
         if cfg.selection not in ("early_stop", "convergence"):
             raise TrainingError(f"selection must be 'early_stop' or 'convergence', got {cfg.selection!r}")
         dev_subset = self._dev_subset(dev_examples, int(cfg.dev_eval_size))
@@ -589,7 +605,7 @@ class Trainer:
                           "from this one; its data order and schedule will not match an uninterrupted run")
 
 
-def check_batch_divisible_training(batch_size: int, mesh: Mesh) -> None:
+def _check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """TrainingError unless ``batch_size`` (rows per micro-batch) divides over the data axes."""
     try:
         check_batch_divisible(int(batch_size), mesh, "batch_size")

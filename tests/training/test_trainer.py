@@ -8,6 +8,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from train_helpers import FAST_COMPILE, capital_examples, tiny_model, train_config
@@ -187,3 +188,32 @@ def test_bf16_compute_dropout_remat_are_deterministic(tokenizer, tiny_config):
     assert np.isfinite(r1.final_loss) and r1.history[1]["train_loss"] < r1.history[0]["train_loss"]
     assert r1.final_loss == r2.final_loss
     _assert_trees_close(p1, p2, atol=0)
+
+
+def test_clip_matches_optax():
+    from gradual_jax.training.trainer import clip_by_global_norm
+
+    grads = {"a": jnp.arange(6.0).reshape(2, 3), "b": jnp.array([3.0, -4.0])}
+    for max_norm in (0.5, 100.0):
+        ours, _ = clip_by_global_norm(max_norm).update(grads, None)
+        ref, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(x, y, rtol=1e-6)
+    assert float(optax.tree.norm(clip_by_global_norm(0.5).update(grads, None)[0])) == pytest.approx(0.5)
+
+
+@pytest.mark.slow
+def test_default_dev_eval_uses_the_sampler(tokenizer, tiny_config):
+    """fit without eval_fn measures greedy exact match through gradual_jax.sampling."""
+    from train_helpers import hf_word_tokenizer
+
+    hf = hf_word_tokenizer(tokenizer)
+    assert hf("Q: What is the capital of France?\nA:")["input_ids"] == tokenizer.encode(
+        "Q: What is the capital of France?\nA:")
+    examples = capital_examples(8)
+    model = tiny_model(tiny_config, seed=0)
+    trainer = Trainer(model, hf, progress=False, compiler_options=FAST_COMPILE)
+    cfg = train_config(epochs=40, selection="early_stop", eval_every_epochs=20)
+    result = trainer.fit(examples, examples, cfg)
+    assert [h["dev_accuracy"] for h in result.history if h["dev_accuracy"] is not None][-1] == 1.0
+    assert result.best_score == 1.0

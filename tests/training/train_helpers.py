@@ -71,3 +71,16 @@ def tiny_model(config: ModelConfig, seed: int = 0) -> Transformer:
     (eager init compiles every random op separately: seconds per fresh process)."""
     graphdef, init = _jitted_init(config)
     return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+def hf_word_tokenizer(word_tokenizer: WordTokenizer):
+    """The same vocabulary as a transformers fast tokenizer (what the sampler expects)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(word_tokenizer.ids, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_TOKEN.pattern), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
