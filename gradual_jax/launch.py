@@ -114,21 +114,9 @@ def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
             splits["test"] = [e for e in splits["test"] if e.relation in keep]
     else:
         splits = {s: qa.load_jsonl(root / f"{s}.jsonl", split=s) for s in ("train", "dev", "test")}
-    splits["dev"] = _limit(splits["dev"], d.dev_limit_per_relation)
-    splits["test"] = _limit(splits["test"], d.test_limit_per_relation)
+    splits["dev"] = qa.first_per_relation(splits["dev"], d.dev_limit_per_relation)
+    splits["test"] = qa.first_per_relation(splits["test"], d.test_limit_per_relation)
     return splits
-
-
-def _limit(examples: list, per_relation: int | None) -> list:
-    if per_relation is None:
-        return examples
-    seen: dict[str, int] = {}
-    out = []
-    for e in examples:
-        if seen.get(e.relation, 0) < per_relation:
-            seen[e.relation] = seen.get(e.relation, 0) + 1
-            out.append(e)
-    return out
 
 
 def enable_compilation_cache() -> Path | None:

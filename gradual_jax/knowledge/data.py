@@ -543,7 +543,8 @@ def _single_answer(examples: Iterable[QAExample]) -> list[QAExample]:
     return [ex for ex in examples if len(ex.answers) == 1]
 
 
-def _limit(examples: list[QAExample], n: int | None) -> list[QAExample]:
+def first_per_relation(examples: list[QAExample], n: int | None) -> list[QAExample]:
+    """The first `n` examples of each relation, in order (all when `n` is None)."""
     if n is None:
         return examples
     counts: dict[str, int] = {}
@@ -607,7 +608,7 @@ def gekhman_setup(
     ]
     dev = _single_answer(load_entityquestions(root, "dev", TRAIN_RELATIONS))
     return {
-        "train": _limit(train, limit_per_relation),
-        "dev": _limit(dev, limit_per_relation),
-        "test": _limit(test, limit_per_relation),
+        "train": first_per_relation(train, limit_per_relation),
+        "dev": first_per_relation(dev, limit_per_relation),
+        "test": first_per_relation(test, limit_per_relation),
     }
