@@ -18,6 +18,7 @@ from gradual_jax.world import (
     generate_world,
     lexicon_texts,
     qa_examples,
+    select_train,
     train_tokenizer,
     world_cache_root,
     world_config_from_dict,
@@ -58,6 +59,10 @@ def test_config_from_dict_overrides_and_rejects_unknown_keys():
         world_config_from_dict({"n_peple": 5})
     with pytest.raises(ValueError, match="n_people: expected an integer"):
         world_config_from_dict({"n_people": "many"})
+    with pytest.raises(ValueError, match="n_people: expected a number"):
+        world_config_from_dict({"n_people": True})
+    with pytest.raises(ValueError, match="stratify_train: expected true/false"):
+        world_config_from_dict({"stratify_train": "yes"})
     with pytest.raises(ValueError, match="never_mentioned_fraction"):
         WorldConfig(never_mentioned_fraction=1.5)
 
@@ -106,7 +111,8 @@ def test_names_are_distinct_and_two_words(default_world):
 
 def test_splits_are_disjoint_and_dev_is_well_known(default_world):
     cfg, world = default_world
-    examples = qa_examples(world)
+    assert qa_examples(world)["train"] == []  # train is chosen among candidates after pretraining
+    examples = qa_examples(select_train(world, cfg))
     ids = [e.id for split in examples.values() for e in split]
     assert len(ids) == len(set(ids))
     for rel in RELATIONS:
@@ -123,6 +129,27 @@ def test_splits_are_disjoint_and_dev_is_well_known(default_world):
             assert f.mentions == cfg.max_mentions and f.wrong_answer is None
     ex = examples["train"][0]
     assert ex.question == RELATION_BY_ID[ex.relation].question.format(s=ex.subject)
+
+
+def test_select_train_stratifies_candidates_by_category(default_world):
+    cfg, world = default_world
+    candidates = [f for f in world.facts if f.split == "candidate"]
+    kinds = ["HighlyKnown"] * 8 + ["Unknown"] * 10  # a skewed screening: Unknown dominates
+    categories = {(f.relation, f.subject): kinds[i % len(kinds)] if i % 7 else "MaybeKnown"
+                  for i, f in enumerate(candidates)}
+    chosen = select_train(world, cfg, categories)
+    assert select_train(world, cfg, categories) == chosen
+    train = [f for f in chosen.facts if f.split == "train"]
+    assert not [f for f in chosen.facts if f.split == "candidate"]
+    per_relation = Counter(f.relation for f in train)
+    assert per_relation["P19"] == cfg.n_train_per_relation
+    share = Counter(categories[(f.relation, f.subject)] for f in train)
+    assert min(share.values()) / len(train) > 0.2  # MaybeKnown is 1/7 of candidates, >1/5 of train
+    unchanged = {(f.relation, f.subject): f.split for f in world.facts if f.split != "candidate"}
+    assert all(f.split == unchanged[(f.relation, f.subject)] for f in chosen.facts
+               if (f.relation, f.subject) in unchanged)
+    randomly = select_train(world, cfg)
+    assert Counter(f.relation for f in randomly.facts if f.split == "train") == per_relation
 
 
 def test_mentions_are_skewed_with_conflicts(default_world):
@@ -166,7 +193,8 @@ def test_corpus_states_each_fact_as_planned(tiny):
         right = sum(doc.count(t.format(s=f.subject, o=f.answer)) for t in templates for doc in corpus)
         assert right == f.mentions - f.wrong_mentions, f
         if f.wrong_answer:
-            wrong = sum(doc.count(t.format(s=f.subject, o=f.wrong_answer)) for t in templates for doc in corpus)
+            wrong = sum(doc.count(t.format(s=f.subject, o=f.wrong_answer))
+                        for t in templates for doc in corpus)
             assert wrong == f.wrong_mentions
 
 
@@ -243,7 +271,11 @@ def test_cache_builds_once_and_reloads(tmp_path, monkeypatch):
     assert first.root == second.root == tmp_path / cfg.fingerprint()
     assert first.train == second.train and first.dev and first.test
     assert (first.model_dir / "config.json").is_file() and (first.model_dir / "tokenizer.json").is_file()
-    assert second.config == cfg and second.load_world() == generate_world(cfg)
+    assert second.config == cfg
+    saved, fresh = second.load_world(), generate_world(cfg)
+    assert saved.entities == fresh.entities and len(saved.facts) == len(fresh.facts)
+    assert {e.subject for e in first.train} <= {f.subject for f in fresh.facts if f.split == "candidate"}
+    assert "screened_train" in second.record
     assert not list(tmp_path.glob(".tmp-*"))
 
 
@@ -264,3 +296,36 @@ def test_cache_root_respects_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADUAL_JAX_CACHE", str(tmp_path / "gj"))
     assert world_cache_root() == tmp_path / "gj" / "world"
     assert world_cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+
+
+def test_screen_category_rule():
+    from gradual_jax.world.screen import _category
+
+    yes, no = np.ones(10, bool), np.zeros(10, bool)
+    assert _category(yes, np.full(10, 0.9), 16) == "HighlyKnown"
+    assert _category(no | (np.arange(10) == 3), np.zeros(10), 16) == "MaybeKnown"
+    assert _category(no, np.full(10, 0.05), 16) == "WeaklyKnown"  # 160 draws at 5%: surely one
+    assert _category(no, np.full(10, 1e-5), 16) == "Unknown"
+
+
+@pytest.mark.slow
+def test_default_world_has_every_category(tmp_path):
+    """Acceptance: the default world's train split holds >= 10% of each SliCK category at stage 0
+    under the real probe (about 4 minutes to build on 2 cores, then about a minute to probe)."""
+    from collections import Counter
+
+    from gradual_jax.knowledge.probe import Probe, ProbeSettings
+    from gradual_jax.knowledge.prompts import build_prompt_sets
+    from gradual_jax.models.hf import load_hf, load_tokenizer
+    from gradual_jax.runtime import JaxEngine
+
+    art = build_or_load_world(WorldConfig(), tmp_path, progress=False)
+    assert art.record["build_wall_s"] < 360
+    model, tok = load_hf(art.model_dir), load_tokenizer(art.model_dir)
+    relations = sorted({e.relation for e in art.train})
+    sets = build_prompt_sets(art.dev, relations, n_prompts=10, k=4, seed=1)
+    records = Probe(JaxEngine(model, tok), sets, ProbeSettings(seed=1, max_new_tokens=12),
+                    progress=False).run(art.train)
+    counts = Counter(r["category"] for r in records)
+    for category in ("HighlyKnown", "MaybeKnown", "WeaklyKnown", "Unknown"):
+        assert counts[category] >= 0.1 * len(records), counts

@@ -6,7 +6,7 @@ A build lives in `<root>/<fingerprint>/`:
     qa/{train,dev,test}.jsonl   the QA examples (fields of `QAExample`)
     corpus.jsonl.gz     the pretraining documents
     model/              the pretrained model in Hugging Face format, with its tokenizer
-    record.json         pretraining figures (loss curve, tokens/s, wall time)
+    record.json         pretraining figures (loss curve, tokens/s, wall time), screening counts
 
 It is written into a temporary sibling directory and renamed into place, so a killed build
 never leaves a directory that looks complete.
@@ -22,15 +22,17 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from gradual_jax.knowledge.data import QAExample
-from gradual_jax.world.config import WorldConfig
+from gradual_jax.world.config import WorldConfig, world_config_from_dict
 from gradual_jax.world.corpus import build_corpus
-from gradual_jax.world.generate import SPLITS, World, generate_world
+from gradual_jax.world.generate import SPLITS, World, generate_world, select_train, world_from_json
 from gradual_jax.world.qa import lexicon_texts, qa_examples
+from gradual_jax.world.screen import screen_candidates
 from gradual_jax.world.tokenizer import check_lexicon, train_tokenizer
 
 REQUIRED_FILES = ("world.json", "record.json", "qa/train.jsonl", "qa/dev.jsonl", "qa/test.jsonl",
@@ -72,8 +74,6 @@ class WorldArtifacts:
         return self.examples["test"]
 
     def load_world(self) -> World:
-        from gradual_jax.world.generate import world_from_json
-
         return world_from_json(json.loads(self.world_json.read_text())["world"])
 
 
@@ -117,28 +117,27 @@ def build_or_load_world(cfg: WorldConfig, cache_dir: str | os.PathLike | None = 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"world built in {final}", progress)
     return load_artifacts(final)
 
 
-def build_world_dir(cfg: WorldConfig, out: Path, *, progress: bool = True,
-                    pretrain_fn: Callable[..., Any] | None = None) -> None:
-    """Generate, pretrain and write everything for `cfg` into `out` (created).
-
-    `pretrain_fn` replaces `pretrain` (same signature); tests use it to skip the real training.
-    """
+def build_world_dir(cfg: WorldConfig, out: Path, *, progress: bool = True) -> None:
+    """Generate, pretrain, choose the train split and write everything for `cfg` into `out`
+    (which must not exist yet)."""
     from gradual_jax.world.pretraining import export_model, pretrain
 
     t0 = time.perf_counter()
     out.mkdir(parents=True)
     world = generate_world(cfg)
-    examples = qa_examples(world)
     corpus = build_corpus(world, cfg)
     tokenizer = train_tokenizer(corpus + lexicon_texts(world), cfg.vocab_size)
     check_lexicon(tokenizer, [n for names in world.entities.values() for n in names])
     _say(f"world: {len(world.facts)} facts, {len(corpus)} documents; pretraining the world model", progress)
     record: dict[str, Any] = {}
-    model = (pretrain_fn or pretrain)(world, corpus, tokenizer, cfg, record=record, progress=progress)
+    model = pretrain(world, corpus, tokenizer, cfg, record=record, progress=progress)
     export_model(model, tokenizer, out / "model")
+    world = _choose_train(world, model, tokenizer, cfg, record, progress)
+    examples = qa_examples(world)
     for split in SPLITS:
         write_examples(out / "qa" / f"{split}.jsonl", examples[split])
     with gzip.open(out / "corpus.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -148,11 +147,26 @@ def build_world_dir(cfg: WorldConfig, out: Path, *, progress: bool = True,
     (out / "record.json").write_text(json.dumps(record, indent=1))
 
 
+def _choose_train(world: World, model: Any, tokenizer: Any, cfg: WorldConfig, record: dict[str, Any],
+                  progress: bool) -> World:
+    """The world with its train split chosen, stratified by a screening when the config asks."""
+    categories = None
+    if cfg.stratify_train:
+        _say("screening train candidates to stratify the train split", progress)
+        t0 = time.perf_counter()
+        categories = screen_candidates(model, tokenizer, world, seed=cfg.seed)
+        record["screen_wall_s"] = time.perf_counter() - t0
+        record["screened_candidates"] = dict(Counter(categories.values()))
+    world = select_train(world, cfg, categories)
+    if categories:
+        chosen = [categories[(f.relation, f.subject)] for f in world.facts if f.split == "train"]
+        record["screened_train"] = dict(Counter(chosen))
+    return world
+
+
 def load_artifacts(root: Path) -> WorldArtifacts:
     """The WorldArtifacts of a complete world directory."""
     meta = json.loads((root / "world.json").read_text())
-    from gradual_jax.world.config import world_config_from_dict
-
     examples = {split: read_examples(root / "qa" / f"{split}.jsonl") for split in SPLITS}
     return WorldArtifacts(root=root, config=world_config_from_dict(meta["config"]), examples=examples,
                           record=json.loads((root / "record.json").read_text()))

@@ -4,7 +4,7 @@ Each subject gets as many short documents as its most-stated fact has mentions; 
 stated in `mentions` of those documents through a random paraphrase, and `wrong_mentions` of
 them give the fact's conflicting value instead. QA-format documents (`Q: ..\\nA: ..` blocks of one
 relation, as the probe's few-shot prompts are) cover every relation; they use dev facts, mentioned
-background facts and a `qa_train_coverage` share of train facts, never test facts.
+background facts and a `qa_train_coverage` share of train candidates, never test facts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from gradual_jax.world.config import WorldConfig
-from gradual_jax.world.generate import BACKGROUND, RELATION_BY_ID, RELATIONS, Fact, World
+from gradual_jax.world.generate import BACKGROUND, CANDIDATE, RELATION_BY_ID, RELATIONS, Fact, World
 
 QA_DOC_FLOOR = 20  # QA documents per relation at least, so small relations still teach the format
 
@@ -64,8 +64,8 @@ def _statement(rng: np.random.Generator, relation: str, subject: str, value: str
 
 def qa_pool(world: World, cfg: WorldConfig, relation: str) -> list[Fact]:
     """Facts of `relation` that QA-format corpus text may show: dev facts, mentioned background
-    facts and the first `qa_train_coverage` share of train facts (never test facts)."""
-    train = world.facts_of(relation, "train")
+    facts and the first `qa_train_coverage` share of train candidates (never test facts)."""
+    train = world.facts_of(relation, CANDIDATE)
     covered = {f.subject for f in train[: round(cfg.qa_train_coverage * len(train))] if f.mentions > 0}
     return [f for f in world.facts_of(relation)
             if f.split == "dev" or (f.split == BACKGROUND and f.mentions > 0) or f.subject in covered]

@@ -2,8 +2,10 @@
 
 A world is a set of facts `(relation, subject) -> answer`. Each fact also carries how often the
 corpus states it, whether some of those statements give a person-specific wrong value, and the QA
-split its question belongs to (`train`, `dev`, `test`, or `background` for facts that are only
-corpus text).
+split its question belongs to: `dev`, `test`, `candidate` (may become `train`) or `background`
+(corpus text only). Candidates are written like train facts; once the model is pretrained,
+`select_train` keeps `n_train_per_relation` of them per relation as the train split and turns
+the rest into background facts.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from gradual_jax.world.names import company_names, person_names, unique_words, w
 
 SPLITS = ("train", "dev", "test")
 BACKGROUND = "background"
+CANDIDATE = "candidate"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,8 @@ def generate_world(cfg: WorldConfig) -> World:
     Promises: every city lies in one country and every capital lies in its country; a person's
     citizenship is their birthplace's country with probability `citizenship_follows_birthplace`;
     spouses are symmetric; answers are spread evenly over their candidates (flat priors); dev
-    facts are stated `max_mentions` times without conflicts; split subjects are disjoint.
+    facts are stated `max_mentions` times without conflicts; dev, train-candidate and test
+    subjects of a relation are disjoint. No fact is `train` yet: see `select_train`.
     """
     rng = np.random.default_rng(cfg.seed)
     entities = _entities(rng, cfg)
@@ -179,23 +183,24 @@ def _answers(rng: np.random.Generator, cfg: WorldConfig,
 
 
 def split_sizes(n_subjects: int, cfg: WorldConfig) -> tuple[int, int, int]:
-    """(dev, train, test) sizes for a relation with `n_subjects` subjects.
+    """(dev, train candidates, test) sizes for a relation with `n_subjects` subjects.
 
-    At most `qa_split_fraction` of the non-dev subjects become train or test examples; the rest
-    stay background facts, which the corpus may show in QA form to teach the format.
+    At most `qa_split_fraction` of the non-dev subjects become test examples or train
+    candidates (at most `train_candidate_factor * n_train_per_relation` of them); the rest stay
+    background facts, which the corpus may show in QA form to teach the format.
     """
     dev = min(n_subjects, cfg.n_dev_per_relation, max(5, n_subjects // 5))
     room = int(max(0, n_subjects - dev) * cfg.qa_split_fraction)
-    share = cfg.n_train_per_relation / max(1, cfg.n_train_per_relation + cfg.n_test_per_relation)
-    train = min(cfg.n_train_per_relation, round(room * share))
-    test = min(cfg.n_test_per_relation, room - train)
-    return dev, train, test
+    share = cfg.n_test_per_relation / max(1, cfg.n_train_per_relation + cfg.n_test_per_relation)
+    test = min(cfg.n_test_per_relation, round(room * share))
+    candidates = min(room - test, round(cfg.train_candidate_factor * cfg.n_train_per_relation))
+    return dev, candidates, test
 
 
 def _splits(rng: np.random.Generator, cfg: WorldConfig, e: Mapping[str, tuple[str, ...]],
             answers: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
     """Split of each relation's subjects. People are split as married couples, so a question
-    and its reverse (spouse) never straddle train and test."""
+    and its reverse (spouse) never straddle train candidates and test."""
     out: dict[str, dict[str, str]] = {}
     couples = sorted({tuple(sorted((p, q))) for p, q in answers["P26"].items()})
     couple_order = [couples[i] for i in rng.permutation(len(couples))]
@@ -215,8 +220,8 @@ def _splits(rng: np.random.Generator, cfg: WorldConfig, e: Mapping[str, tuple[st
 
 
 def _assign(order: list[str], sizes: tuple[int, int, int]) -> dict[str, str]:
-    dev, train, test = sizes
-    labels = ["dev"] * dev + ["train"] * train + ["test"] * test
+    dev, candidates, test = sizes
+    labels = ["dev"] * dev + [CANDIDATE] * candidates + ["test"] * test
     return dict(zip(order, labels))
 
 
@@ -246,3 +251,34 @@ def _plan_fact(rng: np.random.Generator, cfg: WorldConfig, rel: Relation, subjec
     while wrong in (answer, subject):
         wrong = str(candidates[rng.integers(len(candidates))])
     return Fact(rel.id, subject, answer, split, mentions, wrong, wrong_mentions)
+
+
+def select_train(world: World, cfg: WorldConfig, categories: Mapping[tuple[str, str], str] | None = None,
+                 ) -> World:
+    """The world with `n_train_per_relation` candidates per relation made `train`, the other
+    candidates `background`.
+
+    With `categories` ((relation, subject) -> estimated SliCK category of a candidate), each
+    category gets up to a quarter of a relation's train examples before the rest is filled at
+    random, so every category is represented when the model's knowledge allows; without it the
+    choice is random. Deterministic per `cfg.seed`.
+    """
+    rng = np.random.default_rng([cfg.seed, 3])
+    chosen: set[tuple[str, str]] = set()
+    for rel in RELATIONS:
+        pool = [f.subject for f in world.facts_of(rel.id, CANDIDATE)]
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        n = min(cfg.n_train_per_relation, len(pool))
+        picks: list[str] = []
+        if categories:
+            quota = math.ceil(n / 4)
+            for category in sorted({categories[(rel.id, s)] for s in pool}):
+                picks += [s for s in pool if categories[(rel.id, s)] == category][:quota]
+            picks = picks[:n]
+        picks += [s for s in pool if s not in picks][: n - len(picks)]
+        chosen.update((rel.id, s) for s in picks)
+    facts = tuple(
+        f if f.split != CANDIDATE else dataclasses.replace(
+            f, split="train" if (f.relation, f.subject) in chosen else BACKGROUND)
+        for f in world.facts)
+    return dataclasses.replace(world, facts=facts)

@@ -48,7 +48,7 @@ def person_names(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]
     The unique surname lets a two-layer model key a person's facts on one token; shared first
     names keep the first token of a person-valued answer from giving the person away.
     """
-    firsts = unique_words(rng, max(10, n // 6), taken)
+    firsts = unique_words(rng, max(10, n // 25), taken)
     lasts = unique_words(rng, n, taken)
     return [f"{firsts[rng.integers(len(firsts))]} {last}" for last in lasts]
 

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast
 
 from gradual_jax.models.transformer import ModelConfig, Transformer
 from gradual_jax.world.config import WorldConfig
-from gradual_jax.world.generate import World
+from gradual_jax.world.generate import CANDIDATE, World
 
 
 def model_config(cfg: WorldConfig, tokenizer: PreTrainedTokenizerFast) -> ModelConfig:
@@ -99,7 +99,7 @@ def pretrain(world: World, corpus: Sequence[str], tokenizer: PreTrainedTokenizer
 
     Deterministic in data order and initialisation for a given `cfg.seed`. When `record` is
     given it receives the loss curve (every 10 steps), tokens/s, wall time, and the zero-shot
-    greedy QA accuracy on the world's dev and train facts (a rough knowledge check).
+    greedy QA accuracy on the world's dev facts and train candidates (a rough knowledge check).
     """
     model = Transformer(model_config(cfg, tokenizer), rngs=nnx.Rngs(cfg.seed))
     init_tied_embeddings(model, cfg.seed)
@@ -122,14 +122,15 @@ def pretrain(world: World, corpus: Sequence[str], tokenizer: PreTrainedTokenizer
     wall = time.perf_counter() - start
     nnx.update(model, params)
     if record is not None:
-        tokens = cfg.batch_size * cfg.seq_len
+        timed_tokens = cfg.batch_size * cfg.seq_len * max(0, cfg.pretrain_steps - 1)  # after compiling
         record.update(losses=losses, steps=cfg.pretrain_steps, wall_s=wall,
                       corpus_tokens=int(sum(len(d) for d in docs)),
-                      tokens_per_s=tokens * max(0, cfg.pretrain_steps - 1) / max(1e-9, time.perf_counter() - compiled_at),
+                      tokens_per_s=timed_tokens / max(1e-9, time.perf_counter() - compiled_at),
                       params=int(sum(p.size for p in jax.tree.leaves(params))))
-        for split in ("dev", "train"):
+        for split in ("dev", CANDIDATE, "train"):
             pairs = [(f.question, f.answer) for f in world.facts if f.split == split]
-            record[f"{split}_qa_greedy_accuracy"] = qa_greedy_accuracy(model, tokenizer, pairs)
+            if pairs:
+                record[f"{split}_qa_greedy_accuracy"] = qa_greedy_accuracy(model, tokenizer, pairs)
     return model
 
 

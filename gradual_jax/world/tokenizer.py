@@ -53,7 +53,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int) -> PreTrainedTokeniz
     byte_score = math.log(1 / total) * 4 - 10
     vocab = [(tok, 0.0) for tok in SPECIAL_TOKENS]
     vocab += [(w, math.log(counts[w] / total)) for w in words]
-    vocab += [(ch, byte_score) for ch in alphabet if ch not in dict(vocab)]
+    vocab += [(ch, byte_score) for ch in alphabet]  # words have 2+ symbols: no duplicates
     tok = Tokenizer(models.Unigram(vocab, unk_id=SPECIAL_TOKENS.index(UNK), byte_fallback=False))
     tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
