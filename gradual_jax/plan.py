@@ -316,7 +316,11 @@ def _abstract_training(mc: Any, train: Any, mesh: Any, seed: int = 0) -> dict[st
     jitted = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, replicated))
     n_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
     n_params = n_trainable + sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
-    return {"lower": lambda: jitted.lower(*args), "params": (args[0], args[2]), "optimizer": args[1],
+    def lower() -> Any:
+        with jax.set_mesh(mesh):  # as Trainer.step runs it: activations pinned to the batch axes
+            return jitted.lower(*args)
+
+    return {"lower": lower, "params": (args[0], args[2]), "optimizer": args[1],
             "n_params": n_params, "n_trainable": n_trainable, "tokens": rows * micro * t}
 
 

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "smollm3")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -368,6 +369,47 @@ class Block(nnx.Module):
         return x, new_kv
 
 
+# Mesh axes that split the batch (`gradual_jax.training.sharding.BATCH_AXES`).
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` with its leading (batch) dim pinned to the mesh's batch axes.
+
+    Only under a mesh context (`jax.set_mesh`, as the trainer traces its step) and when the
+    batch divides over those axes; otherwise `x` unchanged. Without the pin, XLA's propagation
+    may all-gather the batch and build full-batch activations and logits on every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
+
+
+def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
+                kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, dropout_key: jax.Array | None = None,
+                *, remat: bool = False) -> tuple[jax.Array, Any]:
+    """`layer(x, ...)`, with the output pinned to the batch sharding.
+
+    With `remat` (and no cache), the layer runs as a pure function of its state under
+    `jax.checkpoint`: the backward pass recomputes its activations, and under FSDP re-gathers its
+    weights instead of keeping every layer's gathered weights alive from forward to backward.
+    Splitting the state out first keeps frozen params (LoRA) out of NNX's write-back.
+    """
+    if not remat or kv is not None:
+        y, new_kv = layer(x, positions, inv_freq, mask, kv, dropout_key)
+        return constrain_batch(y), new_kv
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, positions, inv_freq, mask, dropout_key):
+        return nnx.merge(graphdef, state)(x, positions, inv_freq, mask, None, dropout_key)[0]
+
+    return constrain_batch(jax.checkpoint(run)(state, x, positions, inv_freq, mask, dropout_key)), None
+
+
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = None) -> jax.Array:
     """Position of each token: count of real tokens before it (plus `offset` per row)."""
     pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
@@ -396,9 +438,9 @@ class Transformer(nnx.Module):
         dtype = as_dtype(self.config.dtype)
         if self.lm_head is None:
             w = self.embed[...].astype(dtype)
-            return jnp.einsum("BTD,VD->BTV", h, w, preferred_element_type=jnp.float32)
+            return constrain_batch(jnp.einsum("BTD,VD->BTV", h, w, preferred_element_type=jnp.float32))
         w = self.lm_head[...].astype(dtype)
-        return jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32)
+        return constrain_batch(jnp.einsum("BTD,DV->BTV", h, w, preferred_element_type=jnp.float32))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  cache: KVCache | None = None, dropout_key: jax.Array | None = None,
@@ -414,7 +456,7 @@ class Transformer(nnx.Module):
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.bool_)
         attention_mask = attention_mask.astype(jnp.bool_)
-        x = self.embed[...][input_ids].astype(as_dtype(cfg.dtype))
+        x = constrain_batch(self.embed[...][input_ids].astype(as_dtype(cfg.dtype)))
         inv_freq = rope_inv_freq(cfg)
         if cache is None:
             positions = positions_from_mask(attention_mask)
@@ -433,12 +475,8 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            if cfg.remat and cache is None:
-                x, _ = nnx.remat(lambda blk, *a: blk(*a))(layer, x, positions, inv_freq, mask, None,
-                                                           layer_keys[i])
-                new_kv = None
-            else:
-                x, new_kv = layer(x, positions, inv_freq, mask, kv, layer_keys[i])
+            x, new_kv = apply_block(layer, x, positions, inv_freq, mask, kv, layer_keys[i],
+                                    remat=cfg.remat and cache is None)
             if new_kv is not None:
                 new_k.append(new_kv[0])
                 new_v.append(new_kv[1])

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
-from gradual_jax.models.transformer import Transformer, as_dtype, rope_inv_freq
+from gradual_jax.models.transformer import Transformer, apply_block, as_dtype, constrain_batch, rope_inv_freq
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
@@ -115,7 +115,7 @@ def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Ar
     """
     cfg = model.config
     t = input_ids.shape[1]
-    x = model.embed[...][input_ids].astype(as_dtype(cfg.dtype))
+    x = constrain_batch(model.embed[...][input_ids].astype(as_dtype(cfg.dtype)))
     inv_freq = rope_inv_freq(cfg)
     causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -123,10 +123,7 @@ def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Ar
     keys = (list(jax.random.split(dropout_key, cfg.num_layers)) if dropout_key is not None
             else [None] * cfg.num_layers)
     for layer, key in zip(model.layers, keys):
-        if cfg.remat:
-            x, _ = nnx.remat(lambda blk, *a: blk(*a))(layer, x, positions, inv_freq, mask, None, key)
-        else:
-            x, _ = layer(x, positions, inv_freq, mask, None, key)
+        x, _ = apply_block(layer, x, positions, inv_freq, mask, None, key, remat=cfg.remat)
     h = model.final_norm(x)
     return h if return_hidden else model.hidden_to_logits(h)
 
@@ -391,8 +388,9 @@ class Trainer:
         if not self._ready:
             raise TrainingError("Trainer.setup(cfg, total_steps) must run before step()")
         arrays = self._device_batch(batch)
-        self._trainable, self._opt_state, metrics = self._step_fn(
-            self._trainable, self._opt_state, self._frozen, arrays)
+        with jax.set_mesh(self.mesh):  # the model pins activations to the batch axes under it
+            self._trainable, self._opt_state, metrics = self._step_fn(
+                self._trainable, self._opt_state, self._frozen, arrays)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def sync(self) -> Transformer:

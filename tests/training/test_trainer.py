@@ -94,6 +94,36 @@ def test_sharded_step_equals_single_device(tokenizer, tiny_config):
     assert not np.allclose(params["embed"], _params(tiny_model(tiny_config, seed=1))["embed"])
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_remat_step_equals_plain_step_on_a_sharded_mesh(tokenizer, tiny_config, lora):
+    """Per-layer remat recomputes activations in backward; the step's numbers must not change,
+    with LoRA too (frozen base params stay out of the rematerialised write-back)."""
+    lora_cfg = LoRAConfig(rank=4, alpha=8.0, targets=["q", "v", "up"]) if lora else None
+    results = []
+    for remat in (False, True):
+        cfg = train_config(**STEP_CFG, remat=remat, **({"lora": lora_cfg} if lora else {}))
+        model = tiny_model(tiny_config, seed=1)
+        results.append(_one_step(model, tokenizer, make_mesh(2, 2, 2), cfg, capital_examples(8)))
+    (plain_out, plain), (remat_out, remat_params) = results
+    assert remat_out["loss"] == pytest.approx(plain_out["loss"], abs=1e-6)
+    assert remat_out["grad_norm"] == pytest.approx(plain_out["grad_norm"], abs=1e-5)
+    _assert_trees_close(remat_params, plain, atol=1e-5)
+
+
+def test_step_pins_activations_to_the_batch_axes(tokenizer, tiny_config):
+    """Under the trainer's mesh every block output carries a batch sharding constraint."""
+    model = tiny_model(tiny_config, seed=1)
+    trainer = Trainer(model, tokenizer, mesh=make_mesh(2, 2, 2), progress=False, compiler_options=FAST_COMPILE)
+    trainer.setup(train_config(**STEP_CFG), total_steps=10)
+    toks = D.tokenize_examples(capital_examples(8), tokenizer, template="qa", max_seq_len=32)
+    batch = D.epoch_batches(toks, batch_rows=4, seed=0, epoch=0, max_seq_len=32)[0]
+    arrays = trainer._device_batch(batch)
+    with jax.set_mesh(trainer.mesh):
+        text = trainer._step_fn.lower(trainer._trainable, trainer._opt_state, trainer._frozen, arrays).as_text()
+    constraints = text.count("sharding_constraint")
+    assert constraints >= tiny_config.num_layers + 1, constraints  # embeddings + every block
+
+
 def test_gradient_accumulation_equals_one_big_batch(tokenizer, tiny_config):
     examples = capital_examples(8)
     single = make_mesh(devices=jax.devices()[:1])
