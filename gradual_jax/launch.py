@@ -65,7 +65,12 @@ def load_resources(cfg: RunConfig):
     from gradual_jax.models import load_model, load_tokenizer
     from gradual_jax.pipeline import Resources
 
-    source = cfg.model.source
+    from gradual_jax.models import CheckpointError, resolve_model_source
+
+    try:
+        source = resolve_model_source(cfg.model.source)
+    except CheckpointError as err:
+        raise ConfigError(f"model.source: {err}") from None
     if source != "world" and not Path(source).exists() and (
             source.endswith(".gguf") or source.startswith((".", "/", "~"))):
         raise ConfigError(f"model.source: {source} does not exist")

@@ -72,6 +72,7 @@ def test_run_dir_of_another_configuration_is_refused(smoke_run, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["model.source=/nonexistent/model.gguf"], "does not exist"),
+    (["model.source=pkg:no_such_package_gj"], "is not installed"),
     (["train.lrr=1"], "unknown key"),
     (["train.lr=abc"], "expected float"),
     (["stages.0.select.categories=[Famous]"], "Famous"),

