@@ -90,7 +90,8 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """QA set. ``gekhman``: apply Gekhman et al.'s filters (single answer, no train/test
-    overlap)."""
+    overlap). ``limit_per_relation``, ``dev_limit_per_relation``, ``test_limit_per_relation``: keep
+    the first N examples of each relation of train, dev and test (after the filters)."""
 
     kind: Literal["world", "entityquestions", "jsonl"] = "world"
     path: str | None = None

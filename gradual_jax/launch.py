@@ -103,11 +103,12 @@ def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
         raise ConfigError(f"data.path: {root} does not exist")
     if d.kind == "entityquestions":
         if d.gekhman:
-            splits = qa.gekhman_setup(root, limit_per_relation=d.limit_per_relation)
+            # filter the whole splits first (overlap with test), then take the first N
+            splits = qa.gekhman_setup(root)
         else:
             rels = d.train_relations
             splits = {
-                "train": qa.load_entityquestions(root, "train", rels, limit_per_relation=d.limit_per_relation),
+                "train": qa.load_entityquestions(root, "train", rels),
                 "dev": qa.load_entityquestions(root, "dev", rels),
                 "test": qa.load_entityquestions(root, "test", d.test_relations or rels),
             }
@@ -119,6 +120,7 @@ def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
             splits["test"] = [e for e in splits["test"] if e.relation in keep]
     else:
         splits = {s: qa.load_jsonl(root / f"{s}.jsonl", split=s) for s in ("train", "dev", "test")}
+    splits["train"] = qa.first_per_relation(splits["train"], d.limit_per_relation)
     splits["dev"] = qa.first_per_relation(splits["dev"], d.dev_limit_per_relation)
     splits["test"] = qa.first_per_relation(splits["test"], d.test_limit_per_relation)
     return splits

@@ -2,11 +2,14 @@
 
 import dataclasses
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from gradual_jax import config as C
 from gradual_jax.config import ConfigError, RunConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text, name="run.yaml"):
@@ -205,3 +208,9 @@ def test_configs_are_frozen():
     cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.name = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO_ROOT)) for p in (REPO_ROOT / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(REPO_ROOT / path, [])
+    assert cfg.name and cfg.seeds and cfg.arms

@@ -127,3 +127,22 @@ def _resume_after_kill(smoke_run, tmp_path, points):
         _kill_when(_launch(tmp_path), lambda: KILL_POINTS[point](run_root))
     assert main([SMOKE, f"run_dir={tmp_path}"]) == 0
     assert _report_numbers(json.loads((run_root / "report.json").read_text())) == reference
+
+
+def test_split_limits_apply_per_split_after_the_gekhman_filters(eq_dir):
+    from collections import Counter
+
+    from gradual_jax.config import load_config
+    from gradual_jax.knowledge import data as qa
+    from gradual_jax.launch import load_splits
+
+    cfg = load_config(REPO / "configs" / "paper" / "qwen2_7b_lora.yaml",
+                      [f"data.path={eq_dir}", "data.limit_per_relation=6", "data.dev_limit_per_relation=40",
+                       "data.test_limit_per_relation=4"])
+    splits = load_splits(cfg, qa)
+    full = qa.gekhman_setup(eq_dir)
+    for split, n in (("train", 6), ("dev", 40), ("test", 4)):
+        counts = Counter(e.relation for e in splits[split])
+        assert set(counts.values()) == {n}, (split, counts)
+        assert counts.keys() == {e.relation for e in full[split]}
+        assert splits[split] == qa.first_per_relation(full[split], n)
