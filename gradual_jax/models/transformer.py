@@ -395,9 +395,10 @@ def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.
     """`layer(x, ...)`, with the output pinned to the batch sharding.
 
     With `remat` (and no cache), the layer runs as a pure function of its state under
-    `jax.checkpoint`: the backward pass recomputes its activations, and under FSDP re-gathers its
-    weights instead of keeping every layer's gathered weights alive from forward to backward.
-    Splitting the state out first keeps frozen params (LoRA) out of NNX's write-back.
+    `jax.checkpoint`: the backward pass recomputes its activations (and, under FSDP, may re-gather
+    its weights; XLA:CPU still keeps the gathered copies, see BUILD_NOTES "Scale-out planner").
+    Splitting the state out first keeps frozen params (LoRA) out of NNX's write-back, which broke
+    `nnx.remat` inside `value_and_grad`.
     """
     if not remat or kv is not None:
         y, new_kv = layer(x, positions, inv_freq, mask, kv, dropout_key)
