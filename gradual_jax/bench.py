@@ -468,6 +468,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     import jax
 
+    from gradual_jax.knowledge.data import first_per_relation
     from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
     from gradual_jax.models import load_model, load_tokenizer
     from gradual_jax.runtime import JaxEngine
@@ -476,12 +477,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     engine = JaxEngine(model, tokenizer, batch_size=args.batch)
     sampler = engine.sampler
-    per_rel: dict[str, int] = {}
-    warm = []
-    for e in examples:
-        if per_rel.get(e.relation, 0) < args.warmup_questions:
-            per_rel[e.relation] = per_rel.get(e.relation, 0) + 1
-            warm.append(e)
+    warm = first_per_relation(examples, args.warmup_questions)
     n_q = len(examples)
     exhaustive_samples = n_q * args.n_prompts * args.n_samples
 
@@ -544,8 +540,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     if args.compare_hf:
         from gradual_jax.knowledge.reference import TransformersEngine
 
-        hf_tok = load_tokenizer(args.model)
-        hf = TransformersEngine(_load_hf_torch(args.model), hf_tok)
+        hf = TransformersEngine(_load_hf_torch(args.model), tokenizer)
         hf.greedy("", ["Q: What is the capital of France?\nA:"], 2)  # warm-up
         subset = examples[:args.hf_questions]
         probe = Probe(hf, sets, settings("exhaustive"), progress=False)

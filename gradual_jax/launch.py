@@ -62,10 +62,8 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
 def load_resources(cfg: RunConfig):
     """Base model, tokenizer and QA splits named by the config."""
     from gradual_jax.knowledge import data as qa
-    from gradual_jax.models import load_model, load_tokenizer
+    from gradual_jax.models import CheckpointError, load_model, load_tokenizer, resolve_model_source
     from gradual_jax.pipeline import Resources
-
-    from gradual_jax.models import CheckpointError, resolve_model_source
 
     try:
         source = resolve_model_source(cfg.model.source)

@@ -369,7 +369,7 @@ class Block(nnx.Module):
         return x, new_kv
 
 
-# Mesh axes that split the batch (`gradual_jax.training.sharding.BATCH_AXES`).
+# Mesh axes that split the batch; `gradual_jax.training.sharding.BATCH_AXES` is this tuple.
 BATCH_MESH_AXES = ("data", "fsdp")
 
 

@@ -23,8 +23,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gradual_jax.models.transformer import BATCH_MESH_AXES
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
-BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+BATCH_AXES: tuple[str, ...] = BATCH_MESH_AXES  # the model pins activations to the same axes
 
 # logical axis name -> mesh axes (None = replicated). The single source of truth.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
