@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 MODEL_FILE = "model.json"
 # Runtime switches that do not change the parameters a checkpoint holds.
-_RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "remat"})
+_RUNTIME_FIELDS = frozenset({"dtype", "dropout_rate", "remat", "scan_layers"})
 
 
 class CheckpointError(_ModelCheckpointError):

@@ -176,6 +176,7 @@ class TrainConfig:
     clip_norm: float = 1.0
     dropout: float = 0.0
     remat: bool = False
+    scan_layers: bool = False
     template: str = "gekhman"
     max_seq_len: int = 128
     selection: Literal["early_stop", "convergence"] = "early_stop"

@@ -146,7 +146,8 @@ def resolve_model_config(cfg: RunConfig) -> Any:
     else:
         mc = config_from_hf(_hub_config(name), source=f"{name}/config.json")
     return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.compute_dtype,
-                      dropout_rate=float(cfg.train.dropout), remat=bool(cfg.train.remat))
+                      dropout_rate=float(cfg.train.dropout), remat=bool(cfg.train.remat),
+                      scan_layers=bool(cfg.train.scan_layers))
 
 
 def _hub_config(repo_id: str) -> dict[str, Any]:
@@ -456,7 +457,10 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
     per_device = {"params": params, "optimizer": optimizer,
                   "activations": max(step.total - params - optimizer, 0), "total": step.total}
     model_flops = 6.0 * train["n_params"] * train["tokens"]
-    if step.flops is not None:
+    if mc.scan_layers:
+        # XLA's cost analysis counts a while loop's body once, whatever its trip count.
+        flops, flops_source = model_flops, "6 * params * tokens (scanned layers)"
+    elif step.flops is not None:
         flops, flops_source = step.flops * devices, "cost_analysis (per device x devices)"
     else:
         flops, flops_source = model_flops, "6 * params * tokens"
@@ -469,7 +473,8 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
         "trainable_params": train["n_trainable"],
         "mode": f"lora r={cfg.train.lora.rank}" if cfg.train.lora.rank else "full",
         "batch": {"rows": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                  "seq_len": cfg.train.max_seq_len, "remat": cfg.train.remat},
+                  "seq_len": cfg.train.max_seq_len, "remat": cfg.train.remat,
+                  "scan_layers": cfg.train.scan_layers},
         "dtypes": {"params": cfg.model.dtype, "compute": cfg.model.compute_dtype},
         "per_device_bytes": per_device,
         "programs": {name: p.as_dict() for name, p in programs.items()},

@@ -79,6 +79,7 @@ class ModelConfig:
     dtype: str = "float32"
     dropout_rate: float = 0.0
     remat: bool = False
+    scan_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -411,6 +412,42 @@ def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.
     return constrain_batch(jax.checkpoint(run)(state, x, positions, inv_freq, mask, dropout_key)), None
 
 
+def apply_blocks(layers: Sequence[Block], x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                 mask: jax.Array, dropout_key: jax.Array | None = None, *, remat: bool = False,
+                 scan: bool = False) -> jax.Array:
+    """Every layer in turn over `x` (no cache), each output pinned to the batch sharding.
+
+    Layer i gets `jax.random.split(dropout_key, len(layers))[i]`. With `scan`, the layers' states
+    are stacked along a new leading axis and run by one `lax.scan` over a single traced layer: the
+    program holds one layer's body, so under FSDP one layer's gathered weights are live at a time
+    (with `remat` the backward pass recomputes each layer from its input; without it the scan keeps
+    every layer's residuals, gathered weights included). Same numbers as the loop; the stacked
+    copy of the weights costs one parameter-sized buffer per device. Layers must share one
+    structure (true of every supported architecture, LoRA on all layers included).
+    """
+    n = len(layers)
+    keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
+    if not scan:
+        for i, layer in enumerate(layers):
+            x, _ = apply_block(layer, x, positions, inv_freq, mask, None,
+                               None if keys is None else keys[i], remat=remat)
+        return x
+    split = [nnx.split(layer) for layer in layers]
+    graphdef = split[0][0]
+    if any(g != graphdef for g, _ in split[1:]):
+        raise ValueError("scan_layers needs every layer to have the same structure "
+                         "(e.g. LoRA on all layers or none)")
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
+
+    def body(x: jax.Array, xs: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
+        state, key = xs
+        y, _ = nnx.merge(graphdef, state)(x, positions, inv_freq, mask, None, key)
+        return constrain_batch(y), None
+
+    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (stacked, keys))
+    return x
+
+
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = None) -> jax.Array:
     """Position of each token: count of real tokens before it (plus `offset` per row)."""
     pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
@@ -471,16 +508,16 @@ class Transformer(nnx.Module):
             query_slots = cache.end + jnp.arange(t)
             causal = slots[None, :] <= query_slots[:, None]  # [T, S]
             mask = causal[None] & kv_mask[:, None, :]
-        layer_keys = (list(jax.random.split(dropout_key, cfg.num_layers))
-                      if dropout_key is not None else [None] * cfg.num_layers)
         new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            x, new_kv = apply_block(layer, x, positions, inv_freq, mask, kv, layer_keys[i],
-                                    remat=cfg.remat and cache is None)
-            if new_kv is not None:
-                new_k.append(new_kv[0])
-                new_v.append(new_kv[1])
+        if cache is None:
+            x = apply_blocks(self.layers, x, positions, inv_freq, mask, dropout_key,
+                             remat=cfg.remat, scan=cfg.scan_layers)
+        else:
+            for i, layer in enumerate(self.layers):
+                x, (k, v) = apply_block(layer, x, positions, inv_freq, mask,
+                                        (cache.keys[i], cache.values[i], cache.end))
+                new_k.append(k)
+                new_v.append(v)
         h = self.final_norm(x)
         if return_hidden:
             return h

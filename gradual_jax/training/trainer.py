@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
-from gradual_jax.models.transformer import Transformer, apply_block, as_dtype, constrain_batch, rope_inv_freq
+from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, constrain_batch, rope_inv_freq
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
@@ -120,10 +120,8 @@ def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Ar
     causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
     mask = causal[None] & same & (segment_ids[:, None, :] > 0)
-    keys = (list(jax.random.split(dropout_key, cfg.num_layers)) if dropout_key is not None
-            else [None] * cfg.num_layers)
-    for layer, key in zip(model.layers, keys):
-        x, _ = apply_block(layer, x, positions, inv_freq, mask, None, key, remat=cfg.remat)
+    x = apply_blocks(model.layers, x, positions, inv_freq, mask, dropout_key,
+                     remat=cfg.remat, scan=cfg.scan_layers)
     h = model.final_norm(x)
     return h if return_hidden else model.hidden_to_logits(h)
 
@@ -230,10 +228,11 @@ class Trainer:
 
     # -- setup
 
-    def _configure_runtime(self, dropout: float, remat: bool) -> None:
+    def _configure_runtime(self, dropout: float, remat: bool, scan_layers: bool = False) -> None:
         if self._runtime is None:
             self._runtime = (self.model.config, [layer.dropout_rate for layer in self.model.layers])
-        self.model.config = self.model.config.replace(dropout_rate=float(dropout), remat=bool(remat))
+        self.model.config = self.model.config.replace(dropout_rate=float(dropout), remat=bool(remat),
+                                                      scan_layers=bool(scan_layers))
         for layer in self.model.layers:
             layer.dropout_rate = float(dropout)
 
@@ -265,7 +264,7 @@ class Trainer:
                                 "merge them first (gradual_jax.training.lora.merge_lora)")
         if rank > 0 and float(getattr(lora, "dropout", 0.0) or 0.0) > 0:
             warnings.warn("lora.dropout is not supported by the model's LoRA path and is ignored")
-        self._configure_runtime(cfg.dropout, cfg.remat)
+        self._configure_runtime(cfg.dropout, cfg.remat, cfg.scan_layers)
         self.cfg = cfg
         self.total_steps = int(total_steps)
         self.grad_accum = int(cfg.grad_accum)
@@ -522,7 +521,7 @@ class Trainer:
                     try:
                         score = float(eval_fn(self.model, dev_subset))
                     finally:
-                        self._configure_runtime(cfg.dropout, cfg.remat)
+                        self._configure_runtime(cfg.dropout, cfg.remat, cfg.scan_layers)
                     entry["dev_accuracy"] = _nan_to_none(score)
                     if metrics is not None:
                         metrics.write(step, {"dev_accuracy": score, "epoch": epoch + 1})

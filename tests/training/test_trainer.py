@@ -95,19 +95,44 @@ def test_sharded_step_equals_single_device(tokenizer, tiny_config):
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_remat_step_equals_plain_step_on_a_sharded_mesh(tokenizer, tiny_config, lora):
-    """Per-layer remat recomputes activations in backward; the step's numbers must not change,
-    with LoRA too (frozen base params stay out of the rematerialised write-back)."""
+def test_remat_and_scanned_layers_step_equals_plain_step_on_a_sharded_mesh(tokenizer, tiny_config, lora):
+    """Per-layer remat recomputes activations in backward and `scan_layers` runs the stacked
+    layers through one `lax.scan`; neither may change the step's numbers, with LoRA too (frozen
+    base params stay out of the rematerialised write-back), dropout included."""
     lora_cfg = LoRAConfig(rank=4, alpha=8.0, targets=["q", "v", "up"]) if lora else None
-    results = []
-    for remat in (False, True):
-        cfg = train_config(**STEP_CFG, remat=remat, **({"lora": lora_cfg} if lora else {}))
+    results = {}
+    for remat, scan in ((False, False), (True, False), (False, True), (True, True)):
+        cfg = train_config(**STEP_CFG, remat=remat, scan_layers=scan, dropout=0.1,
+                           **({"lora": lora_cfg} if lora else {}))
         model = tiny_model(tiny_config, seed=1)
-        results.append(_one_step(model, tokenizer, make_mesh(2, 2, 2), cfg, capital_examples(8)))
-    (plain_out, plain), (remat_out, remat_params) = results
-    assert remat_out["loss"] == pytest.approx(plain_out["loss"], abs=1e-6)
-    assert remat_out["grad_norm"] == pytest.approx(plain_out["grad_norm"], abs=1e-5)
-    _assert_trees_close(remat_params, plain, atol=1e-5)
+        results[remat, scan] = _one_step(model, tokenizer, make_mesh(2, 2, 2), cfg, capital_examples(8))
+    plain_out, plain = results[False, False]
+    for key, (out, params) in results.items():
+        assert out["loss"] == pytest.approx(plain_out["loss"], abs=1e-6), key
+        assert out["grad_norm"] == pytest.approx(plain_out["grad_norm"], abs=1e-5), key
+        _assert_trees_close(params, plain, atol=1e-5)
+
+
+def test_scanned_layers_hold_one_layer_in_the_program(tokenizer, tiny_config):
+    """With `scan_layers` the lowered step traces one layer body inside a loop, not num_layers."""
+    from gradual_jax.models.transformer import apply_blocks, rope_inv_freq
+
+    model = tiny_model(tiny_config, seed=1)
+    x = jnp.ones((2, 5, tiny_config.hidden_size))
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    mask = jnp.tril(jnp.ones((5, 5), bool))[None]
+    graphdef, state = nnx.split(model)
+
+    def run(state, scan):
+        m = nnx.merge(graphdef, state)
+        return apply_blocks(m.layers, x, positions, rope_inv_freq(tiny_config), mask, scan=scan)
+
+    texts = {scan: jax.jit(functools.partial(run, scan=scan)).lower(state).as_text() for scan in (False, True)}
+    count = lambda text: text.count("rsqrt")  # two RMSNorms per layer body
+    assert tiny_config.num_layers > 1
+    assert count(texts[False]) == 2 * tiny_config.num_layers
+    assert count(texts[True]) == 2 and "stablehlo.while" in texts[True]
+    np.testing.assert_allclose(run(state, True), run(state, False), atol=1e-5)
 
 
 def test_step_pins_activations_to_the_batch_axes(tokenizer, tiny_config):
