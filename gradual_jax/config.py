@@ -164,7 +164,10 @@ class LoRAConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Fine-tuning settings. ``clip_norm = 0`` disables clipping; ``selection``: keep the best
-    epoch by dev accuracy ("early_stop") or the last one ("convergence")."""
+    epoch by dev accuracy ("early_stop") or the last one ("convergence"). ``remat`` recomputes
+    each layer in the backward pass; ``scan_layers`` runs the layers as one ``lax.scan`` over
+    their stacked weights (one layer's gathered weights live at a time under FSDP; with ``remat``
+    the way large models fit, see plan.py). Neither changes the numbers."""
 
     lr: float = 1e-5
     epochs: int = 10

@@ -105,9 +105,11 @@ def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
             splits = qa.gekhman_setup(root)
         else:
             rels = d.train_relations
+            # dev holds the few-shot exemplars of every relation the probes ask about
+            dev_rels = None if rels is None else list(dict.fromkeys([*rels, *(d.test_relations or [])]))
             splits = {
                 "train": qa.load_entityquestions(root, "train", rels),
-                "dev": qa.load_entityquestions(root, "dev", rels),
+                "dev": qa.load_entityquestions(root, "dev", dev_rels),
                 "test": qa.load_entityquestions(root, "test", d.test_relations or rels),
             }
         if d.train_relations and d.gekhman:

@@ -99,6 +99,9 @@ class SeedRun:
         self.save_params, self.load_params = params_io
         self.train_ids = [e.id for e in res.splits["train"]]
         self.by_id = {e.id: e for e in res.splits["train"]}
+        # dev also holds exemplars for test-only relations; model selection stays in distribution
+        train_relations = {e.relation for e in res.splits["train"]}
+        self.selection_dev = [e for e in res.splits["dev"] if e.relation in train_relations]
 
     # ---------------------------------------------------------------- probes
 
@@ -230,7 +233,7 @@ class SeedRun:
             model = self.load_params(params_dir)
         else:
             examples = [self.by_id[i] for i in ids]
-            model, info = self.trainer_fn(model, examples, self.res.splits["dev"], train_cfg,
+            model, info = self.trainer_fn(model, examples, self.selection_dev, train_cfg,
                                           ckpt_dir=stage_dir / "ckpt", seed=self.seed * 1_000 + k,
                                           metrics_dir=stage_dir, **limits)
             self.save_params(params_dir, model)

@@ -146,3 +146,23 @@ def test_split_limits_apply_per_split_after_the_gekhman_filters(eq_dir):
         assert set(counts.values()) == {n}, (split, counts)
         assert counts.keys() == {e.relation for e in full[split]}
         assert splits[split] == qa.first_per_relation(full[split], n)
+
+
+def test_gekhman_probes_get_exemplars_for_test_relations_and_select_on_train_relations(eq_dir, tmp_path):
+    """The OOD test relations are probed few-shot, so dev must hold their exemplars; early
+    stopping must still see only the train relations' dev questions."""
+    from gradual_jax.config import load_config
+    from gradual_jax.knowledge import data as qa
+    from gradual_jax.knowledge.prompts import build_prompt_sets
+    from gradual_jax.launch import load_splits
+    from gradual_jax.pipeline import Resources, SeedRun
+
+    cfg = load_config(REPO / "configs" / "smollm2_entityquestions.yaml", [f"data.path={eq_dir}"])
+    splits = load_splits(cfg, qa)
+    probed = sorted({e.relation for s in ("train", "test") for e in splits[s]})
+    assert set(probed) == set(qa.TRAIN_RELATIONS) | set(qa.TEST_RELATIONS)
+    sets = build_prompt_sets(splits["dev"], probed, n_prompts=cfg.probe.n_prompts, k=cfg.probe.k_shot)
+    assert set(sets) == set(probed)
+    run = SeedRun(cfg, Resources(None, None, splits, "m"), 0, tmp_path, None, None, None, (None, None))
+    assert {e.relation for e in run.selection_dev} == set(qa.TRAIN_RELATIONS)
+    assert len(run.selection_dev) == 40 * len(qa.TRAIN_RELATIONS)

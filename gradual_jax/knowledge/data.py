@@ -582,8 +582,10 @@ def gekhman_setup(
 ) -> dict[str, list[QAExample]]:
     """Gekhman et al.'s EntityQuestions setup: ``{"train", "dev", "test"}`` example lists.
 
-    - train: the train split of ``TRAIN_RELATIONS``; dev: their dev split; test: the test split
-      of the out-of-distribution ``TEST_RELATIONS``.
+    - train: the train split of ``TRAIN_RELATIONS``; test: the test split of the
+      out-of-distribution ``TEST_RELATIONS``; dev: the dev split of both, since probing the test
+      set needs few-shot exemplars of its own relations (model selection uses the train
+      relations' part only, see ``pipeline.SeedRun``).
     - Examples with more than one answer are dropped from every split.
     - Train examples are dropped when their normalised subject or answer equals a normalised
       subject or answer of any test example, where "test" is the union of the train relations'
@@ -606,7 +608,7 @@ def gekhman_setup(
         for ex in _single_answer(load_entityquestions(root, "train", TRAIN_RELATIONS))
         if not overlaps(ex, entities, overlap)
     ]
-    dev = _single_answer(load_entityquestions(root, "dev", TRAIN_RELATIONS))
+    dev = _single_answer(load_entityquestions(root, "dev", TRAIN_RELATIONS + TEST_RELATIONS))
     return {
         "train": first_per_relation(train, limit_per_relation),
         "dev": first_per_relation(dev, limit_per_relation),
