@@ -347,7 +347,7 @@ def _abstract_sampler(mc: Any, probe: Any, mesh: Any, prompt_tokens: int) -> dic
     sampler = S.Sampler(model, None)
     sampler.mesh = mesh
     state = nnx.state(model)
-    sampler.state = _sharded(state, state_shardings(state, mesh))
+    sampler._set_state(_sharded(state, state_shardings(state, mesh)))
     dp = data_parallel_size(mesh)
     b = S._round_up(S.next_pow2(int(probe.batch_size)), dp)
     width = S.next_pow2(prompt_tokens, S.MIN_BUCKET)

@@ -151,6 +151,22 @@ def test_greedy_matches_transformers_on_padded_batch(pair, tok):
         assert g[0].text == tok.decode(ids, skip_special_tokens=True)
 
 
+def test_refreshed_sampler_uses_the_new_weights(tok):
+    """`sampler_for` hands back the cached sampler refreshed to the model's current weights:
+    its greedy answers become those of the other model, as transformers decodes them."""
+    hf_a, hf_b = (tiny_hf("llama", len(tok), seed=s, embed_std=0.3) for s in (3, 4))
+    model = to_ours(hf_a)
+    first = sampling.sampler_for(model, tok)
+    before = generate_batch(first, tok, PROMPTS, max_new_tokens=NEW)
+    assert [list(g[0].token_ids) for g in before] == hf_greedy(hf_a, tok, PROMPTS, NEW)
+    nnx.update(model, nnx.state(to_ours(hf_b)))
+    again = sampling.sampler_for(model, tok)
+    assert again is first
+    after = generate_batch(again, tok, PROMPTS, max_new_tokens=NEW)
+    assert [list(g[0].token_ids) for g in after] == hf_greedy(hf_b, tok, PROMPTS, NEW)
+    assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
+
+
 def test_decode_step_matches_the_models_cached_call(llama):
     _, ours = llama
     ids = jnp.asarray([[0, 5, 9, 7], [3, 4, 8, 2]])
