@@ -200,6 +200,13 @@ class TrainConfig:
         _require(bool(self.template), "template", "must not be empty")
 
 
+def model_runtime(train: TrainConfig) -> dict[str, Any]:
+    """The ``ModelConfig`` runtime switches a fine-tuning config sets (``ModelConfig.replace``
+    keywords): dropout, remat, scanned layers. None changes the parameters."""
+    return {"dropout_rate": float(train.dropout), "remat": bool(train.remat),
+            "scan_layers": bool(train.scan_layers)}
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One training stage: ``select`` is a :class:`curriculum.StageSpec` as a dict, ``train``

@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradual_jax.config import ConfigError, RunConfig, load_config, to_dict
+from gradual_jax.config import ConfigError, RunConfig, load_config, model_runtime, to_dict
 
 EXIT_FITS = 0
 EXIT_DOES_NOT_FIT = 3
@@ -146,8 +146,7 @@ def resolve_model_config(cfg: RunConfig) -> Any:
     else:
         mc = config_from_hf(_hub_config(name), source=f"{name}/config.json")
     return mc.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.compute_dtype,
-                      dropout_rate=float(cfg.train.dropout), remat=bool(cfg.train.remat),
-                      scan_layers=bool(cfg.train.scan_layers))
+                      **model_runtime(cfg.train))
 
 
 def _hub_config(repo_id: str) -> dict[str, Any]:
@@ -347,7 +346,7 @@ def _abstract_sampler(mc: Any, probe: Any, mesh: Any, prompt_tokens: int) -> dic
     sampler = S.Sampler(model, None)
     sampler.mesh = mesh
     state = nnx.state(model)
-    sampler._set_state(_sharded(state, state_shardings(state, mesh)))
+    sampler.set_state(_sharded(state, state_shardings(state, mesh)))
     dp = data_parallel_size(mesh)
     b = S._round_up(S.next_pow2(int(probe.batch_size)), dp)
     width = S.next_pow2(prompt_tokens, S.MIN_BUCKET)

@@ -530,6 +530,14 @@ def _spec(x: Any) -> tuple:
     return (x.shape, str(x.dtype), getattr(x, "sharding", None))
 
 
+def _over_leaves(fn: Callable, treedef: Any) -> Callable:
+    """`fn(state, ...)` as a function of the state's flat leaves."""
+    def call(leaves: list, *more: Any, **kw: Any) -> Any:
+        return fn(jax.tree.unflatten(treedef, leaves), *more, **kw)
+
+    return call
+
+
 class Sampler:
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
     shape. Call `refresh(model)` after the model's weights change."""
@@ -547,7 +555,7 @@ class Sampler:
         self.mesh = mesh
         self.chunk = chunk
         self.compact = compact
-        self._set_state(self._place(state))
+        self.set_state(self._place(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
@@ -557,9 +565,10 @@ class Sampler:
 
     def refresh(self, model: Transformer) -> None:
         """Use `model`'s current weights (same architecture) from now on."""
-        self._set_state(self._place(nnx.state(model)))
+        self.set_state(self._place(nnx.state(model)))
 
-    def _set_state(self, state: Any) -> None:
+    def set_state(self, state: Any) -> None:
+        """Use this NNX state (already placed where the sampler runs) as the weights."""
         # Compiled functions take the state as its flat leaves: flattening NNX Variables on
         # every call was a tenth of the probe's host time.
         self.state = state
@@ -664,17 +673,10 @@ class Sampler:
         compiled = _COMPILED.get(key)
         if compiled is None:
             t0 = time.perf_counter()
-            if with_state:
-                treedef = self._state_treedef
-
-                def flat_fn(leaves: list, *more: Any, **kw: Any) -> Any:
-                    return fn(jax.tree.unflatten(treedef, leaves), *more, **kw)
-
-                jitted = jax.jit(flat_fn, static_argnames=tuple(static), donate_argnums=donate)
-                compiled = jitted.lower(self._state_leaves, *rest, **static).compile()
-            else:
-                jitted = jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate)
-                compiled = jitted.lower(*args, **static).compile()
+            target, lower_args = ((_over_leaves(fn, self._state_treedef), (self._state_leaves, *rest))
+                                  if with_state else (fn, args))
+            jitted = jax.jit(target, static_argnames=tuple(static), donate_argnums=donate)
+            compiled = jitted.lower(*lower_args, **static).compile()
             self.stats.compile_seconds += time.perf_counter() - t0
             self.stats.compiles += 1
             _COMPILED[key] = compiled

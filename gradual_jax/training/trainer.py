@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
+from gradual_jax.config import model_runtime
 from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, constrain_batch, rope_inv_freq
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError
@@ -228,13 +229,13 @@ class Trainer:
 
     # -- setup
 
-    def _configure_runtime(self, dropout: float, remat: bool, scan_layers: bool = False) -> None:
+    def _configure_runtime(self, cfg: Any) -> None:
         if self._runtime is None:
             self._runtime = (self.model.config, [layer.dropout_rate for layer in self.model.layers])
-        self.model.config = self.model.config.replace(dropout_rate=float(dropout), remat=bool(remat),
-                                                      scan_layers=bool(scan_layers))
+        switches = model_runtime(cfg)
+        self.model.config = self.model.config.replace(**switches)
         for layer in self.model.layers:
-            layer.dropout_rate = float(dropout)
+            layer.dropout_rate = switches["dropout_rate"]
 
     def _restore_runtime(self) -> None:
         if self._runtime is not None:
@@ -264,7 +265,7 @@ class Trainer:
                                 "merge them first (gradual_jax.training.lora.merge_lora)")
         if rank > 0 and float(getattr(lora, "dropout", 0.0) or 0.0) > 0:
             warnings.warn("lora.dropout is not supported by the model's LoRA path and is ignored")
-        self._configure_runtime(cfg.dropout, cfg.remat, cfg.scan_layers)
+        self._configure_runtime(cfg)
         self.cfg = cfg
         self.total_steps = int(total_steps)
         self.grad_accum = int(cfg.grad_accum)
@@ -521,7 +522,7 @@ class Trainer:
                     try:
                         score = float(eval_fn(self.model, dev_subset))
                     finally:
-                        self._configure_runtime(cfg.dropout, cfg.remat, cfg.scan_layers)
+                        self._configure_runtime(cfg)
                     entry["dev_accuracy"] = _nan_to_none(score)
                     if metrics is not None:
                         metrics.write(step, {"dev_accuracy": score, "epoch": epoch + 1})
