@@ -8,7 +8,8 @@ and ends with the same numbers:
     <run>/config.yaml, run.json            the configuration and its hash
     <run>/seed_<s>/prompts.json            few-shot prompt sets (and noise_prompts.json)
     <run>/seed_<s>/stage0/{train,test}.jsonl   SliCK records of the base model (chunk-resumable)
-    <run>/seed_<s>/noise/{train,test}.jsonl    noise control: same model, other seed and prompts
+    <run>/seed_<s>/noise/train.jsonl       noise control: same model, other seed and prompts
+    <run>/seed_<s>/probe_index.json        weights digest -> records already probed with them
     <run>/seed_<s>/<arm>/<stage>/ckpt/     Orbax checkpoints within the stage (epoch-resumable)
     <run>/seed_<s>/<arm>/<stage>/params/   the stage's selected model
     <run>/seed_<s>/<arm>/<stage>/{train,test}.jsonl, stage.json, state.json
@@ -23,6 +24,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
 log = logging.getLogger("gradual_jax")
 
 NOISE_SEED_OFFSET = 10_000
+PROBE_INDEX = "probe_index.json"
 
 
 class PipelineError(ValueError):
@@ -91,8 +94,10 @@ class SeedRun:
     def __init__(self, cfg: RunConfig, res: Resources, seed: int, root: Path,
                  engine_factory: Callable[[Any], Any], trainer_fn: Callable[..., tuple[Any, dict]],
                  accuracy_fn: Callable[[Any, Sequence[QAExample], str], dict[str, bool]],
-                 params_io: tuple[Callable[[Path, Any], None], Callable[[Path], Any]]):
+                 params_io: tuple[Callable[[Path, Any], None], Callable[[Path], Any]],
+                 model_digest: Callable[[Any], str] | None = None):
         self.cfg, self.res, self.seed, self.root = cfg, res, seed, root
+        self.model_digest = model_digest
         self.engine_factory = engine_factory
         self.trainer_fn = trainer_fn
         self.accuracy_fn = accuracy_fn
@@ -116,11 +121,48 @@ class SeedRun:
             k=self.cfg.probe.k_shot, seed=seed))
 
     def probe(self, model: Any, split: str, out: Path, *, noise: bool = False) -> list[dict]:
+        """SliCK records of `model` on `split`, written to `out` (resumable).
+
+        A model with the same weights as one probed before in this seed (one-stage fine-tuning
+        and two-stage's stage 1 select the same epoch from the same data order, for example)
+        gets a copy of those records instead of a second probe: the probe is deterministic in
+        weights, prompts and seed, so the copy is what probing would write.
+        """
         seed = self.seed + (NOISE_SEED_OFFSET if noise else 0)
+        key = None
+        if self.model_digest is not None:
+            key = f"{self.model_digest(model)}/{split}/{'noise' if noise else 'probe'}"
+            self._reuse_records(key, out)
         probe = Probe(self.engine_factory(model), self.prompt_sets(noise), probe_settings(self.cfg, seed),
                       model_id=self.res.model_id)
         log.info("probe %s -> %s", split, out)
-        return probe.run(self.res.splits[split], out)
+        records = probe.run(self.res.splits[split], out)
+        if key is not None:
+            index = self._probe_index()
+            index.setdefault(key, str(out.relative_to(self.root)))
+            write_json(self.root / PROBE_INDEX, index)
+        return records
+
+    def _probe_index(self) -> dict[str, str]:
+        path = self.root / PROBE_INDEX
+        return read_json(path) if path.exists() else {}
+
+    def _reuse_records(self, key: str, out: Path) -> None:
+        """Copy the finished records indexed under `key` to `out` (and its fingerprint sidecar),
+        unless `out` already has records. The records file appears whole or not at all."""
+        done = self._probe_index().get(key)
+        if done is None or out.exists():
+            return
+        src = self.root / done
+        meta = src.with_name(src.name + ".meta.json")
+        if src == out or not src.exists() or not meta.exists():
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(meta, out.with_name(out.name + ".meta.json"))
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out)
+        log.info("probe %s: same weights as %s, records reused", out, src)
 
     # ---------------------------------------------------------------- arms
 
@@ -134,8 +176,9 @@ class SeedRun:
         self.stage0_test = stage0["test"]
         noise = None
         if self.cfg.noise_control:
-            noise = {s: by_category(self.probe(self.res.model, s, self.root / "noise" / f"{s}.jsonl",
-                                               noise=True)) for s in ("train", "test")}
+            # Train only: the report reads noise off train moves; a test re-probe would go unread.
+            noise = {"train": by_category(self.probe(self.res.model, "train", self.root / "noise" / "train.jsonl",
+                                                     noise=True))}
         state0 = curriculum.initial_state([{"id": i, "category": stage0["train"][i]} for i in self.train_ids])
         arms: dict[str, dict] = {}
         for arm in self._arm_order():

@@ -5,6 +5,7 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import shutil
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from gradual_jax.config import RunConfig, TrainConfig
@@ -132,7 +134,19 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
         return model
 
     return {"engine_factory": engine_factory, "trainer_fn": trainer_fn,
-            "accuracy_fn": accuracy_fn, "params_io": (save_params, load_params)}
+            "accuracy_fn": accuracy_fn, "params_io": (save_params, load_params),
+            "model_digest": model_digest}
+
+
+def model_digest(model: Any) -> str:
+    """A hex digest of every array in `model`'s state (path, dtype, shape and bytes): equal
+    digests mean the same weights, so the same probe records."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+        value = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
 
 
 def _to_default_device(model: Any) -> None:

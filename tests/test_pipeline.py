@@ -1,0 +1,116 @@
+"""SeedRun's probe step: records of a model whose weights were probed before are copied, not
+probed again, and the copy is what a fresh probe writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from gradual_jax.config import load_config
+from gradual_jax.pipeline import PROBE_INDEX, Resources, SeedRun
+from gradual_jax.runtime import JaxEngine, model_digest
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
+
+
+class CountingEngine:
+    """A JaxEngine that counts the calls reaching the model."""
+
+    calls = 0
+
+    def __init__(self, model, tokenizer):
+        self.inner = JaxEngine(model, tokenizer, batch_size=64)
+
+    def greedy(self, *args, **kw):
+        CountingEngine.calls += 1
+        return self.inner.greedy(*args, **kw)
+
+    def sample(self, *args, **kw):
+        CountingEngine.calls += 1
+        return self.inner.sample(*args, **kw)
+
+    def answer_probability(self, *args, **kw):
+        CountingEngine.calls += 1
+        return self.inner.answer_probability(*args, **kw)
+
+
+@pytest.fixture(scope="module")
+def resources(smoke_world, smoke_model):
+    model, tokenizer = smoke_model
+    train, seen = [], {}
+    for e in smoke_world.examples["train"]:  # two questions a relation keep the module fast
+        if seen.setdefault(e.relation, 0) < 2:
+            seen[e.relation] += 1
+            train.append(e)
+    splits = {"train": train, "dev": list(smoke_world.examples["dev"]),
+              "test": list(smoke_world.examples["test"])[:4]}
+    return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id="smoke")
+
+
+def seed_run(resources, root, digest=model_digest) -> SeedRun:
+    def unused(*_args, **_kw):
+        raise AssertionError("the probe step must not train, evaluate or load")
+
+    return SeedRun(load_config(SMOKE), resources, 0, root,
+                   engine_factory=lambda m: CountingEngine(m, resources.tokenizer),
+                   trainer_fn=unused, accuracy_fn=unused, params_io=(unused, unused),
+                   model_digest=digest)
+
+
+def copy_of(model):
+    twin = nnx.clone(model)
+    nnx.update(twin, jax.tree.map(lambda x: x.copy(), nnx.state(twin)))
+    return twin
+
+
+def test_model_digest_tells_weights_apart(smoke_model):
+    model, _ = smoke_model
+    twin = copy_of(model)
+    assert model_digest(twin) == model_digest(model)
+    twin.embed[...] = twin.embed[...].at[0, 0].add(jnp.float32(1e-6))
+    assert model_digest(twin) != model_digest(model)
+    half = copy_of(model)
+    nnx.update(half, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(half)))
+    assert model_digest(half) != model_digest(model)
+
+
+def test_same_weights_get_the_records_without_a_probe(resources, tmp_path):
+    run = seed_run(resources, tmp_path)
+    CountingEngine.calls = 0
+    first = run.probe(resources.model, "train", tmp_path / "two_stage" / "stage1" / "train.jsonl")
+    assert CountingEngine.calls > 0
+
+    CountingEngine.calls = 0
+    twin = copy_of(resources.model)
+    reused = run.probe(twin, "train", tmp_path / "one_stage" / "stage1" / "train.jsonl")
+    assert CountingEngine.calls == 0
+    assert reused == first
+
+    # The independent reference: a run that never reuses, probing the same weights afresh.
+    fresh = seed_run(resources, tmp_path / "fresh", digest=None).probe(
+        twin, "train", tmp_path / "fresh" / "train.jsonl")
+    assert fresh == reused
+    assert ((tmp_path / "one_stage" / "stage1" / "train.jsonl").read_bytes()
+            == (tmp_path / "fresh" / "train.jsonl").read_bytes())
+
+    index = json.loads((tmp_path / PROBE_INDEX).read_text())
+    assert sorted(index.values()) == ["two_stage/stage1/train.jsonl"]
+
+
+def test_other_weights_other_split_or_noise_are_probed(resources, tmp_path):
+    run = seed_run(resources, tmp_path)
+    run.probe(resources.model, "train", tmp_path / "a" / "train.jsonl")
+    changed = copy_of(resources.model)
+    changed.embed[...] = changed.embed[...] * 1.01
+    for model, split, noise, out in [(changed, "train", False, "b/train.jsonl"),
+                                     (resources.model, "test", False, "a/test.jsonl"),
+                                     (resources.model, "train", True, "noise/train.jsonl")]:
+        CountingEngine.calls = 0
+        run.probe(model, split, tmp_path / out, noise=noise)
+        assert CountingEngine.calls > 0, out
+    assert len(json.loads((tmp_path / PROBE_INDEX).read_text())) == 4
