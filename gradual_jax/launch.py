@@ -8,6 +8,7 @@ weights and prints whether it fits (see `gradual_jax.plan`).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import logging
 import sys
 import time
@@ -149,6 +150,8 @@ def enable_compilation_cache() -> Path | None:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Run every seed of the configuration (resuming what is done) and write the report."""
+    import jax
+
     from gradual_jax import report
     from gradual_jax.pipeline import SeedRun, write_json
     from gradual_jax.runtime import make_runtime
@@ -157,11 +160,20 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     root = prepare_run_dir(cfg)
     res = load_resources(cfg)
     runtime = make_runtime(cfg, res)
-    results = []
-    for seed in cfg.seeds:
+    def run_seed(seed: int) -> dict:
         log.info("seed %d", seed)
-        seed_run = SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime)
-        results.append(seed_run.run())
+        return SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime).run()
+
+    workers = min(cfg.seed_workers, len(cfg.seeds))
+    if workers > 1 and jax.process_count() > 1:
+        # Every host must issue the same collectives in the same order: one seed at a time.
+        log.warning("seed_workers=%d ignored: %d processes", workers, jax.process_count())
+        workers = 1
+    if workers == 1:
+        results = [run_seed(seed) for seed in cfg.seeds]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="seed") as pool:
+            results = list(pool.map(run_seed, cfg.seeds))
     rep = report.build_report(results, config=to_dict(cfg))
     rep["invocation_seconds"] = time.time() - t0  # this command only; a resumed run is shorter
     paths = report.write_report(rep, results, root)

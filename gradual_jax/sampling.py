@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -520,10 +521,24 @@ _COMPILED: dict[Any, Any] = {}
 # Graph definitions and state layouts interned to small ints: hashing a 30-layer GraphDef or the
 # state's treedef on every call cost a third of a SmolLM2 probe's host time.
 _INTERNED: dict[Any, int] = {}
+# Samplers run from several threads at once (the pipeline's parallel seeds): interning must hand
+# out each number once, and an executable being compiled is waited for, not compiled twice.
+_INTERN_LOCK = threading.Lock()
+_COMPILE_LOCKS: dict[Any, threading.Lock] = {}
+_COMPILE_LOCKS_GUARD = threading.Lock()
 
 
 def _intern(value: Any) -> int:
-    return _INTERNED.setdefault(value, len(_INTERNED))
+    found = _INTERNED.get(value)
+    if found is not None:
+        return found
+    with _INTERN_LOCK:
+        return _INTERNED.setdefault(value, len(_INTERNED))
+
+
+def _compile_lock(key: Any) -> threading.Lock:
+    with _COMPILE_LOCKS_GUARD:
+        return _COMPILE_LOCKS.setdefault(key, threading.Lock())
 
 
 def _spec(x: Any) -> tuple:
@@ -672,14 +687,17 @@ class Sampler:
                tuple(_spec(x) for x in jax.tree.leaves(rest)))
         compiled = _COMPILED.get(key)
         if compiled is None:
-            t0 = time.perf_counter()
-            target, lower_args = ((_over_leaves(fn, self._state_treedef), (self._state_leaves, *rest))
-                                  if with_state else (fn, args))
-            jitted = jax.jit(target, static_argnames=tuple(static), donate_argnums=donate)
-            compiled = jitted.lower(*lower_args, **static).compile()
-            self.stats.compile_seconds += time.perf_counter() - t0
-            self.stats.compiles += 1
-            _COMPILED[key] = compiled
+            with _compile_lock(key):
+                compiled = _COMPILED.get(key)
+                if compiled is None:
+                    t0 = time.perf_counter()
+                    target, lower_args = ((_over_leaves(fn, self._state_treedef), (self._state_leaves, *rest))
+                                          if with_state else (fn, args))
+                    jitted = jax.jit(target, static_argnames=tuple(static), donate_argnums=donate)
+                    compiled = jitted.lower(*lower_args, **static).compile()
+                    self.stats.compile_seconds += time.perf_counter() - t0
+                    self.stats.compiles += 1
+                    _COMPILED[key] = compiled
         if with_state:
             leaves = self._state_leaves
             return lambda *a: compiled(leaves, *a[1:])
@@ -1038,6 +1056,7 @@ class Sampler:
 
 
 _SAMPLERS: "weakref.WeakKeyDictionary[Transformer, Sampler]" = weakref.WeakKeyDictionary()
+_SAMPLERS_LOCK = threading.Lock()
 
 
 def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) -> Sampler:
@@ -1045,12 +1064,13 @@ def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) 
     tokenizer or mesh differ); a `Sampler` passes through."""
     if isinstance(model, Sampler):
         return model
-    s = _SAMPLERS.get(model)
-    if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh:
-        s = Sampler(model, tokenizer, mesh=mesh)
-        _SAMPLERS[model] = s
-    else:
-        s.refresh(model)
+    with _SAMPLERS_LOCK:
+        s = _SAMPLERS.get(model)
+        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh:
+            s = Sampler(model, tokenizer, mesh=mesh)
+            _SAMPLERS[model] = s
+        else:
+            s.refresh(model)
     return s
 
 

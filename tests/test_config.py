@@ -130,6 +130,7 @@ def test_semantic_validation():
     assert error(None, ["mesh.fsdp=-1"]) == "config key 'mesh.fsdp': only one mesh axis may be -1"
     assert "config key 'data.path'" in error(None, ["data.kind=jsonl"])
     assert "config key 'model.dtype'" in error(None, ["model.dtype=int8"])
+    assert error(None, ["seed_workers=0"]) == "config key 'seed_workers': must be >= 1, got 0"
 
 
 def test_stage_select_and_train_overrides_are_validated(tmp_path):
@@ -195,6 +196,8 @@ def test_config_hash_stable_under_key_order_and_sensitive_to_values(tmp_path):
     # Where the run is stored does not change what it computes.
     assert C.config_hash(load_config(a, ["run_dir=/elsewhere"])) == ha
     assert C.config_hash(load_config(a, ["run_dir=/elsewhere"]), exclude=()) != ha
+    # Nor how many seeds run at once: a run may resume with another worker count.
+    assert C.config_hash(load_config(a, ["seed_workers=2"])) == ha
     cfg = load_config(a, [])
     assert C.config_hash(cfg, exclude=("run_dir", "train.lr")) == C.config_hash(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5)),

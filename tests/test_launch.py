@@ -62,6 +62,19 @@ def test_second_invocation_resumes_everything(smoke_run, capsys):
     assert time.time() - t0 < first_seconds
 
 
+def test_seeds_in_parallel_threads_give_the_sequential_report(smoke_run, tmp_path):
+    root, _ = smoke_run
+    assert main([SMOKE, f"run_dir={tmp_path}", "seed_workers=2"]) == 0
+    parallel = json.loads((tmp_path / "smoke" / "report.json").read_text())
+    assert _report_numbers(parallel) == _report_numbers(json.loads((root / "report.json").read_text()))
+    for seed in (0, 1):  # every probe record too, not only the aggregates
+        for probe in sorted((root / f"seed_{seed}").rglob("*.jsonl")):
+            if probe.name == "metrics.jsonl":
+                continue
+            twin = tmp_path / "smoke" / probe.relative_to(root)
+            assert twin.read_bytes() == probe.read_bytes(), probe.relative_to(root)
+
+
 def test_run_dir_of_another_configuration_is_refused(smoke_run, capsys):
     root, _ = smoke_run
     before = (root / "report.json").read_bytes()

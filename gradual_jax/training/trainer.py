@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ from gradual_jax.training.sharding import (
 log = logging.getLogger(__name__)
 
 _STEP_CACHE: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+_STEP_CACHE_LOCK = threading.Lock()
 _STEP_CACHE_SIZE = 8
 
 EvalFn = Callable[[Transformer, Sequence[Any]], float]
@@ -281,24 +283,25 @@ class Trainer:
         # Trainers with the same model structure, optimizer settings and mesh share the traced and
         # compiled functions (pipeline stages and arms often do).
         key = self._cache_key(cfg)
-        cached = _STEP_CACHE.get(key)
-        if cached is None:
-            tx = make_optimizer(cfg, self.total_steps)
-            init_fn = self._make_init_fn(tx)
-        else:
-            tx, init_fn, step_fn = cached
-        self._gd_opt, self._opt_state = init_fn(self._trainable, self._frozen)
-        if cached is None:
-            trainable_sh = state_shardings(self._trainable, mesh)
-            opt_sh = state_shardings(self._opt_state, mesh)
-            step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
-                              out_shardings=(trainable_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
-                              compiler_options=self.compiler_options)
-            _STEP_CACHE[key] = (tx, init_fn, step_fn)
-            while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-                _STEP_CACHE.popitem(last=False)
-        else:
-            _STEP_CACHE.move_to_end(key)
+        with _STEP_CACHE_LOCK:  # pipeline seeds may build trainers from several threads
+            cached = _STEP_CACHE.get(key)
+            if cached is None:
+                tx = make_optimizer(cfg, self.total_steps)
+                init_fn = self._make_init_fn(tx)
+            else:
+                tx, init_fn, step_fn = cached
+            self._gd_opt, self._opt_state = init_fn(self._trainable, self._frozen)
+            if cached is None:
+                trainable_sh = state_shardings(self._trainable, mesh)
+                opt_sh = state_shardings(self._opt_state, mesh)
+                step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
+                                  out_shardings=(trainable_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
+                                  compiler_options=self.compiler_options)
+                _STEP_CACHE[key] = (tx, init_fn, step_fn)
+                while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+                    _STEP_CACHE.popitem(last=False)
+            else:
+                _STEP_CACHE.move_to_end(key)
         self._step_fn = step_fn
         self._ready = True
 
