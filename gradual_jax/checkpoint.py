@@ -18,14 +18,16 @@ fingerprint) as a stand-alone snapshot, e.g. the model after each pipeline stage
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,22 @@ class CheckpointError(_ModelCheckpointError):
 
 
 # ----------------------------------------------------------------------------- fingerprints
+
+
+# Orbax numbers its save operations per process and coordinates them through shared signal
+# keys: two saves in flight from different threads (the pipeline's parallel seeds) time out
+# waiting on each other's keys. Every Orbax call here holds this lock; threads that share the
+# process also save synchronously (`async_save=False`), so no save outlives its call.
+ORBAX_LOCK = threading.RLock()
+
+
+def _orbax_serialized(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with ORBAX_LOCK:
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def _is_variable(x: Any) -> bool:
@@ -116,6 +134,7 @@ class CheckpointManager:
     asynchronous unless ``async_save=False``.
     """
 
+    @_orbax_serialized
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, save_interval_steps: int = 0,
                  async_save: bool = True):
         if max_to_keep < 1:
@@ -179,6 +198,7 @@ class CheckpointManager:
         """Whether ``step`` is a mid-epoch save point."""
         return self.save_interval_steps > 0 and step % self.save_interval_steps == 0
 
+    @_orbax_serialized
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
         """Start saving ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``.
 
@@ -190,6 +210,7 @@ class CheckpointManager:
         self._steps.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(dict(meta))), force=True)
 
+    @_orbax_serialized
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """``(step, state, meta)`` from the newest readable step, or None when there is none.
 
@@ -235,6 +256,7 @@ class CheckpointManager:
 
     # -- best epoch
 
+    @_orbax_serialized
     def save_best(self, epoch: int, params: Any) -> None:
         """Save the trainable params of epoch ``epoch`` as the best so far (kept if already saved)."""
         self._best.reload()
@@ -242,6 +264,7 @@ class CheckpointManager:
             return
         self._best.save(epoch, args=ocp.args.StandardSave(params), force=True)
 
+    @_orbax_serialized
     def restore_best(self, epoch: int, abstract_params: Any) -> Any | None:
         """The best params saved for ``epoch``, or None (with a warning) if they are missing or unreadable."""
         self._best.wait_until_finished()
@@ -255,11 +278,13 @@ class CheckpointManager:
             warnings.warn(f"{self.directory}: best params of epoch {epoch} unreadable ({type(err).__name__})")
             return None
 
+    @_orbax_serialized
     def wait(self) -> None:
         """Block until every pending asynchronous save is on disk."""
         self._steps.wait_until_finished()
         self._best.wait_until_finished()
 
+    @_orbax_serialized
     def close(self) -> None:
         self.wait()
         self._steps.close()
@@ -275,6 +300,7 @@ class CheckpointManager:
 # ----------------------------------------------------------------------------- model snapshots
 
 
+@_orbax_serialized
 def save_model_params(directory: str | Path, model: nnx.Module) -> Path:
     """Write every variable of ``model`` to ``directory`` (which must not exist yet).
 
@@ -299,6 +325,7 @@ def save_model_params(directory: str | Path, model: nnx.Module) -> Path:
     return directory
 
 
+@_orbax_serialized
 def restore_model_params(directory: str | Path, abstract_model: nnx.Module, *,
                          mesh: Mesh | None = None) -> nnx.Module:
     """A concrete model shaped like ``abstract_model`` with the params saved in ``directory``.

@@ -107,7 +107,8 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, seed=seed, progress=True)
-        manager = CheckpointManager(ckpt_dir, max_to_keep=2)
+        # Seeds running in threads save synchronously: see checkpoint.ORBAX_LOCK.
+        manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=cfg.seed_workers == 1)
         with MetricsWriter(metrics_dir) as metrics:
             result = trainer.fit(examples, dev, train_cfg, checkpoint_manager=manager, metrics=metrics)
         if train_cfg.lora.rank > 0:
