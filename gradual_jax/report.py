@@ -573,7 +573,12 @@ def render_markdown(report: Mapping) -> str:
     lines += ["## Plots", ""] + [f"- [{p}]({p})" for p in plot_files(report)] + [""]
     wall = report["wall_seconds"]
     per_seed = fmt_mi(wall["per_seed"], digits=1)
-    lines += [f"Wall time: {wall['total']:.1f} s in all; per seed {per_seed} s.", ""]
+    lines += [f"Seed time: {wall['total']:.1f} s summed over seeds (seeds run at once overlap in "
+              f"wall time); per seed {per_seed} s."]
+    if report.get("invocation_seconds") is not None:
+        lines += [f"This command: {report['invocation_seconds']:.1f} s wall, loading included "
+                  "(less when it resumed a run)."]
+    lines += [""]
     return "\n".join(lines)
 
 

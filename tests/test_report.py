@@ -197,6 +197,9 @@ def test_markdown_shows_figures(rep):
     assert "noise control" in md and "excludes 0" in md
     assert "(categories.png)" in md and "(transitions_two_stage_stage2.png)" in md
     assert "One seed" not in md
+    # seed times 10 and 14 s: their sum is not the wall time when seeds ran at once
+    assert "Seed time: 24.0 s summed over seeds" in md and "This command" not in md
+    assert "This command: 20.5 s wall" in R.render_markdown({**rep, "invocation_seconds": 20.5})
 
 
 def test_write_report_files(rep, tmp_path):
