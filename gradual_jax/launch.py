@@ -160,6 +160,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     root = prepare_run_dir(cfg)
     res = load_resources(cfg)
     runtime = make_runtime(cfg, res)
+
     def run_seed(seed: int) -> dict:
         log.info("seed %d", seed)
         return SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime).run()
