@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
@@ -103,6 +104,20 @@ def model_fingerprint(model: nnx.Module) -> str:
         arch = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RUNTIME_FIELDS}
     text = json.dumps({"config": arch, "tree": _tree_signature(nnx.state(model))}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_digest(model: nnx.Module) -> str:
+    """A hash of every array in ``model``'s state: path, dtype, shape and bytes.
+
+    Unlike ``model_fingerprint`` (structure only), equal digests mean the same weights, so
+    anything computed from one model (a probe's records) holds for the other.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+        value = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
+        h.update(np.ascontiguousarray(value).tobytes())
+    return h.hexdigest()
 
 
 def multihost_sync(name: str) -> None:

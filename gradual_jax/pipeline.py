@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,9 @@ class SeedRun:
                  model_digest: Callable[[Any], str] | None = None):
         self.cfg, self.res, self.seed, self.root = cfg, res, seed, root
         self.model_digest = model_digest
+        # Models are not changed once probed (training works on a copy): a stage's model is
+        # probed on train and test, the base model three times, and each is hashed once.
+        self._digests: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self.engine_factory = engine_factory
         self.trainer_fn = trainer_fn
         self.accuracy_fn = accuracy_fn
@@ -131,7 +135,9 @@ class SeedRun:
         seed = self.seed + (NOISE_SEED_OFFSET if noise else 0)
         key = None
         if self.model_digest is not None:
-            key = f"{self.model_digest(model)}/{split}/{'noise' if noise else 'probe'}"
+            if model not in self._digests:
+                self._digests[model] = self.model_digest(model)
+            key = f"{self._digests[model]}/{split}/{'noise' if noise else 'probe'}"
             self._reuse_records(key, out)
         probe = Probe(self.engine_factory(model), self.prompt_sets(noise), probe_settings(self.cfg, seed),
                       model_id=self.res.model_id)

@@ -5,7 +5,6 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import shutil
 from collections.abc import Sequence
@@ -13,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 
 from gradual_jax.config import RunConfig, TrainConfig
@@ -82,7 +80,7 @@ def _epochs_for_budget(cfg: TrainConfig, n_examples: int, max_steps: int) -> int
 
 def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
     """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer and settings."""
-    from gradual_jax.checkpoint import CheckpointManager, restore_model_params, save_model_params
+    from gradual_jax.checkpoint import CheckpointManager, model_digest, restore_model_params, save_model_params
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.training.lora import apply_lora, merge_lora
     from gradual_jax.training.metrics import MetricsWriter
@@ -137,17 +135,6 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
     return {"engine_factory": engine_factory, "trainer_fn": trainer_fn,
             "accuracy_fn": accuracy_fn, "params_io": (save_params, load_params),
             "model_digest": model_digest}
-
-
-def model_digest(model: Any) -> str:
-    """A hex digest of every array in `model`'s state (path, dtype, shape and bytes): equal
-    digests mean the same weights, so the same probe records."""
-    h = hashlib.blake2b(digest_size=16)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
-        value = np.asarray(leaf)
-        h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
-        h.update(np.ascontiguousarray(value).tobytes())
-    return h.hexdigest()
 
 
 def _to_default_device(model: Any) -> None:

@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from gradual_jax.config import load_config
+from gradual_jax.checkpoint import model_digest
 from gradual_jax.pipeline import PROBE_INDEX, Resources, SeedRun
-from gradual_jax.runtime import JaxEngine, model_digest
+from gradual_jax.runtime import JaxEngine
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml"
 
