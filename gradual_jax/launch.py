@@ -159,17 +159,17 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     t0 = time.time()
     root = prepare_run_dir(cfg)
     res = load_resources(cfg)
-    runtime = make_runtime(cfg, res)
-
-    def run_seed(seed: int) -> dict:
-        log.info("seed %d", seed)
-        return SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime).run()
-
     workers = min(cfg.seed_workers, len(cfg.seeds))
     if workers > 1 and jax.process_count() > 1:
         # Every host must issue the same collectives in the same order: one seed at a time.
         log.warning("seed_workers=%d ignored: %d processes", workers, jax.process_count())
         workers = 1
+    runtime = make_runtime(cfg, res, threaded_seeds=workers > 1)
+
+    def run_seed(seed: int) -> dict:
+        log.info("seed %d", seed)
+        return SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime).run()
+
     if workers == 1:
         results = [run_seed(seed) for seed in cfg.seeds]
     else:

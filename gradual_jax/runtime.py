@@ -78,8 +78,12 @@ def _epochs_for_budget(cfg: TrainConfig, n_examples: int, max_steps: int) -> int
     return max(1, round(max_steps / per_epoch))
 
 
-def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
-    """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer and settings."""
+def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False) -> dict[str, Any]:
+    """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer and settings.
+
+    ``threaded_seeds``: seeds will call these from several threads at once, so checkpoints are
+    saved synchronously (see `checkpoint.ORBAX_LOCK`).
+    """
     from gradual_jax.checkpoint import CheckpointManager, model_digest, restore_model_params, save_model_params
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.training.lora import apply_lora, merge_lora
@@ -105,8 +109,7 @@ def make_runtime(cfg: RunConfig, res: Any) -> dict[str, Any]:
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, seed=seed, progress=True)
-        # Seeds running in threads save synchronously: see checkpoint.ORBAX_LOCK.
-        manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=cfg.seed_workers == 1)
+        manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds)
         with MetricsWriter(metrics_dir) as metrics:
             result = trainer.fit(examples, dev, train_cfg, checkpoint_manager=manager, metrics=metrics)
         if train_cfg.lora.rank > 0:
