@@ -79,12 +79,18 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+def _interval(row: dict[str, Any], category: str) -> tuple[str, str]:
+    low, high = row["interval_95"][category]
+    return _pct(low), _pct(high)
+
+
 def format_text(summary: dict[str, Any]) -> str:
     """Fixed-width table: share (and 95% interval) of each category per relation."""
-    head = f"{'relation':<9}{'n':>6}" + "".join(f"{SHORT[c] + ' % [95%]':>21}" for c in CATEGORIES) + f"{'P_greedy':>10}"
+    head = (f"{'relation':<9}{'n':>6}" + "".join(f"{SHORT[c] + ' % [95%]':>21}" for c in CATEGORIES)
+            + f"{'P_greedy':>10}")
     lines = [head]
     for row in [*summary["relations"], summary[ALL]]:
-        cells = "".join(f"{_pct(row['share'][c]):>8} [{_pct(row['interval_95'][c][0]):>4}-{_pct(row['interval_95'][c][1]):>5}]"
+        cells = "".join(f"{_pct(row['share'][c]):>8} [{_interval(row, c)[0]:>4}-{_interval(row, c)[1]:>5}]"
                         for c in CATEGORIES)
         lines.append(f"{row['relation']:<9}{row['n']:>6}{cells}{row['p_greedy_mean']:>10.3f}")
     macro = summary[MACRO]
@@ -95,18 +101,19 @@ def format_text(summary: dict[str, Any]) -> str:
 
 def format_markdown(summary: dict[str, Any]) -> str:
     """Markdown table: per relation n and each category's share in % with its 95% interval."""
+    def cell(row: dict[str, Any], c: str, bold: bool = False) -> str:
+        share = f"**{_pct(row['share'][c])}**" if bold else _pct(row["share"][c])
+        return f"{share} ({'-'.join(_interval(row, c))})"
+
     lines = ["| relation | n | " + " | ".join(SHORT[c] + " %" for c in CATEGORIES) + " |",
              "|---|---|" + "---|" * len(CATEGORIES)]
     for row in summary["relations"]:
-        cells = " | ".join(f"{_pct(row['share'][c])} ({_pct(row['interval_95'][c][0])}-{_pct(row['interval_95'][c][1])})"
-                           for c in CATEGORIES)
-        lines.append(f"| {row['relation']} | {row['n']} | {cells} |")
+        lines.append(f"| {row['relation']} | {row['n']} | " + " | ".join(cell(row, c) for c in CATEGORIES) + " |")
     row = summary[ALL]
-    cells = " | ".join(f"**{_pct(row['share'][c])}** ({_pct(row['interval_95'][c][0])}-{_pct(row['interval_95'][c][1])})"
-                       for c in CATEGORIES)
-    lines.append(f"| **all** | **{row['n']}** | {cells} |")
+    lines.append(f"| **all** | **{row['n']}** | " + " | ".join(cell(row, c, bold=True) for c in CATEGORIES) + " |")
     macro = summary[MACRO]
-    lines.append(f"| macro ({macro['n']} relations) | | " + " | ".join(_pct(macro["share"][c]) for c in CATEGORIES) + " |")
+    lines.append(f"| macro ({macro['n']} relations) | | " + " | ".join(_pct(macro["share"][c]) for c in CATEGORIES)
+                 + " |")
     return "\n".join(lines)
 
 
