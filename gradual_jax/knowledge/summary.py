@@ -22,6 +22,7 @@ from typing import Any
 
 from gradual_jax.knowledge.categories import CATEGORIES
 from gradual_jax.knowledge.compare import read_records, wilson_interval
+from gradual_jax.knowledge.probe import category_counts
 
 ALL = "all"
 MACRO = "macro"
@@ -30,9 +31,7 @@ SHORT = {"HighlyKnown": "HK", "MaybeKnown": "MK", "WeaklyKnown": "WK", "Unknown"
 
 def _group(records: Sequence[dict], relation: str) -> dict[str, Any]:
     n = len(records)
-    counts = dict.fromkeys(CATEGORIES, 0)
-    for r in records:
-        counts[r["category"]] += 1
+    counts = category_counts(records)
     sampled = [float(r["p_sample"]) for r in records if r.get("p_sample") is not None]
     return {
         "relation": relation,
@@ -90,8 +89,8 @@ def format_text(summary: dict[str, Any]) -> str:
             + f"{'P_greedy':>10}")
     lines = [head]
     for row in [*summary["relations"], summary[ALL]]:
-        cells = "".join(f"{_pct(row['share'][c]):>8} [{_interval(row, c)[0]:>4}-{_interval(row, c)[1]:>5}]"
-                        for c in CATEGORIES)
+        cells = "".join(f"{_pct(row['share'][c]):>8} [{low:>4}-{high:>5}]"
+                        for c in CATEGORIES for low, high in [_interval(row, c)])
         lines.append(f"{row['relation']:<9}{row['n']:>6}{cells}{row['p_greedy_mean']:>10.3f}")
     macro = summary[MACRO]
     lines.append(f"{'macro':<9}{macro['n']:>6}" + "".join(f"{_pct(macro['share'][c]):>8}{'':>13}" for c in CATEGORIES)
