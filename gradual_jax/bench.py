@@ -241,7 +241,7 @@ def _jax_train_stepper(args: argparse.Namespace, model: Any, ids: Any, labels: A
     import jax
     import numpy as np
 
-    from gradual_jax.config import LoRAConfig, TrainConfig
+    from gradual_jax.training.config import LoRAConfig, TrainConfig
     from gradual_jax.training.data import Batch
     from gradual_jax.training.sharding import make_mesh
     from gradual_jax.training.trainer import Trainer

@@ -8,6 +8,7 @@ writes its own shards of each Orbax checkpoint (`tests/test_multihost.py` checks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,10 +18,33 @@ from typing import Any, TypeVar
 import jax
 import numpy as np
 
-from gradual_jax.config import DistributedConfig
+from gradual_jax.configlib import require
 
 log = logging.getLogger("gradual_jax")
 T = TypeVar("T")
+
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host setup for ``jax.distributed.initialize``; unset fields are auto-detected."""
+
+    enabled: bool = False
+    """Join a multi-process job (also on when a cluster environment is detected)."""
+    coordinator_address: str | None = None
+    """host:port of process 0 (default: from the cluster's environment)."""
+    num_processes: int | None = None
+    """Processes in the job (default: from the cluster's environment)."""
+    process_id: int | None = None
+    """This process's index (default: from the cluster's environment)."""
+
+    def __post_init__(self) -> None:
+        n, p = self.num_processes, self.process_id
+        require(n is None or n >= 1, "num_processes", f"must be >= 1, got {n}")
+        require(p is None or p >= 0, "process_id", f"must be >= 0, got {p}")
+        ok = n is None or p is None or p < n
+        require(ok, "process_id", f"must be < num_processes ({n}), got {p}")
+
 
 # Variables that mean "this process is one of several" on the clusters we launch on.
 _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",

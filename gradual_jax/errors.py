@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from gradual_jax.config import ConfigError
+    from gradual_jax.configlib import ConfigError
     from gradual_jax.curriculum import EmptySelection
     from gradual_jax.knowledge.data import DataError
     from gradual_jax.knowledge.probe import ProbeError

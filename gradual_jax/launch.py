@@ -1,14 +1,16 @@
-"""`python -m gradual_jax.launch [CONFIG.yaml] [key=value ...]`: run the Gradual Learning method.
+"""`python -m gradual_jax.launch [CONFIG] [key=value ...]`: run the Gradual Learning method.
 
-Without a config it runs the embedded default (`configs/default.yaml`: the synthetic world).
-The same command resumes a killed run. `--plan` compiles the configuration for its mesh without
-weights and prints whether it fits (see `gradual_jax.plan`).
+CONFIG is a YAML file or the name of a config shipped with the package (default, smoke,
+smollm2_entityquestions, paper/qwen2_7b_lora, ...); without one it runs the embedded default (the
+synthetic world). The same command resumes a killed run. `--plan` compiles the configuration for
+its mesh without weights and prints whether it fits (see `gradual_jax.plan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import logging
 import sys
 import time
@@ -19,23 +21,36 @@ from gradual_jax.config import ConfigError, RunConfig, config_hash, load_config,
 
 log = logging.getLogger("gradual_jax")
 
-PACKAGE_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-DEFAULT_CONFIG = PACKAGE_CONFIGS / "default.yaml"
-
 EXIT_BAD_INPUT = 2
 
 
+def shipped_configs() -> Path:
+    """The configs shipped with the package: `gradual_jax/configs` in an installed wheel, the
+    repository's top-level `configs/` in a source checkout (or an editable install)."""
+    spec = importlib.util.find_spec("gradual_jax.configs")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parents[1] / "configs"
+
+
 def resolve_config_path(arg: str | None) -> Path:
-    """The config file: the argument as a path, else one shipped with the package by name."""
+    """The config file: the argument as a path, else a shipped config by name (`smoke`,
+    `smoke.yaml`, `paper/qwen2_7b_lora`); None is the embedded default."""
+    shipped = shipped_configs()
     if arg is None:
-        return DEFAULT_CONFIG
+        return shipped / "default.yaml"
     path = Path(arg)
-    if path.exists():
+    if path.is_file():
         return path
-    for candidate in (PACKAGE_CONFIGS / arg, PACKAGE_CONFIGS / f"{arg}.yaml"):
-        if candidate.exists():
+    for candidate in (shipped / arg, shipped / f"{arg}.yaml"):
+        if candidate.is_file():
             return candidate
-    raise ConfigError(f"config file {arg} not found (also looked in {PACKAGE_CONFIGS})")
+    names = sorted(str(p.relative_to(shipped).with_suffix("")) for p in shipped.rglob("*.yaml"))
+    raise ConfigError(f"config file {arg} not found; shipped configs ({shipped}): {', '.join(names)}")
+
+
+def _is_shipped(path: Path) -> bool:
+    return path.resolve().is_relative_to(shipped_configs().resolve())
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -60,9 +75,9 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     return root
 
 
-def load_resources(cfg: RunConfig):
-    """Base model, tokenizer and QA splits named by the config."""
-    from gradual_jax.knowledge import data as qa
+def load_resources(cfg: RunConfig, *, shipped_config: str | None = None):
+    """Base model, tokenizer and QA splits named by the config. ``shipped_config``: the name of
+    the shipped config the run came from, for the hint when its relative ``data.path`` is missing."""
     from gradual_jax.models import CheckpointError, load_model, load_tokenizer, resolve_model_source
     from gradual_jax.pipeline import Resources
 
@@ -73,6 +88,8 @@ def load_resources(cfg: RunConfig):
     if source != "world" and not Path(source).exists() and (
             source.endswith(".gguf") or source.startswith((".", "/", "~"))):
         raise ConfigError(f"model.source: {source} does not exist")
+    if cfg.data.kind == "world" and source != "world":
+        raise ConfigError("data.kind 'world' needs model.source 'world' (or set data.kind)")
     if source == "world":
         from gradual_jax.world import build_or_load_world, world_config_from_dict
 
@@ -81,46 +98,72 @@ def load_resources(cfg: RunConfig):
         except ValueError as err:
             raise ConfigError(f"world: {err}") from None
         art = build_or_load_world(world_cfg)
-        model_dir = str(art.model_dir)
-        splits = {s: list(art.examples[s]) for s in ("train", "dev", "test")}
-        source = model_dir
+        source = str(art.model_dir)
+        if cfg.data.kind == "world":
+            splits = {s: list(art.examples[s]) for s in ("train", "dev", "test")}
+        else:  # the world's model asked about another QA set
+            splits = load_splits(cfg, shipped_config=shipped_config)
     else:
-        splits = load_splits(cfg, qa)
+        splits = load_splits(cfg, shipped_config=shipped_config)
     model = load_model(source, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
     tokenizer = load_tokenizer(source)
     return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id=str(source))
 
 
-def load_splits(cfg: RunConfig, qa) -> dict[str, list]:
+def _local_data_path(cfg: RunConfig, shipped_config: str | None) -> Path:
+    root = Path(cfg.data.path)
+    if root.exists():
+        return root
+    hint = ""
+    if not root.is_absolute():
+        hint = f" (relative to the working directory {Path.cwd()}"
+        if shipped_config:
+            hint += (f"; the shipped config {shipped_config} sets it relative to the repository's "
+                     f"root: run from there or give data.path=/path/to/data")
+        hint += ")"
+    raise ConfigError(f"data.path: {root} does not exist{hint}")
+
+
+def load_splits(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, list]:
+    """The train, dev and test QA examples named by ``cfg.data`` (any kind but world), after
+    relation filters and per-relation limits."""
+    from gradual_jax.knowledge import data as qa
+
     d = cfg.data
     if d.kind == "world":
         raise ConfigError("data.kind 'world' needs model.source 'world'")
     if not d.path:
         raise ConfigError(f"data.path: required for data.kind '{d.kind}'")
-    root = Path(d.path)
-    if not root.exists():
-        raise ConfigError(f"data.path: {root} does not exist")
-    if d.kind == "entityquestions":
-        if d.gekhman:
-            # filter the whole splits first (overlap with test), then take the first N
-            splits = qa.gekhman_setup(root)
-        else:
-            rels = d.train_relations
-            # dev holds the few-shot exemplars of every relation the probes ask about
-            dev_rels = None if rels is None else list(dict.fromkeys([*rels, *(d.test_relations or [])]))
-            splits = {
-                "train": qa.load_entityquestions(root, "train", rels),
-                "dev": qa.load_entityquestions(root, "dev", dev_rels),
-                "test": qa.load_entityquestions(root, "test", d.test_relations or rels),
-            }
-        if d.train_relations and d.gekhman:
-            keep = set(d.train_relations)
-            splits["train"] = [e for e in splits["train"] if e.relation in keep]
-        if d.test_relations and d.gekhman:
-            keep = set(d.test_relations)
-            splits["test"] = [e for e in splits["test"] if e.relation in keep]
+    if d.kind == "hf":
+        from gradual_jax.knowledge.sources import load_hf_splits
+
+        splits = load_hf_splits(d.path, name=d.name, splits=d.splits, columns=d.columns,
+                                   relation=d.relation)
+    elif d.kind == "tfds":
+        from gradual_jax.knowledge.sources import load_tfds_splits
+
+        splits = load_tfds_splits(d.path, data_dir=d.data_dir, splits=d.splits,
+                                     columns=d.columns, relation=d.relation)
+    elif d.kind == "entityquestions" and d.gekhman:
+        # filter the whole splits first (overlap with test), then take the first N
+        splits = qa.gekhman_setup(_local_data_path(cfg, shipped_config))
+    elif d.kind == "entityquestions":
+        root = _local_data_path(cfg, shipped_config)
+        rels = d.train_relations
+        # dev holds the few-shot exemplars of every relation the probes ask about
+        dev_rels = None if rels is None else list(dict.fromkeys([*rels, *(d.test_relations or [])]))
+        splits = {
+            "train": qa.load_entityquestions(root, "train", rels),
+            "dev": qa.load_entityquestions(root, "dev", dev_rels),
+            "test": qa.load_entityquestions(root, "test", d.test_relations or rels),
+        }
     else:
+        root = _local_data_path(cfg, shipped_config)
         splits = {s: qa.load_jsonl(root / f"{s}.jsonl", split=s) for s in ("train", "dev", "test")}
+    for split, relations in (("train", d.train_relations), ("test", d.test_relations)):
+        if relations:
+            keep = set(relations)
+            splits[split] = [e for e in splits[split] if e.relation in keep]
     splits["train"] = qa.first_per_relation(splits["train"], d.limit_per_relation)
     splits["dev"] = qa.first_per_relation(splits["dev"], d.dev_limit_per_relation)
     splits["test"] = qa.first_per_relation(splits["test"], d.test_limit_per_relation)
@@ -148,8 +191,9 @@ def enable_compilation_cache() -> Path | None:
     return path
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
-    """Run every seed of the configuration (resuming what is done) and write the report."""
+def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
+    """Run every seed of the configuration (resuming what is done), write the report and, with
+    ``export.enabled``, export the chosen stage's model. Returns the report."""
     import jax
 
     from gradual_jax import report
@@ -158,35 +202,60 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     t0 = time.time()
     root = prepare_run_dir(cfg)
-    res = load_resources(cfg)
+    res = load_resources(cfg, shipped_config=shipped_config)
     workers = min(cfg.seed_workers, len(cfg.seeds))
     if workers > 1 and jax.process_count() > 1:
         # Every host must issue the same collectives in the same order: one seed at a time.
         log.warning("seed_workers=%d ignored: %d processes", workers, jax.process_count())
         workers = 1
-    runtime = make_runtime(cfg, res, threaded_seeds=workers > 1)
+    wandb_run = _open_wandb(cfg, root)
+    runtime = make_runtime(cfg, res, threaded_seeds=workers > 1, run_root=root, wandb_run=wandb_run)
 
     def run_seed(seed: int) -> dict:
         log.info("seed %d", seed)
         return SeedRun(cfg, res, seed, root / f"seed_{seed}", **runtime).run()
 
-    if workers == 1:
-        results = [run_seed(seed) for seed in cfg.seeds]
-    else:
-        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="seed") as pool:
-            results = list(pool.map(run_seed, cfg.seeds))
+    try:
+        if workers == 1:
+            results = [run_seed(seed) for seed in cfg.seeds]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="seed") as pool:
+                results = list(pool.map(run_seed, cfg.seeds))
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
     rep = report.build_report(results, config=to_dict(cfg))
     rep["invocation_seconds"] = time.time() - t0  # this command only; a resumed run is shorter
     paths = report.write_report(rep, results, root)
     write_json(root / "done.json", {"finished": time.time()})
     print(f"report: {root / 'report.md'} ({len(paths)} files)")
+    if cfg.export.enabled:
+        from gradual_jax.export import export_after_run
+
+        out = export_after_run(cfg, root)
+        if out is not None:
+            print(f"export: {out}")
     return rep
 
 
+def _open_wandb(cfg: RunConfig, root: Path) -> Any:
+    from gradual_jax.training.metrics import open_wandb
+
+    try:
+        return open_wandb(cfg.logging, run_name=cfg.name, config=to_dict(cfg), directory=root)
+    except ConfigError as err:
+        raise err.under("logging") from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    from gradual_jax.config import RunConfig, keys_help
+
+    epilog = ("config keys (set in CONFIG or as key=value; lists index as stages.1.lr_scale=0.5):\n"
+              + keys_help(RunConfig))
     parser = argparse.ArgumentParser(prog="python -m gradual_jax.launch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("args", nargs="*", help="CONFIG.yaml (optional, first) then key=value overrides")
+                                     epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("args", nargs="*", help="CONFIG (a YAML file or a shipped config's name; optional, first) "
+                                                "then key=value overrides")
     parser.add_argument("--plan", action="store_true", help="compile for the mesh and report memory; no training")
     parser.add_argument("--devices", type=int, default=None, help="simulated device count for --plan")
     parser.add_argument("--hbm-gib", type=float, default=None, help="target device memory for --plan")
@@ -209,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     from gradual_jax.errors import USER_ERRORS
 
     try:
-        cfg = load_config(resolve_config_path(ns.config), ns.overrides)
+        path = resolve_config_path(ns.config)
+        cfg = load_config(path, ns.overrides)
         if ns.plan:
             from gradual_jax.plan import plan_main
 
@@ -219,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
 
         maybe_initialize(cfg.distributed)
         enable_compilation_cache()
-        run(cfg)
+        shipped = str(path.resolve().relative_to(shipped_configs().resolve()).with_suffix("")) \
+            if _is_shipped(path) else None
+        run(cfg, shipped_config=shipped)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

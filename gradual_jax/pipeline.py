@@ -79,10 +79,8 @@ def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
 
 
 def probe_settings(cfg: RunConfig, seed: int) -> ProbeSettings:
-    p = cfg.probe
-    return ProbeSettings(n_prompts=p.n_prompts, n_samples=p.n_samples, temperature=p.temperature,
-                         top_k=p.top_k, mode=p.mode, seed=seed, max_new_tokens=p.max_new_tokens,
-                         chunk_size=p.chunk_size, screen_threshold=p.screen_threshold)
+    """The run's probe settings for one probe seed (the config's ``probe.seed`` is an offset)."""
+    return dataclasses.replace(cfg.probe, seed=cfg.probe.seed + seed)
 
 
 def by_category(records: Sequence[dict]) -> dict[str, str]:
@@ -119,10 +117,10 @@ class SeedRun:
 
         name = "noise_prompts.json" if noise else "prompts.json"
         relations = sorted({e.relation for split in ("train", "test") for e in self.res.splits[split]})
-        seed = self.seed + (NOISE_SEED_OFFSET if noise else 0)
+        settings = probe_settings(self.cfg, self.seed + (NOISE_SEED_OFFSET if noise else 0))
         return cached_json(self.root / name, lambda: build_prompt_sets(
-            self.res.splits["dev"], relations, n_prompts=self.cfg.probe.n_prompts,
-            k=self.cfg.probe.k_shot, seed=seed))
+            self.res.splits["dev"], relations, n_prompts=settings.n_prompts,
+            k=settings.k_shot, seed=settings.seed))
 
     def probe(self, model: Any, split: str, out: Path, *, noise: bool = False) -> list[dict]:
         """SliCK records of `model` on `split`, written to `out` (resumable).

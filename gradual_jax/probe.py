@@ -1,9 +1,8 @@
 """`python -m gradual_jax.probe`: SliCK categories of any model on a QA set, as JSONL.
 
     python -m gradual_jax.probe --model PATH --data DIR --split train|dev|test \\
-        [--relations P36,P17] [--limit-per-relation N] [--n-prompts 10] [--n-samples 16] \\
-        [--temperature 0.5] [--top-k 40] [--mode lazy|exhaustive|screened] [--seed 0] \\
-        [--prompts-out FILE] [--prompts-in FILE] --out FILE.jsonl
+        [--relations P36,P17] [--limit-per-relation N] [--prompts-out FILE] [--prompts-in FILE] \\
+        [probe settings: --n-prompts 10 --n-samples 16 --mode lazy ...] --out FILE.jsonl
 
 `--model` takes a Hugging Face directory (or repo id) or a GGUF file; `--data` an EntityQuestions
 directory (gzipped JSONL copy or the official JSON release) or a JSONL file. The probe resumes
@@ -17,6 +16,9 @@ import sys
 import time
 from pathlib import Path
 
+from gradual_jax.configlib import add_arguments, from_arguments
+from gradual_jax.knowledge.config import ProbeSettings
+
 EXIT_BAD_INPUT = 2
 
 
@@ -28,17 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split", choices=("train", "dev", "test"), required=True)
     p.add_argument("--relations", default=None, help="comma-separated, e.g. P36,P17")
     p.add_argument("--limit-per-relation", type=int, default=None)
-    p.add_argument("--n-prompts", type=int, default=10)
-    p.add_argument("--k-shot", type=int, default=4)
-    p.add_argument("--n-samples", type=int, default=16)
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--mode", choices=("lazy", "exhaustive", "screened"), default="lazy")
-    p.add_argument("--screen-threshold", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--chunk-size", type=int, default=256)
+    add_arguments(p.add_argument_group("probe settings (the same as a run config's probe.*)"),
+                  ProbeSettings)
     p.add_argument("--prompts-out", default=None)
     p.add_argument("--prompts-in", default=None)
     p.add_argument("--dev", default=None,
@@ -77,11 +70,12 @@ def exemplar_source(ns: argparse.Namespace) -> str:
 
 
 def run(ns: argparse.Namespace) -> list[dict]:
-    from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_table
+    from gradual_jax.knowledge.probe import Probe, category_table
     from gradual_jax.knowledge.prompts import build_prompt_sets, load_prompt_sets, save_prompt_sets
     from gradual_jax.models import load_model, load_tokenizer, resolve_model_source
     from gradual_jax.runtime import JaxEngine
 
+    settings = from_arguments(ProbeSettings, ns)
     relations = ns.relations.split(",") if ns.relations else None
     examples = load_examples(ns.data, ns.split, relations, ns.limit_per_relation)
     rels = sorted({e.relation for e in examples})
@@ -89,16 +83,14 @@ def run(ns: argparse.Namespace) -> list[dict]:
         prompt_sets = load_prompt_sets(ns.prompts_in)
     else:
         dev = load_examples(exemplar_source(ns), "dev", rels, None)
-        prompt_sets = build_prompt_sets(dev, rels, n_prompts=ns.n_prompts, k=ns.k_shot, seed=ns.seed)
+        prompt_sets = build_prompt_sets(dev, rels, n_prompts=settings.n_prompts, k=settings.k_shot,
+                                        seed=settings.seed)
     if ns.prompts_out:
         save_prompt_sets(ns.prompts_out, prompt_sets)
-    settings = ProbeSettings(n_prompts=ns.n_prompts, n_samples=ns.n_samples, temperature=ns.temperature,
-                             top_k=ns.top_k, mode=ns.mode, seed=ns.seed, max_new_tokens=ns.max_new_tokens,
-                             chunk_size=ns.chunk_size, screen_threshold=ns.screen_threshold)
     ns.model = resolve_model_source(ns.model)
     model = load_model(ns.model)
     tokenizer = load_tokenizer(ns.model)
-    probe = Probe(JaxEngine(model, tokenizer, batch_size=ns.batch_size), prompt_sets, settings,
+    probe = Probe(JaxEngine(model, tokenizer, batch_size=settings.batch_size), prompt_sets, settings,
                   model_id=str(ns.model))
     t0 = time.time()
     records = probe.run(examples, ns.out)

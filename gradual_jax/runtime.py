@@ -78,13 +78,17 @@ def _epochs_for_budget(cfg: TrainConfig, n_examples: int, max_steps: int) -> int
     return max(1, round(max_steps / per_epoch))
 
 
-def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False) -> dict[str, Any]:
+def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_root: Path | None = None,
+                 wandb_run: Any = None) -> dict[str, Any]:
     """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer and settings.
 
+    ``wandb_run``: a W&B run every stage's scalars also go to, tagged by the stage directory's
+    path below ``run_root`` (``seed_0/two_stage/stage1/loss``).
     ``threaded_seeds``: seeds will call these from several threads at once, so checkpoints are
     saved synchronously (see `checkpoint.ORBAX_LOCK`).
     """
     from gradual_jax.checkpoint import CheckpointManager, model_digest, restore_model_params, save_model_params
+    from gradual_jax.models.peft import STAGE_ADAPTER_DIR, adapter_from_model, save_adapter
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.training.lora import apply_lora, merge_lora
     from gradual_jax.training.metrics import MetricsWriter
@@ -110,10 +114,21 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False) -> d
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, seed=seed, progress=True)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds)
-        with MetricsWriter(metrics_dir) as metrics:
+        prefix = ""
+        if wandb_run is not None and run_root is not None:
+            prefix = Path(metrics_dir).relative_to(run_root).as_posix() + "/"
+        with MetricsWriter(metrics_dir, wandb_run=wandb_run, tag_prefix=prefix) as metrics:
             result = trainer.fit(examples, dev, train_cfg, checkpoint_manager=manager, metrics=metrics)
         if train_cfg.lora.rank > 0:
+            # The stage's adapter, against the model it started from, for gradual_jax.export.
+            # Every process gathers it (adapters may be sharded over hosts); process 0 writes.
+            adapter = adapter_from_model(work, base_model=res.model_id, dropout=train_cfg.lora.dropout)
+            if jax.process_index() == 0:
+                save_adapter(adapter, Path(metrics_dir) / STAGE_ADAPTER_DIR)
             merge_lora(work)
+            # A new object for the merged graph: the sampler cached for `work` during dev
+            # evaluation still has the adapters' graph, and `sampler_for` would only refresh it.
+            work = nnx.merge(*nnx.split(work))
         _to_default_device(work)
         curve = _curve(Path(metrics_dir))
         info = {"steps": result.steps, "best_epoch": result.best_epoch, "epochs": result.epochs,

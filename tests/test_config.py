@@ -123,7 +123,8 @@ def test_wrong_type_messages():
 def test_semantic_validation():
     assert error(None, ["seeds=[]"]) == "config key 'seeds': must not be empty"
     assert "unknown arm 'best'; valid: two_stage, one_stage, natural" in error(None, ["arms=[best]"])
-    assert error(None, ["probe.temperature=0"]) == "config key 'probe.temperature': must be > 0, got 0.0"
+    assert error(None, ["probe.temperature=0"]) == "config key 'probe.temperature': must be > 0 when sampling, got 0.0"
+    assert load_config(None, ["probe.temperature=0", "probe.n_samples=0"]).probe.n_samples == 0
     assert "config key 'train.lora.dropout'" in error(None, ["train.lora.dropout=1.5"])
     assert "config key 'probe.screen_threshold'" in error(None, ["probe.screen_threshold=2"])
     assert "config key 'train.lora.targets': unknown target 'qkv'" in error(None, ["train.lora.targets=[qkv]"])

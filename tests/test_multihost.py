@@ -100,7 +100,7 @@ MODES = {"step": _one_step, "fit": _fit}
 def _worker(mode: str, process_id: int, port: int, out: Path) -> None:
     import jax
 
-    from gradual_jax.config import DistributedConfig
+    from gradual_jax.distributed import DistributedConfig
     from gradual_jax.distributed import gather_records, maybe_initialize, shard_for_process
 
     multi = maybe_initialize(DistributedConfig(enabled=True, coordinator_address=f"127.0.0.1:{port}",

@@ -33,45 +33,16 @@ from typing import Any, Literal, Protocol
 from tqdm.auto import tqdm
 
 from gradual_jax.knowledge.categories import CATEGORIES, UNKNOWN, categorize
+from gradual_jax.knowledge.config import MODES, ProbeSettings
 from gradual_jax.knowledge.data import QAExample
 from gradual_jax.knowledge.match import exact_match, normalize_answer
 from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe_prompt
 
 Mode = Literal["lazy", "exhaustive", "screened"]
-MODES = ("lazy", "exhaustive", "screened")
 
 
 class ProbeError(ValueError):
     """Bad probe input or an output file that belongs to another configuration."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeSettings:
-    """SliCK settings (Gekhman et al.: 10 prompts, 16 samples at T=0.5, top-k 40)."""
-
-    n_prompts: int = 10
-    n_samples: int = 16
-    temperature: float = 0.5
-    top_k: int = 40
-    mode: Mode = "lazy"
-    seed: int = 0
-    max_new_tokens: int = 24
-    chunk_size: int = 256
-    screen_threshold: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ProbeError(f"probe mode {self.mode!r} unknown; expected one of {MODES}")
-        if self.n_prompts < 1 or self.n_samples < 0:
-            raise ProbeError("probe needs n_prompts >= 1 and n_samples >= 0")
-        if self.temperature <= 0 and self.n_samples > 0:
-            raise ProbeError("probe sampling needs temperature > 0")
-
-    def fingerprint_fields(self) -> dict[str, Any]:
-        """Fields that change results (chunk size does not)."""
-        d = dataclasses.asdict(self)
-        d.pop("chunk_size")
-        return d
 
 
 class AnswerEngine(Protocol):

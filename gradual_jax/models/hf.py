@@ -2,8 +2,9 @@
 
 Loading builds the model abstractly and fills one parameter at a time: each tensor is read from
 its safetensors file, transposed and cast on the host, then placed on the device (or sharded over a
-mesh), so a checkpoint never needs two full host copies. Saving streams the parameters back into
-a single `model.safetensors` the same way, one tensor at a time.
+mesh), so a checkpoint never needs two full host copies. Saving streams the parameters back the
+same way, one tensor at a time, into `model.safetensors` or, above `max_shard_size`, into shards
+with a `model.safetensors.index.json`, named and split as transformers' `save_pretrained` does.
 
 HF tensors are `(out, in)`; ours are `(in..., out...)` per head: q `(D, N, H)`, k/v `(D, K, H)`,
 o `(N, H, D)`, gate/up `(D, F)`, down `(F, D)`, lm_head `(D, V)`.
@@ -15,9 +16,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 import struct
+import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -455,8 +458,63 @@ def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
 # Saving
 
 
-def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.dtype,
-                                                        Callable[[], np.ndarray]]]) -> None:
+# One tensor to write: (name, shape, dtype, a function producing the array when its turn comes).
+Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a number with a unit such as "5GB", "500MB", "1.5GiB" or
+    "20KB" (KB/MB/GB/TB are powers of 1000, as in transformers; KiB/MiB/GiB/TiB powers of 1024).
+    Raises ValueError for anything else or a size below one byte."""
+    if isinstance(size, bool):
+        raise ValueError(f"size {size!r}: expected bytes or a string like 5GB")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else ""
+        if m is None or unit not in {"", *_SIZE_UNITS}:
+            raise ValueError(f"size {size!r}: expected bytes or a number with a unit "
+                             f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB), like 5GB")
+        value = int(float(m.group(1)) * _SIZE_UNITS.get(unit, 1))
+    if value < 1:
+        raise ValueError(f"size {size!r}: must be at least 1 byte")
+    return value
+
+
+def _entry_bytes(entry: Entry) -> int:
+    return math.prod(entry[1]) * entry[2].itemsize
+
+
+def plan_shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """The entries split into shards as `huggingface_hub.split_torch_state_dict_into_shards`
+    splits a state dict (what `save_pretrained` uses): in order, a new shard starts when the next
+    tensor would take the current one over the limit, and a tensor bigger than the limit gets a
+    shard of its own (placed when it is met, before the shard being filled)."""
+    shards: list[list[Entry]] = []
+    current: list[Entry] = []
+    current_size = 0
+    for entry in entries:
+        size = _entry_bytes(entry)
+        if size > max_shard_size:
+            shards.append([entry])
+            continue
+        if current and current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(entry)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_safetensors(path: Path, entries: Sequence[Entry], *, desc: str = "writing weights") -> None:
     """Write a safetensors file, producing and writing one tensor at a time.
 
     The format is an 8-byte little-endian header length, a JSON header of name -> dtype, shape
@@ -464,8 +522,9 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
     """
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for name, shape, dtype, _ in entries:
-        size = math.prod(shape) * dtype.itemsize
+    for entry in entries:
+        name, shape, dtype, _ = entry
+        size = _entry_bytes(entry)
         header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype.name], "shape": list(shape),
                         "data_offsets": [offset, offset + size]}
         offset += size
@@ -474,8 +533,7 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for name, shape, dtype, produce in tqdm(entries, desc="writing weights",
-                                                unit="tensor", leave=False):
+        for name, shape, dtype, produce in tqdm(entries, desc=desc, unit="tensor", leave=False):
             array = np.ascontiguousarray(produce(), dtype=dtype)
             if array.shape != shape:
                 raise AssertionError(f"{name}: produced {array.shape}, declared {shape}")
@@ -483,7 +541,9 @@ def _write_safetensors(path: Path, entries: list[tuple[str, tuple[int, ...], np.
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """`write(tmp)` then rename onto `path`: `path` is the old file or the new one, never half.
+    The temporary name is unique, so concurrent writers in one directory never share one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -492,17 +552,33 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def save_hf(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
-    """Write `model` as an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads as the
-    same architecture: `config.json`, one `model.safetensors` (in the model's parameter dtype) and,
-    when given, the tokenizer's files. Each file is written whole or not at all. Returns the dir.
-    """
+def write_json_atomic(path: Path, data: Any) -> None:
+    """`data` as indented JSON with sorted keys (transformers' layout), written atomically."""
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+
+
+# The order of a layer's tensors in transformers' state dicts (module definition order), which
+# decides how `save_pretrained` shards them.
+_LAYER_ORDER = [f"self_attn.{m}.{p}" for m in ("q_proj", "k_proj", "v_proj", "o_proj")
+                for p in ("weight", "bias")] + [
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight",
+    "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+    "post_attention_layernorm.weight"]
+_TOP_ORDER = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
+
+
+def _state_dict_order(name: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if m:
+        return 1, int(m.group(1)), _LAYER_ORDER.index(m.group(2))
+    return _TOP_ORDER[name], 0, 0
+
+
+def _model_entries(model: Transformer) -> list[Entry]:
+    """Every tensor `save_pretrained` would write for `model`, in its state-dict order."""
     config = model.config
-    hf_config = config_to_hf(config)  # raises before anything is written
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dtype = np.dtype(as_dtype(config.param_dtype))
-    entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]] = []
+    entries: list[Entry] = []
     for spec in hf_tensor_specs(config):
         param = _get(model, spec.path)
 
@@ -512,9 +588,52 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Any = 
         entries.append((spec.name, spec.hf_shape, dtype, produce))
     for name, shape in _zero_tensors(config).items():
         entries.append((name, shape, dtype, lambda shape=shape: np.zeros(shape, dtype)))
-    _atomic_write(out / WEIGHTS_FILE, lambda p: _write_safetensors(p, entries))
-    _atomic_write(out / CONFIG_FILE,
-                  lambda p: p.write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n"))
+    return sorted(entries, key=lambda e: _state_dict_order(e[0]))
+
+
+def write_weights(out: Path, entries: Sequence[Entry], max_shard_size: int | str) -> list[str]:
+    """Write `entries` into `out` as transformers does: one `model.safetensors` when they fit in
+    `max_shard_size`, else `model-0000i-of-0000N.safetensors` shards and
+    `model.safetensors.index.json`. Each file is written atomically; weight files of an earlier
+    save that the new set does not replace are removed afterwards. Returns the file names."""
+    shards = plan_shards(entries, parse_size(max_shard_size))
+    if len(shards) <= 1:
+        names = [WEIGHTS_FILE]
+        _atomic_write(out / WEIGHTS_FILE, lambda p: _write_safetensors(p, list(entries)))
+    else:
+        n = len(shards)
+        names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for name, shard in zip(names, shards):
+            _atomic_write(out / name, lambda p, shard=shard, name=name: _write_safetensors(
+                p, shard, desc=f"writing {name}"))
+        index = {"metadata": {"total_parameters": sum(math.prod(e[1]) for e in entries),
+                              "total_size": sum(map(_entry_bytes, entries))},
+                 "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+        write_json_atomic(out / WEIGHTS_INDEX_FILE, index)
+    keep = set(names) | ({WEIGHTS_INDEX_FILE} if len(names) > 1 else set())
+    for old in out.iterdir():
+        stale = old.name in (WEIGHTS_FILE, WEIGHTS_INDEX_FILE) or _SHARD_NAME.fullmatch(old.name)
+        if stale and old.name not in keep and old.is_file():
+            old.unlink()
+    return names
+
+
+def save_hf(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+            max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+    """Write `model` as an HF checkpoint that `AutoModelForCausalLM.from_pretrained` loads as the
+    same architecture: `config.json`, the weights in the model's parameter dtype and, when given,
+    the tokenizer's files. Weights up to `max_shard_size` (bytes, or a string like "5GB" or
+    "500MB") go into one `model.safetensors`, bigger ones into shards with an index, exactly as
+    `save_pretrained` names them; tensors are produced one at a time. Each file is written whole
+    or not at all. Returns the dir. Raises ValueError for a bad `max_shard_size` and
+    `CheckpointError` for a config transformers cannot express, both before writing anything.
+    """
+    parse_size(max_shard_size)
+    hf_config = config_to_hf(model.config)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_weights(out, _model_entries(model), max_shard_size)
+    write_json_atomic(out / CONFIG_FILE, hf_config)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out

@@ -14,6 +14,7 @@ optimizer state and batches and XLA's propagation lays out everything in between
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,10 +24,32 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gradual_jax.configlib import require
 from gradual_jax.models.transformer import BATCH_MESH_AXES
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 BATCH_AXES: tuple[str, ...] = BATCH_MESH_AXES  # the model pins activations to the same axes
+
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Physical mesh axis sizes; -1 fills the remaining devices (at most one axis)."""
+
+    data: int = -1
+    """Data-parallel axis: replicas, each with its own rows of the batch."""
+    fsdp: int = 1
+    """Fully sharded data-parallel axis: rows of the batch, and weights sharded along embed."""
+    tensor: int = 1
+    """Tensor-parallel axis: heads, MLP and vocab dims split."""
+
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for key, v in sizes.items():
+            require(v == -1 or v >= 1, key, f"must be -1 (fill) or >= 1, got {v}")
+        fills = [k for k, v in sizes.items() if v == -1]
+        require(len(fills) <= 1, fills[-1] if fills else "data", "only one mesh axis may be -1")
+
 
 # logical axis name -> mesh axes (None = replicated). The single source of truth.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {

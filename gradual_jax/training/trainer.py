@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
-from gradual_jax.config import model_runtime
+from gradual_jax.training.config import model_runtime
 from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, constrain_batch, rope_inv_freq
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError

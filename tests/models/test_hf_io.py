@@ -280,3 +280,78 @@ def test_load_tokenizer_errors(tmp_path):
     save_tiny(tmp_path / "notok")
     with pytest.raises(CheckpointError, match="cannot load a tokenizer"):
         load_tokenizer(tmp_path / "notok")
+
+
+# --------------------------------------------------------------------------------------------
+# Sharded saving
+
+
+@pytest.mark.parametrize("size, expected", [
+    (1234, 1234), ("5GB", 5 * 10**9), ("500MB", 500 * 10**6), ("20kb", 20_000),
+    ("1.5GiB", int(1.5 * 2**30)), ("64", 64), (" 2 MiB ", 2 * 2**20),
+])
+def test_parse_size(size, expected):
+    from gradual_jax.models.hf import parse_size
+
+    assert parse_size(size) == expected
+
+
+@pytest.mark.parametrize("bad", ["5 parsecs", "GB", "", "0MB", 0, -3, "1e3MB"])
+def test_parse_size_rejects(bad):
+    from gradual_jax.models.hf import parse_size
+
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize("overrides, limit", [({}, "20KB"), ({}, "9KB"),
+                                              ({"tie_word_embeddings": True}, "13KB")])
+def test_sharded_save_is_what_save_pretrained_writes(tmp_path, overrides, limit):
+    """Same shard files, same tensor -> file map, same index metadata as transformers for the
+    same weights and limit (9KB puts the embedding, bigger than the limit, in a shard of its
+    own); transformers loads the shards with the original's logits."""
+    hf = save_tiny(tmp_path / "src", **overrides)
+    hf.save_pretrained(tmp_path / "theirs", max_shard_size=limit)
+    save_hf(load_hf(tmp_path / "src"), tmp_path / "ours", max_shard_size=limit)
+    theirs = json.loads((tmp_path / "theirs" / "model.safetensors.index.json").read_text())
+    ours = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    assert ours == theirs
+    assert len(set(ours["weight_map"].values())) > 2
+    names = sorted(p.name for p in (tmp_path / "ours").glob("*.safetensors"))
+    assert names == sorted(p.name for p in (tmp_path / "theirs").glob("*.safetensors"))
+    assert not (tmp_path / "ours" / "model.safetensors").exists()
+    for name in names:
+        mine, ref = load_file(tmp_path / "ours" / name), load_file(tmp_path / "theirs" / name)
+        assert mine.keys() == ref.keys()
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], ref[key])
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
+    ids = torch.tensor([[1, 5, 9, 2, 33, 60]])
+    with torch.no_grad():
+        np.testing.assert_allclose(back(ids).logits.numpy(), hf(ids).logits.numpy(), atol=1e-5)
+    a, b = params(load_hf(tmp_path / "src")), params(load_hf(tmp_path / "ours"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_resaving_replaces_stale_weight_files(tmp_path):
+    """A sharded save over a single-file one (and back) leaves only the new set of files."""
+    save_tiny(tmp_path / "src")
+    model = load_hf(tmp_path / "src")
+    out = save_hf(model, tmp_path / "out")
+    (out / "notes.txt").write_text("kept")
+    save_hf(model, out, max_shard_size="9KB")
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+    n = len([f for f in files if f.startswith("model-")])
+    assert n > 2 and f"model-{n:05d}-of-{n:05d}.safetensors" in files
+    save_hf(model, out, max_shard_size=10**9)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt"]
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_bad_shard_size_writes_nothing(tmp_path):
+    save_tiny(tmp_path / "src")
+    with pytest.raises(ValueError, match="size '5 parsecs'"):
+        save_hf(load_hf(tmp_path / "src"), tmp_path / "out", max_shard_size="5 parsecs")
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import re
 import jax
 from flax import nnx
 
-from gradual_jax.config import LoRAConfig, TrainConfig
+from gradual_jax.training.config import LoRAConfig, TrainConfig
 from gradual_jax.knowledge.data import QAExample
 from gradual_jax.models.transformer import ModelConfig, Transformer
 
