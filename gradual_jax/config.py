@@ -145,6 +145,21 @@ class RunConfig:
         require(extra >= 0, "max_extra_stages", f"must be >= 0, got {extra}")
         require(self.min_moved_up >= 0, "min_moved_up", f"must be >= 0, got {self.min_moved_up}")
         require(self.seed_workers >= 1, "seed_workers", f"must be >= 1, got {self.seed_workers}")
+        self._check_export()
+
+    def _check_export(self) -> None:
+        """An export that could only fail once the run is over fails now instead."""
+        if not self.export.enabled:
+            return
+        from gradual_jax.export import arm_stages
+
+        e = self.export
+        require(e.arm in self.arms, "export.arm", f"{e.arm!r} is not one of arms {self.arms}")
+        require(e.seed is None or e.seed in self.seeds, "export.seed",
+                f"{e.seed} is not one of seeds {self.seeds}")
+        names = [name for name, _ in arm_stages(self, e.arm)]
+        require(e.stage is None or e.stage in names, "export.stage",
+                f"arm {e.arm} has stages {', '.join(names)}, not {e.stage!r}")
 
 
 def stage_train_config(cfg: RunConfig, stage: int | str | StageConfig) -> TrainConfig:

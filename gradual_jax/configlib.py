@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import math
+import re
 import textwrap
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -63,6 +64,28 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or a number with a unit such as "5GB", "500MB", "1.5GiB" or
+    "20KB" (KB/MB/GB/TB are powers of 1000, as in transformers; KiB/MiB/GiB/TiB powers of 1024).
+    Raises ValueError for anything else or a size below one byte."""
+    if isinstance(size, bool):
+        raise ValueError(f"size {size!r}: expected bytes or a string like 5GB")
+    if isinstance(size, int):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+        unit = m.group(2).upper() if m else ""
+        if m is None or unit not in {"", *_SIZE_UNITS}:
+            raise ValueError(f"size {size!r}: expected bytes or a number with a unit "
+                             f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB), like 5GB")
+        value = int(float(m.group(1)) * _SIZE_UNITS.get(unit, 1))
+    if value < 1:
+        raise ValueError(f"size {size!r}: must be at least 1 byte")
+    return value
 
 
 def require(ok: bool, key: str, detail: str) -> None:

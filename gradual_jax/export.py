@@ -20,20 +20,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
+import logging
 import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradual_jax.configlib import require
+from gradual_jax.configlib import ConfigError, parse_size, require
 
+log = logging.getLogger("gradual_jax")
 RECORD_FILE = "export.json"
 README_FILE = "EXPORT.md"
 DEFAULT_ARM = "two_stage"
-# models.hf.parse_size's grammar, checked here without importing it (that pulls in jax).
-_SIZE = re.compile(r"\s*[0-9]*\.?[0-9]+\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +57,10 @@ class ExportConfig:
         require(bool(self.arm), "arm", "must not be empty")
         require(self.stage is None or bool(self.stage), "stage", "must not be empty (omit it for "
                 "the arm's last stage)")
-        require(bool(_SIZE.fullmatch(str(self.max_shard_size))) and _nonzero(self.max_shard_size),
-                "max_shard_size", f"expected a size like 5GB or 500MB, got {self.max_shard_size!r}")
-
-
-def _nonzero(size: str) -> bool:
-    digits = re.sub(r"[^0-9.]", "", str(size))
-    return bool(digits) and float(digits) > 0
+        try:
+            parse_size(self.max_shard_size)
+        except ValueError as err:
+            raise ConfigError(str(err), "max_shard_size") from None
 
 
 def _error(message: str) -> Exception:
@@ -134,7 +130,7 @@ def locate(root: str | Path, cfg: Any, *, seed: int | None = None, arm: str = DE
     the first of the run's seeds) in run directory `root` with config `cfg`. Raises
     `PipelineError` in one line for a seed, arm or stage the run does not have, a stage that was
     skipped or has not trained yet."""
-    root = Path(root)
+    root = Path(root).absolute()  # adapters and the record name paths under it
     seed = cfg.seeds[0] if seed is None else seed
     if seed not in cfg.seeds:
         raise _error(f"seed {seed}: not a seed of the run in {root} (seeds: "
@@ -280,6 +276,26 @@ def _write_adapters(ref: StageRef, out: Path, base_ref: str, notes: list[str]) -
     return record
 
 
+def _write_lora(ref: StageRef, out: Path, base: BaseSource, tokenizer: Any,
+                max_shard_size: int | str, notes: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The adapters and, when some apply to a base peft cannot load by name (the world's
+    model, a GGUF file), the base model as `base/`. Returns the record's adapter entries and
+    its base entry."""
+    from gradual_jax.models import load_model, save_hf
+
+    exported = base.ref is None
+    adapters = _write_adapters(ref, out, str((out / "base").resolve()) if exported else base.ref,
+                               notes)
+    onto_base = adapters["adapter"] or any(a["applies_to"] == "base"
+                                           for a in adapters["adapters"].values())
+    if not (exported and onto_base):
+        return adapters, {"dir": None, "path": base.ref, "kind": base.kind}
+    cfg = ref.cfg
+    model = load_model(base.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
+    save_hf(model, out / "base", tokenizer=tokenizer, max_shard_size=max_shard_size)
+    return adapters, {"dir": "base", "path": str((out / "base").resolve()), "kind": base.kind}
+
+
 def _readme(ref: StageRef, record: dict[str, Any]) -> str:
     """EXPORT.md: what each part of the export is and what each adapter applies to."""
     lines = [f"# Export: {ref.root.name}, seed {ref.seed}, arm {ref.arm}, stage {ref.stage}", "",
@@ -314,12 +330,12 @@ def export_stage(ref: StageRef, out_dir: str | Path, *, max_shard_size: int | st
     adapters plus, when the source is not an HF directory or repo, the base model. `export.json`
     is written last, so a directory with one is a complete export. Returns the directory.
 
-    Raises PipelineError for a bad `max_shard_size` or an `out_dir` holding other files, before
-    anything is written; CheckpointError when the stage's files cannot be read.
+    Raises, before anything is written, PipelineError for a bad `max_shard_size` or an
+    `out_dir` holding other files and CheckpointError when the stage's params cannot be read.
     """
     from gradual_jax.checkpoint import restore_model_params
-    from gradual_jax.models import load_model, load_tokenizer, save_hf
-    from gradual_jax.models.hf import parse_size, write_json_atomic
+    from gradual_jax.models import load_tokenizer, save_hf
+    from gradual_jax.models.hf import _atomic_write, write_json_atomic
     from gradual_jax.models.transformer import abstract_model
 
     try:
@@ -330,33 +346,23 @@ def export_stage(ref: StageRef, out_dir: str | Path, *, max_shard_size: int | st
     cfg = ref.cfg
     base = base_source(cfg)
     config = base_config(cfg, base)
-    _prepare_out(out)
     tokenizer = load_tokenizer(base.path)
     model = restore_model_params(ref.stage_dir(ref.stage) / "params", abstract_model(config))
+    _prepare_out(out)
     save_hf(model, out, tokenizer=tokenizer, max_shard_size=max_shard_size)
     del model
     lora = any(_stage_lora(ref, name).rank > 0 for name in ref.chain)
     notes: list[str] = []
-    base_ref = base.ref
-    base_dir = None
-    if lora and base_ref is None:
-        base_dir = "base"
-        base_ref = str((out / base_dir).resolve())
-    adapters = _write_adapters(ref, out, base_ref, notes) if lora else {"adapters": {}, "adapter": None}
-    needs_base = adapters["adapter"] or any(a["applies_to"] == "base"
-                                            for a in adapters["adapters"].values())
-    if base_dir and needs_base:
-        base_model = load_model(base.path, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
-        save_hf(base_model, out / base_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
-    elif base_dir:
-        base_dir = None
+    adapters: dict[str, Any] = {"adapters": {}, "adapter": None}
+    base_record = {"dir": None, "path": base.ref, "kind": base.kind}
+    if lora:
+        adapters, base_record = _write_lora(ref, out, base, tokenizer, max_shard_size, notes)
     weights = sorted(p.name for p in out.glob("*.safetensors"))
     record = {"run_dir": str(ref.root), "seed": ref.seed, "arm": ref.arm, "stage": ref.stage,
               "stages": list(ref.chain), "source": cfg.model.source, "dtype": cfg.model.dtype,
               "max_shard_size": max_shard_size, "weights": weights, "lora": lora,
-              "base": {"dir": base_dir, "path": base_ref, "kind": base.kind}, **adapters,
-              "notes": notes}
-    out.joinpath(README_FILE).write_text(_readme(ref, record))
+              "base": base_record, **adapters, "notes": notes}
+    _atomic_write(out / README_FILE, lambda p: p.write_text(_readme(ref, record)))
     write_json_atomic(out / RECORD_FILE, record)
     return out
 
@@ -375,12 +381,18 @@ def export_after_run(cfg: Any, root: Path) -> Path | None:
     """Export the stage `cfg.export` names from the run in `root` when ``cfg.export.enabled``
     (the launcher calls this when the run ends); into ``cfg.export.dir`` or
     `<root>/export/seed_<s>/<arm>/<stage>`. A complete export of the same stage already there is
-    kept (a resumed run exports nothing twice). Only process 0 exports. Returns the directory, or
-    None when nothing was exported."""
+    kept (a resumed run exports nothing twice). Returns the directory, or None when nothing was
+    exported: export is off, or the run has several processes (restoring the params there is a
+    collective of all of them; the CLI exports such a run afterwards, from one process)."""
     import jax
 
     ex = getattr(cfg, "export", None)
-    if ex is None or not ex.enabled or jax.process_index() != 0:
+    if ex is None or not ex.enabled:
+        return None
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            log.warning("export skipped in a %d-process run; run python -m gradual_jax.export %s "
+                        "OUT_DIR afterwards", jax.process_count(), root)
         return None
     ref = locate(root, cfg, seed=ex.seed, arm=ex.arm, stage=ex.stage)
     out = Path(ex.dir) if ex.dir else default_export_dir(root, ref.seed, ref.arm, ref.stage)

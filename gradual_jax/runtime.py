@@ -126,9 +126,6 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
             if jax.process_index() == 0:
                 save_adapter(adapter, Path(metrics_dir) / STAGE_ADAPTER_DIR)
             merge_lora(work)
-            # A new object for the merged graph: the sampler cached for `work` during dev
-            # evaluation still has the adapters' graph, and `sampler_for` would only refresh it.
-            work = nnx.merge(*nnx.split(work))
         _to_default_device(work)
         curve = _curve(Path(metrics_dir))
         info = {"steps": result.steps, "best_epoch": result.best_epoch, "epochs": result.epochs,

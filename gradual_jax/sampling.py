@@ -582,6 +582,11 @@ class Sampler:
         """Use `model`'s current weights (same architecture) from now on."""
         self.set_state(self._place(nnx.state(model)))
 
+    def fits(self, model: Transformer) -> bool:
+        """Whether `model` has the variables this sampler was built for (adding or merging LoRA
+        adapters in place changes them, and then a new sampler is needed)."""
+        return jax.tree.structure(nnx.state(model)) == self._state_treedef
+
     def set_state(self, state: Any) -> None:
         """Use this NNX state (already placed where the sampler runs) as the weights."""
         # Compiled functions take the state as its flat leaves: flattening NNX Variables on
@@ -1061,12 +1066,12 @@ _SAMPLERS_LOCK = threading.Lock()
 
 def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) -> Sampler:
     """The cached `Sampler` of `model`, refreshed to its current weights (a new one when the
-    tokenizer or mesh differ); a `Sampler` passes through."""
+    tokenizer, the mesh or the model's variables differ); a `Sampler` passes through."""
     if isinstance(model, Sampler):
         return model
     with _SAMPLERS_LOCK:
         s = _SAMPLERS.get(model)
-        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh:
+        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh or not s.fits(model):
             s = Sampler(model, tokenizer, mesh=mesh)
             _SAMPLERS[model] = s
         else:

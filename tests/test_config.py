@@ -218,3 +218,14 @@ def test_configs_are_frozen():
 def test_every_shipped_config_loads(path):
     cfg = load_config(REPO_ROOT / path, [])
     assert cfg.name and cfg.seeds and cfg.arms
+
+
+def test_export_settings_are_checked_before_the_run():
+    assert error(None, ["export.enabled=true", "export.arm=natural"]) == \
+        "config key 'export.arm': 'natural' is not one of arms ['two_stage', 'one_stage']"
+    assert error(None, ["export.enabled=true", "export.seed=3"]) == \
+        "config key 'export.seed': 3 is not one of seeds [0]"
+    assert error(None, ["export.enabled=true", "export.stage=stage9"]) == \
+        "config key 'export.stage': arm two_stage has stages stage1, stage2, not 'stage9'"
+    assert error(None, ["export.max_shard_size=5XB"]).startswith("config key 'export.max_shard_size': size '5XB'")
+    assert load_config(None, ["export.enabled=true", "export.stage=stage2"]).export.stage == "stage2"

@@ -167,6 +167,30 @@ def test_refreshed_sampler_uses_the_new_weights(tok):
     assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
 
 
+def test_sampler_follows_lora_added_and_merged_in_place(tok, tmp_path):
+    """Adding or merging adapters in place changes the model's variables: `sampler_for` then
+    builds a new sampler, whose answers are those of transformers on the merged weights."""
+    from gradual_jax.training.lora import apply_lora, merge_lora
+
+    hf = tiny_hf("llama", len(tok), seed=3, embed_std=0.3)
+    model = to_ours(hf)
+    plain = sampling.sampler_for(model, tok)
+    apply_lora(model, 2, 8.0, ["q", "v"], seed=1)
+    for proj in (layer.attn.v for layer in model.layers):  # a non-zero update
+        proj.lora.b[...] = jnp.full(proj.lora.b[...].shape, 0.05, proj.lora.b[...].dtype)
+    adapted = sampling.sampler_for(model, tok)
+    assert adapted is not plain
+    with_adapters = generate_batch(adapted, tok, PROMPTS, max_new_tokens=NEW)
+    merge_lora(model)
+    merged = sampling.sampler_for(model, tok)
+    assert merged is not adapted
+    after = generate_batch(merged, tok, PROMPTS, max_new_tokens=NEW)
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in with_adapters]
+    save_hf(model, tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert [list(g[0].token_ids) for g in after] == hf_greedy(reloaded, tok, PROMPTS, NEW)
+
+
 def test_decode_step_matches_the_models_cached_call(llama):
     _, ours = llama
     ids = jnp.asarray([[0, 5, 9, 7], [3, 4, 8, 2]])

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from gradual_jax.configlib import parse_size
 from gradual_jax.models.errors import CheckpointError
 from gradual_jax.models.transformer import (
     SUPPORTED_MODEL_TYPES,
@@ -462,31 +463,7 @@ def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
 Entry = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or a number with a unit such as "5GB", "500MB", "1.5GiB" or
-    "20KB" (KB/MB/GB/TB are powers of 1000, as in transformers; KiB/MiB/GiB/TiB powers of 1024).
-    Raises ValueError for anything else or a size below one byte."""
-    if isinstance(size, bool):
-        raise ValueError(f"size {size!r}: expected bytes or a string like 5GB")
-    if isinstance(size, int):
-        value = size
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
-        unit = m.group(2).upper() if m else ""
-        if m is None or unit not in {"", *_SIZE_UNITS}:
-            raise ValueError(f"size {size!r}: expected bytes or a number with a unit "
-                             f"(KB, MB, GB, TB, KiB, MiB, GiB, TiB), like 5GB")
-        value = int(float(m.group(1)) * _SIZE_UNITS.get(unit, 1))
-    if value < 1:
-        raise ValueError(f"size {size!r}: must be at least 1 byte")
-    return value
-
-
 def _entry_bytes(entry: Entry) -> int:
     return math.prod(entry[1]) * entry[2].itemsize
 

@@ -66,11 +66,6 @@ class Adapter:
         present = {name.rsplit(".", 1)[-1] for name in self.modules}
         return [m.split(".")[-1] for m in HF_MODULES.values() if m.split(".")[-1] in present]
 
-    def delta(self, module: str) -> np.ndarray:
-        """The `(out, in)` weight update of `module`, in float32."""
-        a, b = self.modules[module]
-        return (b.astype(np.float32) @ a.astype(np.float32)) * np.float32(self.scaling)
-
     def replace(self, **changes: Any) -> Adapter:
         return dataclasses.replace(self, **changes)
 

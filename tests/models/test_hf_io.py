@@ -291,24 +291,24 @@ def test_load_tokenizer_errors(tmp_path):
     ("1.5GiB", int(1.5 * 2**30)), ("64", 64), (" 2 MiB ", 2 * 2**20),
 ])
 def test_parse_size(size, expected):
-    from gradual_jax.models.hf import parse_size
+    from gradual_jax.configlib import parse_size
 
     assert parse_size(size) == expected
 
 
 @pytest.mark.parametrize("bad", ["5 parsecs", "GB", "", "0MB", 0, -3, "1e3MB"])
 def test_parse_size_rejects(bad):
-    from gradual_jax.models.hf import parse_size
+    from gradual_jax.configlib import parse_size
 
     with pytest.raises(ValueError, match="size"):
         parse_size(bad)
 
 
-@pytest.mark.parametrize("overrides, limit", [({}, "20KB"), ({}, "9KB"),
+@pytest.mark.parametrize("overrides, limit", [({}, "20KB"), ({}, "7KB"),
                                               ({"tie_word_embeddings": True}, "13KB")])
 def test_sharded_save_is_what_save_pretrained_writes(tmp_path, overrides, limit):
     """Same shard files, same tensor -> file map, same index metadata as transformers for the
-    same weights and limit (9KB puts the embedding, bigger than the limit, in a shard of its
+    same weights and limit (7KB puts the embedding, bigger than the limit, in a shard of its
     own); transformers loads the shards with the original's logits."""
     hf = save_tiny(tmp_path / "src", **overrides)
     hf.save_pretrained(tmp_path / "theirs", max_shard_size=limit)

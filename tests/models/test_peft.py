@@ -152,7 +152,8 @@ def test_adapter_errors(base_dir, tmp_path):
     cfg_path = tmp_path / "a" / ADAPTER_CONFIG_FILE
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "r": 3}))
-    with pytest.raises(CheckpointError, match=r"module model\.layers\.0\.self_attn\.q_proj needs lora_A \(r=3"):
+    needs = r"module model\.layers\.0\.self_attn\.q_proj needs lora_A \(r=3"
+    with pytest.raises(CheckpointError, match=needs):
         read_adapter(tmp_path / "a")
     cfg_path.write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="expected a plain LoRA adapter"):
