@@ -152,7 +152,7 @@ def test_split_limits_apply_per_split_after_the_gekhman_filters(eq_dir):
     cfg = load_config(REPO / "configs" / "paper" / "qwen2_7b_lora.yaml",
                       [f"data.path={eq_dir}", "data.limit_per_relation=6", "data.dev_limit_per_relation=40",
                        "data.test_limit_per_relation=4"])
-    splits = load_splits(cfg, qa)
+    splits = load_splits(cfg)
     full = qa.gekhman_setup(eq_dir)
     for split, n in (("train", 6), ("dev", 40), ("test", 4)):
         counts = Counter(e.relation for e in splits[split])
@@ -171,7 +171,7 @@ def test_gekhman_probes_get_exemplars_for_test_relations_and_select_on_train_rel
     from gradual_jax.pipeline import Resources, SeedRun
 
     cfg = load_config(REPO / "configs" / "smollm2_entityquestions.yaml", [f"data.path={eq_dir}"])
-    splits = load_splits(cfg, qa)
+    splits = load_splits(cfg)
     probed = sorted({e.relation for s in ("train", "test") for e in splits[s]})
     assert set(probed) == set(qa.TRAIN_RELATIONS) | set(qa.TEST_RELATIONS)
     sets = build_prompt_sets(splits["dev"], probed, n_prompts=cfg.probe.n_prompts, k=cfg.probe.k_shot)
