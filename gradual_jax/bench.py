@@ -243,7 +243,7 @@ def _jax_train_stepper(args: argparse.Namespace, model: Any, ids: Any, labels: A
 
     from gradual_jax.training.config import LoRAConfig, TrainConfig
     from gradual_jax.training.data import Batch
-    from gradual_jax.training.sharding import make_mesh
+    from gradual_jax.sharding import make_mesh
     from gradual_jax.training.trainer import Trainer
 
     lora = LoRAConfig(rank=LORA_RANK, alpha=LORA_ALPHA, targets=list(LORA_TARGETS)) if args.lora else LoRAConfig()

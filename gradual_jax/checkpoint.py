@@ -349,7 +349,7 @@ def restore_model_params(directory: str | Path, abstract_model: nnx.Module, *,
     shardings when they carry one, else on the first device. Raises CheckpointError when the
     snapshot is incomplete or was saved from a different model.
     """
-    from gradual_jax.training.sharding import state_shardings
+    from gradual_jax.sharding import state_shardings
 
     directory = Path(directory).absolute()
     meta_path = directory / MODEL_FILE

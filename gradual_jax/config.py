@@ -5,7 +5,7 @@ plus dotted ``key=value`` overrides (machinery in :mod:`gradual_jax.configlib`).
 
 Each component declares its settings beside its code: the model source (``models/source.py``),
 the QA set and the probe (``knowledge/config.py``), fine-tuning (``training/config.py``), the mesh
-(``training/sharding.py``), processes (``distributed.py``), logging (``training/metrics.py``) and
+(``sharding.py``), processes (``distributed.py``), logging (``training/metrics.py``) and
 export (``export.py``). This module adds what only the experiment has: stages, arms, seeds.
 """
 
@@ -34,7 +34,7 @@ from gradual_jax.knowledge.config import DataConfig, ProbeSettings
 from gradual_jax.models.source import SourceConfig
 from gradual_jax.training.config import LoRAConfig, TrainConfig, model_runtime
 from gradual_jax.training.metrics import LoggingConfig
-from gradual_jax.training.sharding import MeshConfig
+from gradual_jax.sharding import MeshConfig
 
 __all__ = [
     "ARMS", "ConfigError", "DataConfig", "DistributedConfig", "ExportConfig", "LoRAConfig",

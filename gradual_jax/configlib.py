@@ -32,12 +32,14 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gradual_jax.errors import UserError
+
 
 _KEY_FMT = "config key '{key}': {detail}"
 _UNKNOWN_FMT = "unknown key '{key}'; {detail}"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem, described in one line.
 
     ``key`` is the dotted key the problem is about (None if none) and ``detail`` the problem;

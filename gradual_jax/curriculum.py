@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import CATEGORIES, CATEGORY_RANK
 
 _RANK = CATEGORY_RANK  # 0 = best
@@ -223,7 +224,7 @@ def mark_trained(state: CurriculumState, ids: Iterable[str], stage: int) -> Curr
 # --------------------------------------------------------------------------- selection
 
 
-class EmptySelection(ValueError):
+class EmptySelection(UserError):
     """A stage spec selected no examples."""
 
 

@@ -2,7 +2,7 @@
 and splitting host-side work (the probe's examples) over processes and gathering its records.
 
 Training needs nothing more: every process builds the same model (same checkpoint, same seed),
-feeds its own rows of each global batch (`training.sharding.process_rows` / `global_batch`) and
+feeds its own rows of each global batch (`sharding.process_rows` / `global_batch`) and
 writes its own shards of each Orbax checkpoint (`tests/test_multihost.py` checks all three).
 """
 

@@ -1,25 +1,13 @@
-"""The exceptions that mean "bad input": the CLIs print them as one line and exit with code 2."""
+"""The bottom layer's one concept of "bad input": every module's user-facing error subclasses
+``UserError``, and the CLIs print any of ``USER_ERRORS`` as one line and exit with code 2.
+This module imports nothing of the package."""
 
 from __future__ import annotations
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gradual_jax.configlib import ConfigError
-    from gradual_jax.curriculum import EmptySelection
-    from gradual_jax.knowledge.data import DataError
-    from gradual_jax.knowledge.probe import ProbeError
-    from gradual_jax.pipeline import PipelineError
-
-    errors: list[type[BaseException]] = [ConfigError, EmptySelection, DataError, ProbeError,
-                                         PipelineError, FileNotFoundError]
-    from gradual_jax.models.errors import CheckpointError
-
-    errors.append(CheckpointError)
-    from gradual_jax.checkpoint import CheckpointError as TrainCheckpointError
-    from gradual_jax.training.data import TrainingError
-
-    errors += [TrainCheckpointError, TrainingError]
-    return tuple(errors)
+class UserError(ValueError):
+    """Bad input from the user (a config key, a data file, a checkpoint, a run directory): the
+    message is one line naming what is wrong and what was expected."""
 
 
-USER_ERRORS = _user_errors()
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)

@@ -33,6 +33,7 @@ from typing import Any
 
 from gradual_jax import curriculum
 from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_config
+from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
 from gradual_jax.knowledge.data import QAExample
 from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
@@ -43,7 +44,7 @@ NOISE_SEED_OFFSET = 10_000
 PROBE_INDEX = "probe_index.json"
 
 
-class PipelineError(ValueError):
+class PipelineError(UserError):
     """A configuration that cannot run (nothing selected, a run dir of another config, ...)."""
 
 

@@ -274,7 +274,7 @@ def _abstract_training(mc: Any, train: Any, mesh: Any, seed: int = 0) -> dict[st
 
     from gradual_jax.models.transformer import Transformer
     from gradual_jax.training.lora import apply_lora, trainable_filter
-    from gradual_jax.training.sharding import BATCH_AXES, state_shardings
+    from gradual_jax.sharding import BATCH_AXES, state_shardings
     from gradual_jax.training.trainer import Trainer, make_optimizer, make_schedule
 
     rank = int(train.lora.rank)
@@ -340,7 +340,7 @@ def _abstract_sampler(mc: Any, probe: Any, mesh: Any, prompt_tokens: int) -> dic
 
     from gradual_jax import sampling as S
     from gradual_jax.models.transformer import Transformer
-    from gradual_jax.training.sharding import batch_sharding, data_parallel_size, state_shardings
+    from gradual_jax.sharding import batch_sharding, data_parallel_size, state_shardings
 
     model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0)))
     sampler = S.Sampler(model, None)
@@ -426,7 +426,7 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
     """
     import jax
 
-    from gradual_jax.training.sharding import check_batch_divisible, make_mesh
+    from gradual_jax.sharding import check_batch_divisible, make_mesh
 
     available = jax.devices()
     if len(available) < devices:

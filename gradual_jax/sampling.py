@@ -52,6 +52,7 @@ import numpy as np
 from flax import nnx
 
 from gradual_jax.models.transformer import KVCache, Transformer, apply_rope, as_dtype, rope_inv_freq
+from gradual_jax.sharding import batch_sharding, data_parallel_size
 
 MIN_BUCKET = 8
 MIN_SHARED_PREFIX = 16
@@ -616,16 +617,11 @@ class Sampler:
 
     def _rows_sharding(self, ndim: int) -> Any:
         """Rows (dim 0) over the mesh's data axes, other dims replicated."""
-        # Imported here: the sharding module pulls in the training stack.
-        from gradual_jax.training.sharding import batch_sharding
-
         return batch_sharding(self.mesh, ndim) if ndim else self._replicated()
 
     def _dp(self) -> int:
         if self.mesh is None:
             return 1
-        from gradual_jax.training.sharding import data_parallel_size
-
         return data_parallel_size(self.mesh)
 
     def _put(self, x: Any) -> jax.Array:

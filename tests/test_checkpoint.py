@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from gradual_jax.checkpoint import (
     CheckpointError, CheckpointManager, abstract_like, model_fingerprint, restore_model_params, save_model_params)
 from gradual_jax.models.transformer import ModelConfig, Transformer, abstract_model
-from gradual_jax.training.sharding import make_mesh
+from gradual_jax.sharding import make_mesh
 
 CONFIG = ModelConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
 

@@ -107,7 +107,7 @@ def _worker(mode: str, process_id: int, port: int, out: Path) -> None:
                                                num_processes=NUM_PROCESSES, process_id=process_id))
     assert multi and jax.process_count() == NUM_PROCESSES
     assert jax.local_device_count() == LOCAL_DEVICES and jax.device_count() == 4
-    from gradual_jax.training.sharding import make_mesh
+    from gradual_jax.sharding import make_mesh
 
     MODES[mode](make_mesh(data=1, fsdp=4), out / "ckpt")
     mine = shard_for_process(ITEMS)
@@ -141,7 +141,7 @@ def _run_workers_and_compare(mode: str, tmp_path: Path, steps: list[int]) -> Non
     from flax import nnx
 
     from gradual_jax.checkpoint import CheckpointManager, abstract_like
-    from gradual_jax.training.sharding import make_mesh
+    from gradual_jax.sharding import make_mesh
 
     port = _free_port()
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(NUM_PROCESSES)]

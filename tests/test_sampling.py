@@ -391,7 +391,7 @@ def test_scores_of_generated_tokens_equal_generation_logprobs(llama, tok):
 
 
 def test_batch_sharded_over_mesh_matches_single_device(llama, tok):
-    from gradual_jax.training.sharding import make_mesh
+    from gradual_jax.sharding import make_mesh
 
     _, ours = llama
     kw = dict(max_new_tokens=NEW, methods=MIXED, seed=1, prefix=PREFIX)  # shapes as above

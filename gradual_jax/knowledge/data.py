@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gradual_jax.errors import UserError
 from gradual_jax.knowledge.match import normalize_answer
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad QA input; the message is one line naming the file, record or key and what was expected."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, Literal, Protocol
 
 from tqdm.auto import tqdm
 
+from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import CATEGORIES, UNKNOWN, categorize
 from gradual_jax.knowledge.config import MODES, ProbeSettings
 from gradual_jax.knowledge.data import QAExample
@@ -41,7 +42,7 @@ from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe
 Mode = Literal["lazy", "exhaustive", "screened"]
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     """Bad probe input or an output file that belongs to another configuration."""
 
 

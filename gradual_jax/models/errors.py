@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from gradual_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint cannot be read as asked: a missing file, an unsupported architecture, a tensor
     whose shape disagrees with its config, a corrupt header or an unknown quantization type.
 

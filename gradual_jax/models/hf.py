@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from gradual_jax.configlib import parse_size
 from gradual_jax.models.errors import CheckpointError
+from gradual_jax.sharding import param_partition_spec
 from gradual_jax.models.transformer import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
@@ -300,10 +301,6 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 
 def _partition_spec(logical_axes: tuple[str | None, ...], mesh: Any, rules: Any,
                     shape: tuple[int, ...]) -> Any:
-    # Imported here: the sharding module pulls in the training stack, which loading without a
-    # mesh never needs.
-    from gradual_jax.training.sharding import param_partition_spec
-
     return param_partition_spec(logical_axes, mesh, rules, shape=shape)
 
 

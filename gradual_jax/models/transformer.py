@@ -2,7 +2,7 @@
 
 Weights keep Hugging Face's rotate-half RoPE layout, so checkpoints import without permutation.
 Projection kernels are stored per head: q `(D, N, H)`, k/v `(D, K, H)`, o `(N, H, D)`. Every
-parameter carries `logical_axes` metadata that `gradual_jax.training.sharding` maps to the mesh.
+parameter carries `logical_axes` metadata that `gradual_jax.sharding` maps to the mesh.
 
 A call is `model(input_ids, attention_mask)`; positions come from the mask, so a left-padded row
 gives the same logits as the unpadded row. With `cache=` the call also writes keys and values into a
@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
+
+from gradual_jax.sharding import constrain_batch
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm", "smollm2", "smollm3")
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -368,26 +370,6 @@ class Block(nnx.Module):
         x = x + self._dropout(h, k1)
         x = x + self._dropout(self.mlp(self.mlp_norm(x)), k2)
         return x, new_kv
-
-
-# Mesh axes that split the batch; `gradual_jax.training.sharding.BATCH_AXES` is this tuple.
-BATCH_MESH_AXES = ("data", "fsdp")
-
-
-def constrain_batch(x: jax.Array) -> jax.Array:
-    """`x` with its leading (batch) dim pinned to the mesh's batch axes.
-
-    Only under a mesh context (`jax.set_mesh`, as the trainer traces its step) and when the
-    batch divides over those axes; otherwise `x` unchanged. Without the pin, XLA's propagation
-    may all-gather the batch and build full-batch activations and logits on every device.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return x
-    axes = tuple(a for a in BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-        return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
 def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from gradual_jax.errors import UserError
 from gradual_jax.knowledge.prompts import format_train_pair
 
 BATCH_KEYS: tuple[str, ...] = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")
@@ -29,7 +30,7 @@ MIN_BUCKET = 8
 SORT_WINDOW_BATCHES = 8
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """Bad training input (empty set, non-dividing batch, ...); the message says what and why."""
 
 

@@ -38,13 +38,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
 from gradual_jax.training.config import model_runtime
-from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, constrain_batch, rope_inv_freq
+from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, rope_inv_freq
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
-from gradual_jax.training.sharding import (
-    check_batch_divisible, global_batch, make_mesh, process_rows, state_shardings)
+from gradual_jax.sharding import (
+    check_batch_divisible, constrain_batch, global_batch, make_mesh, process_rows, state_shardings)
 
 log = logging.getLogger(__name__)
 

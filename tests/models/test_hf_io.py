@@ -109,7 +109,7 @@ def test_dtypes(tmp_path):
 
 
 def test_mesh_places_each_param_by_its_logical_axes(tmp_path):
-    sharding = pytest.importorskip("gradual_jax.training.sharding")
+    sharding = pytest.importorskip("gradual_jax.sharding")
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
     save_tiny(tmp_path)

@@ -9,7 +9,7 @@ from flax import nnx
 from train_helpers import FAST_COMPILE, capital_examples, tiny_model, train_config
 
 from gradual_jax.checkpoint import CheckpointManager
-from gradual_jax.training.sharding import make_mesh
+from gradual_jax.sharding import make_mesh
 from gradual_jax.training.trainer import Trainer
 
 # Same step config and mesh as test_trainer's sharded-step test: one shared compile.

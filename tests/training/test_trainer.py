@@ -16,7 +16,7 @@ from train_helpers import FAST_COMPILE, capital_examples, tiny_model, train_conf
 from gradual_jax.training.config import LoRAConfig
 from gradual_jax.training import data as D
 from gradual_jax.training.metrics import MetricsWriter
-from gradual_jax.training.sharding import make_mesh
+from gradual_jax.sharding import make_mesh
 from gradual_jax.training.trainer import Trainer, TrainingError, token_loss_sums
 
 

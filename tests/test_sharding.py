@@ -10,9 +10,11 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from train_helpers import tiny_model
+from gradual_jax import sharding as S
+from gradual_jax.models.transformer import ModelConfig, init_model
 
-from gradual_jax.training import sharding as S
+TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, eos_token_id=2, bos_token_id=1, pad_token_id=0)
 
 
 def test_make_mesh_fills_and_uses_auto_axes():
@@ -45,9 +47,9 @@ def test_partition_spec_rules():
         S.param_partition_spec(("nope",), mesh)
 
 
-def test_shard_model_and_optimizer_state(tiny_config):
+def test_shard_model_and_optimizer_state():
     mesh = S.make_mesh(2, 2, 2)
-    model = S.shard_model(tiny_model(tiny_config), mesh)
+    model = S.shard_model(init_model(TINY), mesh)
     assert model.embed[...].sharding.spec == P("tensor", "fsdp")
     assert model.layers[0].attn.q.kernel[...].sharding.spec == P("fsdp", "tensor")
     assert model.layers[0].mlp.down.kernel[...].sharding.spec == P("tensor", "fsdp")

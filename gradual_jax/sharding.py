@@ -25,11 +25,11 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.configlib import require
-from gradual_jax.models.transformer import BATCH_MESH_AXES
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
-BATCH_AXES: tuple[str, ...] = BATCH_MESH_AXES  # the model pins activations to the same axes
-
+# Mesh axes that split the batch (FSDP is data parallelism whose weights are also sharded); the
+# model pins its activations to them (`models.transformer`).
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +187,22 @@ def check_batch_divisible(rows: int, mesh: Mesh, what: str = "batch size") -> No
             f"{what} {rows} does not divide over the data axes ({sizes}; {n} ways): "
             f"use a multiple of {n} or change the mesh"
         )
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """`x` with its leading (batch) dim pinned to the mesh's batch axes.
+
+    Only under a mesh context (`jax.set_mesh`, as the trainer traces its step) and when the
+    batch divides over those axes; otherwise `x` unchanged. Without the pin, XLA's propagation
+    may all-gather the batch and build full-batch activations and logits on every device.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(axes))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
