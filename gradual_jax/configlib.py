@@ -476,7 +476,8 @@ def keys_help(cls: type, width: int = 100) -> str:
 def add_arguments(parser: Any, cls: type) -> None:
     """One ``--flag-name`` per scalar field of dataclass ``cls`` (type, choices, default and help
     from the dataclass), so a CLI never re-declares settings; read back with :func:`from_arguments`.
-    Values are checked by ``cls`` itself, so a bad one fails with the same line as in a config."""
+    Values are checked by ``cls`` itself, so a bad one fails with the same line as in a config.
+    Fields that are not scalars (nested settings) keep their defaults."""
     import argparse
 
     hints, docs, default = _hints(cls), field_docs(cls), cls()
@@ -492,10 +493,9 @@ def add_arguments(parser: Any, cls: type) -> None:
                                 help=help_text)
         elif tp in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=tp, default=value, help=help_text)
-        else:
-            raise TypeError(f"add_arguments: field {f.name!r} of {cls.__name__} is not a scalar")
 
 
 def from_arguments(cls: type, namespace: Any) -> Any:
     """The ``cls`` instance :func:`add_arguments`'s flags describe in a parsed ``namespace``."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)})
+    return cls(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls)
+                  if hasattr(namespace, f.name)})

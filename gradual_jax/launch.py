@@ -105,9 +105,31 @@ def load_resources(cfg: RunConfig, *, shipped_config: str | None = None):
             splits = load_splits(cfg, shipped_config=shipped_config)
     else:
         splits = load_splits(cfg, shipped_config=shipped_config)
-    model = load_model(source, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype)
+    train_mesh, probe_mesh = build_meshes(cfg, source)
+    model = load_model(source, dtype=cfg.model.dtype, compute_dtype=cfg.model.compute_dtype,
+                       mesh=train_mesh)
     tokenizer = load_tokenizer(source)
-    return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id=str(source))
+    return Resources(model=model, tokenizer=tokenizer, splits=splits, model_id=str(source),
+                     train_mesh=train_mesh, probe_mesh=probe_mesh)
+
+
+def build_meshes(cfg: RunConfig, source: str) -> tuple[Any, Any]:
+    """The run's training mesh (``mesh``) and the probe's inference mesh (``probe.mesh``), built
+    once from the config and checked against the model's heads and every batch size before any
+    weights are read (bad input: ConfigError naming the key)."""
+    from gradual_jax.config import stage_train_config
+    from gradual_jax.models.gguf import gguf_config
+    from gradual_jax.models.hf import read_hf_config, resolve_checkpoint
+    from gradual_jax.sharding import run_meshes
+
+    mc = gguf_config(source) if source.endswith(".gguf") else read_hf_config(resolve_checkpoint(source))
+    batches = {"train.batch_size": cfg.train.batch_size // cfg.train.grad_accum}
+    for i, stage in enumerate(cfg.stages):
+        t = stage_train_config(cfg, i)
+        if "batch_size" in stage.train or "grad_accum" in stage.train:
+            batches[f"stages.{i}.train.batch_size"] = t.batch_size // t.grad_accum
+    return run_meshes(cfg.mesh, cfg.probe.mesh, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                      train_batch_sizes=batches, probe_batch_size=cfg.probe.batch_size)
 
 
 def _local_data_path(cfg: RunConfig, shipped_config: str | None) -> Path:
@@ -225,6 +247,7 @@ def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
         if wandb_run is not None:
             wandb_run.finish()
     rep = report.build_report(results, config=to_dict(cfg))
+    rep["runtime"] = runtime_record(root, res)
     rep["invocation_seconds"] = time.time() - t0  # this command only; a resumed run is shorter
     paths = report.write_report(rep, results, root)
     write_json(root / "done.json", {"finished": time.time()})
@@ -236,6 +259,25 @@ def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
         if out is not None:
             print(f"export: {out}")
     return rep
+
+
+def runtime_record(root: Path, res: Any) -> dict[str, Any]:
+    """What the run ran on: both meshes' axis sizes, processes, devices, and per trained stage
+    the params + optimizer state bytes on its fullest device (from the arrays' shards)."""
+    import jax
+
+    from gradual_jax.pipeline import read_json
+    from gradual_jax.sharding import axis_sizes
+
+    stages = []
+    for path in sorted(root.glob("seed_*/*/*/stage.json")):
+        info = read_json(path)
+        if info.get("train_state_bytes_per_device"):
+            seed, arm, stage = path.relative_to(root).parts[:3]
+            stages.append({"seed": int(seed.removeprefix("seed_")), "arm": arm, "stage": stage,
+                           "train_state_bytes_per_device": info["train_state_bytes_per_device"]})
+    return {"mesh": axis_sizes(res.train_mesh), "probe_mesh": axis_sizes(res.probe_mesh),
+            "processes": jax.process_count(), "devices": jax.device_count(), "stages": stages}
 
 
 def _open_wandb(cfg: RunConfig, root: Path) -> Any:

@@ -50,12 +50,15 @@ class PipelineError(UserError):
 
 @dataclasses.dataclass
 class Resources:
-    """What every arm and seed shares: the base model, its tokenizer and the QA splits."""
+    """What every arm and seed shares: the base model (on ``train_mesh``), its tokenizer, the
+    QA splits, and the meshes training and probing run on (None: the devices' defaults)."""
 
     model: Any
     tokenizer: Any
     splits: dict[str, list[QAExample]]
     model_id: str
+    train_mesh: Any = None
+    probe_mesh: Any = None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -1,16 +1,31 @@
 """Ahead-of-time fit planner: does a configuration fit its target's device memory?
 
-`python -m gradual_jax.launch CONFIG --plan --devices N [--hbm-gib G]` builds the model and the
-optimizer abstractly (`nnx.eval_shape`: no weights are read or allocated), then lowers and
-compiles, for the configured mesh over N devices,
+`python -m gradual_jax.launch CONFIG --plan --devices N [--hbm-gib G]` builds the model
+abstractly (`nnx.eval_shape`: no weights are read or allocated) and, on the training and probe
+meshes the launcher builds over N devices (`sharding.run_meshes`), lowers and compiles the very
+programs the run executes, through their public lowering methods:
 
-- the trainer's jitted step (full fine-tuning or LoRA as configured, AdamW, one optimizer step of
-  `grad_accum` micro-batches of `batch_size` rows of `max_seq_len` tokens), and
-- the sampler's prefill (a probe batch of `probe.batch_size` prompts) and one decode chunk,
+- the train step `Trainer.fit` runs (`Trainer.lower_step`: full fine-tuning or LoRA as
+  configured, AdamW, one optimizer step of `grad_accum` micro-batches of `batch_size` rows of
+  `max_seq_len` tokens, the loss on every position), and
+- the probe's sampler programs on the probe mesh (`Sampler.abstract`, `Sampler.lower_prefix`,
+  `lower_prefill`, `lower_decode`: weights sharded by the inference rules in the compute dtype):
+  the shared exemplar prefix, the greedy phase's prefill of `probe.batch_size` prompts, and the
+  sampled phase's prefill and decode chunks (`n_samples` per prompt at the probe's temperature
+  and top-k),
 
-and reads per-device memory from XLA's `memory_analysis()` of each compiled program. It prints
-one JSON line (devices, mesh, per_device_bytes, flops_per_step, hbm_bytes, fits, ...) and then a
-readable table. Exit status: 0 when every program fits, 3 when one does not.
+and reads per-device memory from XLA's `memory_analysis()` of each compiled program. Training
+fits when the train step does; probing fits when every probe program does beside what stays
+resident meanwhile (the model's training shards; during decode, the prefix store). It prints one
+JSON line (devices, mesh, probe_mesh, per_device_bytes, probe_per_device_bytes,
+decode_collective_bytes, fits_train, fits_probe, fits, ...) and then a readable table. Exit
+status: 0 when both fit, 3 when one does not.
+
+`decode_collective_bytes` is what one steady decode step moves per device: the operand bytes of
+every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute (and their
+`-start` forms; `-done` halves not again) in the compiled decode chunk's HLO, each counted once
+per iteration of the decode loop (loops inside it by their known trip counts), plus the few ops
+outside the loop once (they run once per chunk, so the figure errs high). See `collectives`.
 
 Devices are simulated: N host CPU devices (`jax_num_cpu_devices`, the config form of
 `XLA_FLAGS=--xla_force_host_platform_device_count=N`). Both are read only when JAX creates its
@@ -29,7 +44,7 @@ margin is real; one within ~25% is worth checking on the hardware.
 Deep models compile slowly on CPU (a 7B train step: 1-3.5 minutes on 8-16 simulated devices on
 two shared cores).
 `plan(..., layers=L)` (`--layers L` for `python -m gradual_jax.plan`) compiles L and 2L layers
-and extends every byte count linearly to the full depth. Against full compiles of all four paper
+and extends every byte count (collective bytes too) linearly to the full depth. Against full compiles of all four paper
 configs on 16 devices (`--layers 2`): train step and decode equal to the byte, prefill within
 0.1% (over); on a small 8-layer model, prefill within 2% (over).
 
@@ -46,15 +61,17 @@ Target memory: `hbm_gib` (the `--hbm-gib` flag), else a `target` name looked up 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,9 +250,10 @@ class Program:
                 "compile_seconds": round(self.compile_seconds, 2)}
 
 
-def _compile(name: str, lowered_fn: Any) -> tuple[Program, Any]:
+def _compile(name: str, lower: Callable[[], Any]) -> tuple[Program, Any]:
+    """Lower (`lower()`) and compile one program; its Program record and the executable."""
     t0 = time.perf_counter()
-    compiled = lowered_fn().compile(COMPILER_OPTIONS)
+    compiled = lower().compile(COMPILER_OPTIONS)
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -245,12 +263,6 @@ def _compile(name: str, lowered_fn: Any) -> tuple[Program, Any]:
     prog = Program(name, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                    int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, seconds)
     return prog, compiled
-
-
-def _sharded(tree: Any, shardings: Any) -> Any:
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def shard_bytes(tree: Any) -> int:
@@ -265,19 +277,167 @@ def shard_bytes(tree: Any) -> int:
     return total
 
 
-def _abstract_training(mc: Any, train: Any, mesh: Any, seed: int = 0) -> dict[str, Any]:
-    """The trainer's jitted step function and its abstract, sharded arguments."""
+def argument_bytes(compiled: Any, *positions: int) -> int:
+    """Per-device bytes of a compiled program's positional arguments at `positions`."""
     import jax
-    import jax.numpy as jnp
+
+    shapes, shardings = compiled.args_info[0], compiled.input_shardings[0]
+    return sum(shard_bytes(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                        shapes[i], shardings[i])) for i in positions)
+
+
+def _elements(tree: Any) -> int:
+    import jax
+
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+# ----------------------------------------------------------------------------- collectives
+
+COLLECTIVES: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+                                "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_SHAPE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_CALL = re.compile(r"\b(condition|body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_CALL_LIST = re.compile(r"\b(?:called_computations|branch_computations)=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program: its op (a `-start` form is named by its
+    collective), operand shapes, operand bytes per device for one execution, and executions
+    per iteration of the program's outermost loop."""
+
+    op: str
+    operands: tuple[str, ...]
+    bytes: int
+    count: int
+
+
+def _shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape string (a tuple's elements summed; layouts ignored)."""
+    return sum(math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 1)
+               for dtype, dims in _SHAPE.findall(shape) if dtype != "token")
+
+
+def _closing(text: str, start: int) -> int:
+    """Index of the parenthesis closing the one at `text[start]`."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return len(text) - 1
+
+
+def _parse_instruction(line: str) -> tuple[str, str, str, list[str], str] | None:
+    """(name, result shape, op, operand tokens, attributes) of one HLO instruction line."""
+    m = _INSTRUCTION.match(line)
+    if m is None:
+        return None
+    name, rest = m.groups()
+    if rest.startswith("("):
+        end = _closing(rest, 0)
+        shape, rest = rest[:end + 1], rest[end + 1:].lstrip()
+    else:
+        shape, _, rest = rest.partition(" ")
+    op_match = re.match(r"([\w\-]+)\(", rest)
+    if op_match is None:
+        return None
+    end = _closing(rest, op_match.end() - 1)
+    inside, attributes = rest[op_match.end():end], rest[end + 1:]
+    depth, token, operands = 0, "", []
+    for ch in inside:  # split on top-level commas (tuple shapes hold commas too)
+        depth += {"(": 1, ")": -1, "[": 1, "]": -1, "{": 1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            operands.append(token.strip())
+            token = ""
+        else:
+            token += ch
+    if token.strip():
+        operands.append(token.strip())
+    return name, shape, op_match.group(1), operands, attributes
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """The collectives of a compiled (SPMD-partitioned, per-device) HLO module's text, with
+    their executions per run of the entry computation when every while loop without a known
+    trip count runs once: a loop's body (and condition) counts its `known_trip_count` times
+    per enclosing iteration, an unknown count (the decode loop's, set by `limit`) once, so a
+    decode chunk's program reads as one decode step (plus what runs outside the loop, once).
+    Operand shapes come from the instruction that defines each operand; `-done` halves of
+    async pairs are not counted again."""
+    computations: dict[str, list[tuple[str, str, str, list[str], str]]] = {}
+    entry, current = None, None
+    for line in hlo_text.splitlines():
+        if line and not line[0].isspace() and line.rstrip().endswith("{"):
+            head = line.split("(")[0].split()
+            if head and head[0] != "HloModule":
+                current = head[-1].lstrip("%")
+                computations[current] = []
+                if head[0] == "ENTRY":
+                    entry = current
+            continue
+        if current is not None and (parsed := _parse_instruction(line)) is not None:
+            computations[current].append(parsed)
+    counts: dict[str, int] = collections.Counter()
+
+    def visit(name: str, times: int) -> None:
+        counts[name] += times
+        for _, _, op, _, attributes in computations.get(name, ()):
+            trip = _TRIP_COUNT.search(attributes)
+            callees = [(kind, callee) for kind, callee in _CALL.findall(attributes)]
+            for group in _CALL_LIST.findall(attributes):
+                callees += [("calls", c.strip().lstrip("%")) for c in group.split(",") if c.strip()]
+            for kind, callee in callees:
+                looped = op == "while" and kind in ("body", "condition") and trip is not None
+                visit(callee, times * (int(trip.group(1)) if looped else 1))
+
+    if entry is not None:
+        visit(entry, 1)
+    found = []
+    for name, instructions in computations.items():
+        if not counts.get(name):
+            continue
+        shapes = {n: s for n, s, _, _, _ in instructions}
+        for _, shape, op, operands, _ in instructions:
+            base = op.removesuffix("-start")
+            if base not in COLLECTIVES:
+                continue
+            operand_shapes = tuple(_operand_shape(token, shapes) for token in operands)
+            found.append(Collective(base, operand_shapes, sum(map(_shape_bytes, operand_shapes)),
+                                    counts[name]))
+    return found
+
+
+def _operand_shape(token: str, shapes: Mapping[str, str]) -> str:
+    """An operand's shape: printed with it (`f32[8]{0} %x`), else its defining instruction's."""
+    if _SHAPE.search(token.split("%")[0]):
+        shape = token.rsplit(" ", 1)[0]
+    else:
+        shape = shapes.get(token.split()[-1].lstrip("%"), "")
+    return re.sub(r"\{[^{}]*\}", "", shape).strip()  # layouts off: "bf16[32,1,3584]"
+
+
+def collective_bytes(found: Sequence[Collective]) -> int:
+    """Operand bytes moved per device: each collective's bytes times its executions."""
+    return sum(c.bytes * c.count for c in found)
+
+
+# ----------------------------------------------------------------------------- the run's programs
+
+
+def _abstract_model(mc: Any, train: Any = None, seed: int = 0) -> Any:
+    """The model with no weights (`nnx.eval_shape`), with the LoRA adapters `train` asks for."""
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
 
     from gradual_jax.models.transformer import Transformer
-    from gradual_jax.training.lora import apply_lora, trainable_filter
-    from gradual_jax.sharding import BATCH_AXES, state_shardings
-    from gradual_jax.training.trainer import Trainer, make_optimizer, make_schedule
+    from gradual_jax.training.lora import apply_lora
 
-    rank = int(train.lora.rank)
+    rank = 0 if train is None else int(train.lora.rank)
 
     def build() -> Transformer:
         model = Transformer(mc, rngs=nnx.Rngs(seed))
@@ -285,177 +445,255 @@ def _abstract_training(mc: Any, train: Any, mesh: Any, seed: int = 0) -> dict[st
             apply_lora(model, rank, float(train.lora.alpha), list(train.lora.targets), seed=seed)
         return model
 
-    model = nnx.eval_shape(build)
-    wrt = trainable_filter(model)
-    gd_model, trainable, frozen = nnx.split(model, wrt, ...)
-    total_steps = 1000  # only shapes the schedule, which holds no arrays
-    tx = make_optimizer(train, total_steps)
-    opt = nnx.eval_shape(lambda t, f: nnx.Optimizer(nnx.merge(gd_model, t, f), tx, wrt=wrt),
-                         trainable, frozen)
-    gd_opt, opt_state = nnx.split(opt)
-
-    # The trainer's own step function, so the plan compiles exactly what training runs. Its
-    # setup() places concrete arrays, so the pieces the step closes over are set here instead.
-    trainer = Trainer(model, None, mesh=mesh, seed=seed, progress=False)
-    trainer.cfg, trainer.wrt = train, wrt
-    trainer.schedule = make_schedule(train, total_steps)
-    trainer._gd_model, trainer._gd_opt = gd_model, gd_opt
-    step_fn = trainer._make_step_fn()
-
-    trainable_sh = state_shardings(trainable, mesh)
-    frozen_sh = state_shardings(frozen, mesh)
-    opt_sh = state_shardings(opt_state, mesh)
-    rows, micro, t = int(train.batch_size), int(train.grad_accum), int(train.max_seq_len)
-    batch_sh = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES))
-    dtypes = {"input_ids": jnp.int32, "labels": jnp.int32, "loss_mask": jnp.float32,
-              "segment_ids": jnp.int32, "positions": jnp.int32}
-    batch = {k: jax.ShapeDtypeStruct((micro, rows, t), d, sharding=batch_sh) for k, d in dtypes.items()}
-    args = (_sharded(trainable, trainable_sh), _sharded(opt_state, opt_sh),
-            _sharded(frozen, frozen_sh), batch)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=(trainable_sh, opt_sh, replicated))
-    n_trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(trainable))
-    n_params = n_trainable + sum(math.prod(x.shape) for x in jax.tree.leaves(frozen))
-    def lower() -> Any:
-        with jax.set_mesh(mesh):  # as Trainer.step runs it: activations pinned to the batch axes
-            return jitted.lower(*args)
-
-    return {"lower": lower, "params": (args[0], args[2]), "optimizer": args[1],
-            "n_params": n_params, "n_trainable": n_trainable, "tokens": rows * micro * t}
+    return nnx.eval_shape(build)
 
 
-def _abstract_sampler(mc: Any, probe: Any, mesh: Any, prompt_tokens: int) -> dict[str, Any]:
-    """The sampler's prefill ("start") and decode functions with abstract, sharded arguments.
+def _train_measures(mc: Any, train: Any, mesh: Any) -> dict[str, Any]:
+    """Compile the train step `Trainer.fit` runs (`Trainer.lower_step`) for architecture `mc`."""
+    from gradual_jax.training.trainer import Trainer
 
-    Prefill: `probe.batch_size` greedy prompts of `prompt_tokens` (bucketed) without a shared
-    prefix, each in its own packed row (the most prefill work one probe batch does). Decode: the
-    same rows sampled with the probe's top-k. Params are sharded by their logical axes, as the
-    trainer leaves them.
-    """
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+    trainer = Trainer(_abstract_model(mc, train), mesh=mesh, progress=False)
+    program, compiled = _compile("train", lambda: trainer.lower_step(train))
+    args = compiled.args_info[0]  # (trainable, optimizer state, frozen, batch)
+    return {"programs": {"train": program}, "params": argument_bytes(compiled, 0, 2),
+            "optimizer": argument_bytes(compiled, 1),
+            "n_params": _elements((args[0], args[2])), "n_trainable": _elements(args[0])}
 
-    from gradual_jax import sampling as S
-    from gradual_jax.models.transformer import Transformer
-    from gradual_jax.sharding import batch_sharding, data_parallel_size, state_shardings
 
-    model = nnx.eval_shape(lambda: Transformer(mc, rngs=nnx.Rngs(0)))
-    sampler = S.Sampler(model, None)
-    sampler.mesh = mesh
-    state = nnx.state(model)
-    sampler.set_state(_sharded(state, state_shardings(state, mesh)))
-    dp = data_parallel_size(mesh)
-    b = S._round_up(S.next_pow2(int(probe.batch_size)), dp)
-    width = S.next_pow2(prompt_tokens, S.MIN_BUCKET)
-    replicated = NamedSharding(mesh, PartitionSpec())
+@dataclasses.dataclass(frozen=True)
+class ProbeShapes:
+    """The probe batches the plan compiles: a shared exemplar prefix of `prefix_tokens` (0:
+    none), question tails of `prompt_tokens`, `max_new_tokens` generated."""
 
-    def rows_of(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(mesh, len(shape)))
+    prefix_tokens: int
+    prompt_tokens: int
+    max_new_tokens: int
 
-    pack = {k: rows_of((b, width), jnp.int32) for k in ("ids", "pos", "seg")}
-    pack.update({k: rows_of((b,), jnp.int32) for k in ("row", "col", "length")})
-    rows = S._Rows(temperature=rows_of((b,), jnp.float32), top_k=rows_of((b,), jnp.int32),
-                   top_p=rows_of((b,), jnp.float32))
-    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
-    keys = rows_of((b,), key_dtype)
-    padding = rows_of((b,), jnp.bool_)
-    table = jax.ShapeDtypeStruct((mc.vocab_size,), np.bool_, sharding=replicated)
-    new_tokens = int(probe.max_new_tokens)
-    static = dict(span=width, fanout=1, new_tokens=new_tokens, policy=S._Policy())
-    start_args = (sampler.state, None, pack, rows, keys, padding, table)
-    start = jax.jit(sampler._start_fn, static_argnames=tuple(static))
-    decode = jax.jit(sampler._decode_fn, static_argnames=("policy",), donate_argnums=(1,))
-    sampled = S._Policy(sampled=True, k_cap=int(probe.top_k), top_p="off")
-    limit = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
 
-    def lower_decode(start_compiled: Any) -> Any:
-        carry = jax.eval_shape(lambda *a: sampler._start_fn(*a, **static), *start_args)
-        carry = _sharded(carry, start_compiled.output_shardings)
-        return decode.lower(sampler.state, carry, table, limit, policy=sampled)
+def probe_shapes(probe: Any, prompt_tokens: int | None = None) -> ProbeShapes:
+    """The probe's estimated prompt shapes: `k_shot` exemplar pairs shared as a prefix (when
+    long enough for the sampler to share), one pair's worth of tokens per question tail
+    (`prompt_tokens` overrides the tail)."""
+    from gradual_jax.sampling import MIN_SHARED_PREFIX
 
-    return {"lower_start": lambda: start.lower(*start_args, **static), "lower_decode": lower_decode,
-            "rows": b, "prompt_tokens": width, "cache_slots": width + new_tokens}
+    prefix = int(probe.k_shot) * PROBE_TOKENS_PER_PAIR
+    return ProbeShapes(prefix if prefix >= MIN_SHARED_PREFIX else 0,
+                       int(prompt_tokens or PROBE_TOKENS_PER_PAIR), int(probe.max_new_tokens))
+
+
+def _probe_measures(mc: Any, probe: Any, mesh: Any, shapes: ProbeShapes) -> dict[str, Any]:
+    """Compile the programs the probe runs on its mesh (`Sampler.lower_*`): the shared prefix,
+    the greedy phase's prefill (`probe.batch_size` prompts), and for the sampled phase (greedy
+    when `n_samples` is 0) its prefill and its decode chunks: the first, continuing the
+    prefill's outputs, and the steady one, continuing a decode's (the sampler compiles both when
+    the decode's outputs are laid out unlike its inputs)."""
+    from gradual_jax.models.transformer import abstract_model
+    from gradual_jax.sampling import Greedy, Sample, Sampler
+
+    sampler = Sampler.abstract(abstract_model(mc), mesh=mesh)
+    programs: dict[str, Program] = {}
+    prefix = None
+    if shapes.prefix_tokens:
+        programs["prefix"], prefix = _compile("prefix", lambda: sampler.lower_prefix(shapes.prefix_tokens))
+    sizes = dict(prompt_tokens=shapes.prompt_tokens, max_new_tokens=shapes.max_new_tokens, prefix=prefix)
+    programs["prefill"], start = _compile(
+        "prefill", lambda: sampler.lower_prefill(int(probe.batch_size), **sizes))
+    method, n = Greedy(), 1
+    if probe.n_samples > 0:  # as JaxEngine.sample asks for the sampled phase
+        method, n = Sample(float(probe.temperature), int(probe.top_k)), int(probe.n_samples)
+        programs["prefill_sampled"], start = _compile("prefill_sampled", lambda: sampler.lower_prefill(
+            max(int(probe.batch_size), n), methods=method, n=n, **sizes))
+    programs["decode_first"], first = _compile(
+        "decode_first", lambda: sampler.lower_decode(start, methods=method, n=n))
+    programs["decode"], decode = _compile(
+        "decode", lambda: sampler.lower_decode(first, methods=method, n=n))
+    found = collectives(decode.as_text())
+    by_op = {op: {"count": sum(c.count for c in found if c.op == op),
+                  "bytes": collective_bytes([c for c in found if c.op == op])}
+             for op in sorted({c.op for c in found})}
+    slots, cache_len = start.out_info.cache.mask.shape
+    return {
+        "programs": programs,
+        "inference_weights": shard_bytes(sampler.state),
+        "kv_cache": max(shard_bytes(start.out_info.cache), shard_bytes(first.out_info.cache)),
+        "prefix_store": shard_bytes(prefix.out_info) if prefix is not None else 0,
+        "decode_collective_bytes": collective_bytes(found),
+        "decode_collectives": by_op,
+        "decode_collective_shapes": sorted({s for c in found for s in c.operands}),
+        "probe_shapes": {"slots": int(slots), "cache_len": int(cache_len),
+                         "prefix_slots": 0 if prefix is None else int(prefix.out_info.mask.shape[1]),
+                         **dataclasses.asdict(shapes)},
+    }
 
 
 # ----------------------------------------------------------------------------- the plan
 
 
-def _compile_programs(mc: Any, cfg: RunConfig, mesh: Any, sampler: bool,
-                      prompt_tokens: int) -> tuple[dict[str, Program], dict[str, Any], dict[str, Any]]:
-    """Compile the train step (and the sampler's prefill and decode) for architecture `mc`."""
-    train = _abstract_training(mc, cfg.train, mesh)
-    programs = {"train": _compile("train", train["lower"])[0]}
-    probe_info: dict[str, Any] = {}
-    if sampler:
-        samp = _abstract_sampler(mc, cfg.probe, mesh, prompt_tokens)
-        programs["prefill"], start = _compile("prefill", samp["lower_start"])
-        programs["decode"], _ = _compile("decode", lambda: samp["lower_decode"](start))
-        probe_info = {k: samp[k] for k in ("rows", "prompt_tokens", "cache_slots")}
-    return programs, train, probe_info
+def _compile_programs(mc: Any, cfg: RunConfig, meshes: tuple[Any, Any], train: bool, sampler: bool,
+                      shapes: ProbeShapes) -> dict[str, Any]:
+    """Compile the run's programs for architecture `mc`: the train step on the training mesh,
+    the probe's on the probe mesh. Byte counts and the programs, by name."""
+    measures: dict[str, Any] = {"programs": {}}
+    for wanted, measure in ((train, lambda: _train_measures(mc, cfg.train, meshes[0])),
+                            (sampler, lambda: _probe_measures(mc, cfg.probe, meshes[1], shapes))):
+        if wanted:
+            found = measure()
+            measures["programs"].update(found.pop("programs"))
+            measures.update(found)
+    return measures
+
+
+def _line(x: float | None, y: float | None, la: int, lb: int, layers: int) -> Any:
+    if x is None or y is None:
+        return None
+    return x + (y - x) * (layers - la) / (lb - la)
 
 
 def _extrapolate(a: Program, b: Program, la: int, lb: int, layers: int) -> Program:
     """`a` (compiled with `la` layers) and `b` (`lb` layers) extended linearly to `layers`."""
-    def line(x: float | None, y: float | None) -> Any:
-        if x is None or y is None:
-            return None
-        return x + (y - x) * (layers - la) / (lb - la)
-
-    return Program(a.name, *(int(round(line(getattr(a, f), getattr(b, f))))
+    return Program(a.name, *(int(round(_line(getattr(a, f), getattr(b, f), la, lb, layers)))
                              for f in ("argument", "output", "alias", "temp")),
-                   line(a.flops, b.flops), a.compile_seconds + b.compile_seconds)
+                   _line(a.flops, b.flops, la, lb, layers), a.compile_seconds + b.compile_seconds)
 
 
-def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
+def _extrapolate_measures(a: dict[str, Any], b: dict[str, Any], la: int, lb: int,
+                          layers: int) -> dict[str, Any]:
+    """Every count of `a` and `b` (nested dicts of ints, Programs) extended linearly; other
+    values (shapes, lists) from `a`, lists merged."""
+    def one(x: Any, y: Any) -> Any:
+        if isinstance(x, Program):
+            return _extrapolate(x, y, la, lb, layers)
+        if isinstance(x, dict):
+            return {k: one(v, y.get(k, v)) for k, v in x.items()}
+        if isinstance(x, int) and not isinstance(x, bool):
+            return int(round(_line(x, y, la, lb, layers)))
+        if isinstance(x, list):
+            return sorted(set(x) | set(y))
+        return x
+
+    measures = one(a, b)
+    measures["probe_shapes"] = a.get("probe_shapes")
+    return measures
+
+
+def _meshes(cfg: RunConfig, mc: Any, devices: Sequence[Any]) -> tuple[Any, Any]:
+    """The training and probe meshes exactly as the launcher builds them (`run_meshes`)."""
+    from gradual_jax.sharding import run_meshes
+
+    return run_meshes(cfg.mesh, cfg.probe.mesh, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+                      train_batch_sizes={"train.batch_size": int(cfg.train.batch_size)},
+                      probe_batch_size=int(cfg.probe.batch_size), devices=devices)
+
+
+def _resident_params(mc: Any, mesh: Any) -> int:
+    """Per-device bytes of the model's weights as training leaves them on its mesh (what stays
+    resident while the probe runs)."""
+    import jax
+    from flax import nnx
+
+    from gradual_jax.models.transformer import abstract_model
+    from gradual_jax.sharding import state_shardings
+
+    state = nnx.state(abstract_model(mc))
+    return shard_bytes(jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    state, state_shardings(state, mesh)))
+
+
+def _probe_fit(measures: Mapping[str, Any], resident: int) -> dict[str, int]:
+    """Per-device bytes while probing: the model's training shards stay resident beside each
+    probe program; the prefix store outlives the prefill into every decode chunk."""
+    programs, store = measures["programs"], measures["prefix_store"]
+    peak = max(programs[name].total + (store if name.startswith("decode") else 0)
+               for name in ("prefix", "prefill", "prefill_sampled", "decode_first", "decode")
+               if name in programs)
+    parts = {"train_params": resident, "inference_weights": measures["inference_weights"],
+             "kv_cache": measures["kv_cache"], "prefix_store": store}
+    total = resident + peak
+    return {**parts, "activations": max(total - sum(parts.values()), 0), "total": total}
+
+
+def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, train: bool = True, sampler: bool = True,
          prompt_tokens: int | None = None, layers: int | None = None) -> dict[str, Any]:
-    """Compile the configuration's programs for its mesh on `devices` devices; the fit report.
+    """Compile the run's programs for its meshes on `devices` devices; the fit report.
 
-    Uses the first `devices` of `jax.devices()` (the caller provides enough; see `plan_main`).
-    `fits` is true when every program's per-device total is at most `hbm_bytes`.
-    `per_device_bytes` is the train step's; `programs` holds every program's argument, output,
-    alias, temp and total bytes. `prompt_tokens` overrides the probe prompt length estimate.
+    Uses the first `devices` of `jax.devices()` (the caller provides enough; see `plan_main`)
+    and the training and probe meshes the launcher builds there (`sharding.run_meshes`). The
+    programs are the run's own: the train step from `Trainer.lower_step`, the probe's prefix,
+    prefill and decode from `Sampler.lower_*` (`train` / `sampler` False leave either out).
+
+    `fits_train`: the train step's per-device total is at most `hbm_bytes`. `fits_probe`: so is
+    every probe program's beside the resident training shards of the weights (and, during
+    decode, the prefix store). `fits`: both. `per_device_bytes` is the train step's,
+    `probe_per_device_bytes` the probe's; `programs` holds every program's argument, output,
+    alias, temp and total bytes. `decode_collective_bytes`: bytes per device that collectives
+    move in one steady decode step (`collectives`). `prompt_tokens` overrides the question
+    tail's length estimate.
 
     `layers`: compile models of `layers` and `2 * layers` layers instead of the full depth and
-    extend every byte count and the flops linearly to the full depth (decoder layers are
-    identical, so memory is affine in depth; `tests/test_plan.py` checks the extrapolation
-    against a full compile). Params and optimizer bytes always come from the full-depth shapes.
-    Raises ConfigError for a mesh or batch the devices cannot hold.
+    extend every count linearly to the full depth (decoder layers are identical, so memory and
+    traffic are affine in depth; `tests/test_plan.py` checks the extrapolation against a full
+    compile). Raises ConfigError for a mesh or batch the devices cannot hold.
     """
     import jax
 
-    from gradual_jax.sharding import check_batch_divisible, make_mesh
+    from gradual_jax.sharding import axis_sizes
 
     available = jax.devices()
     if len(available) < devices:
         raise ConfigError(f"plan needs {devices} devices, this process has {len(available)}")
-    try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=available[:devices])
-        check_batch_divisible(cfg.train.batch_size, mesh, "train.batch_size")
-    except ValueError as err:
-        raise ConfigError(str(err), "mesh") from None
     mc = resolve_model_config(cfg)
-    tokens = prompt_tokens or (cfg.probe.k_shot + 1) * PROBE_TOKENS_PER_PAIR
+    meshes = _meshes(cfg, mc, available[:devices])
+    shapes = probe_shapes(cfg.probe, prompt_tokens)
     depth = mc.num_layers
     if layers is not None and layers < 1:
         raise ConfigError(f"layers must be >= 1, got {layers}")
     if layers is None or 2 * layers >= depth:
-        programs, train, probe_info = _compile_programs(mc, cfg, mesh, sampler, tokens)
-        compiled_layers: list[int] = [depth]
+        measures = _compile_programs(mc, cfg, meshes, train, sampler, shapes)
+        compiled_layers = [depth]
     else:
-        low, _, probe_info = _compile_programs(mc.replace(num_layers=layers), cfg, mesh, sampler, tokens)
-        high, _, _ = _compile_programs(mc.replace(num_layers=2 * layers), cfg, mesh, sampler, tokens)
-        programs = {k: _extrapolate(low[k], high[k], layers, 2 * layers, depth) for k in low}
-        train = _abstract_training(mc, cfg.train, mesh)  # full-depth shapes, nothing compiled
+        low = _compile_programs(mc.replace(num_layers=layers), cfg, meshes, train, sampler, shapes)
+        high = _compile_programs(mc.replace(num_layers=2 * layers), cfg, meshes, train, sampler, shapes)
+        measures = _extrapolate_measures(low, high, layers, 2 * layers, depth)
         compiled_layers = [layers, 2 * layers]
-    step = programs["train"]
-    params = shard_bytes(train["params"])
-    optimizer = shard_bytes(train["optimizer"])
-    per_device = {"params": params, "optimizer": optimizer,
-                  "activations": max(step.total - params - optimizer, 0), "total": step.total}
-    model_flops = 6.0 * train["n_params"] * train["tokens"]
+    programs = measures["programs"]
+    result: dict[str, Any] = {
+        "devices": devices,
+        "mesh": axis_sizes(meshes[0]),
+        "probe_mesh": axis_sizes(meshes[1]),
+        "model": cfg.model.source,
+        "mode": f"lora r={cfg.train.lora.rank}" if cfg.train.lora.rank else "full",
+        "batch": {"rows": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
+                  "seq_len": cfg.train.max_seq_len, "remat": cfg.train.remat,
+                  "scan_layers": cfg.train.scan_layers},
+        "dtypes": {"params": cfg.model.dtype, "compute": cfg.model.compute_dtype},
+        "programs": {name: p.as_dict() for name, p in programs.items()},
+        "compiled_layers": compiled_layers,
+        "hbm_bytes": int(hbm_bytes),
+        "backend": f"{available[0].platform} (simulated devices)",
+    }
+    fits = []
+    if train:
+        result.update(_train_report(measures, mc, cfg, devices))
+        result["fits_train"] = result["per_device_bytes"]["total"] <= hbm_bytes
+        fits.append(result["fits_train"])
+    if sampler:
+        probe = _probe_fit(measures, _resident_params(mc, meshes[0]))
+        result.update({"probe_per_device_bytes": probe, "probe_shapes": measures["probe_shapes"],
+                       "fits_probe": probe["total"] <= hbm_bytes,
+                       **{k: measures[k] for k in ("decode_collective_bytes", "decode_collectives",
+                                                   "decode_collective_shapes")}})
+        fits.append(result["fits_probe"])
+    peaks = [result[k]["total"] for k in ("per_device_bytes", "probe_per_device_bytes") if k in result]
+    result["peak_bytes"] = max(peaks, default=0)
+    result["fits"] = all(fits)
+    return result
+
+
+def _train_report(measures: Mapping[str, Any], mc: Any, cfg: RunConfig, devices: int) -> dict[str, Any]:
+    step = measures["programs"]["train"]
+    params, optimizer = measures["params"], measures["optimizer"]
+    tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.max_seq_len
+    model_flops = 6.0 * measures["n_params"] * tokens
     if mc.scan_layers:
         # XLA's cost analysis counts a while loop's body once, whatever its trip count.
         flops, flops_source = model_flops, "6 * params * tokens (scanned layers)"
@@ -463,29 +701,11 @@ def plan(cfg: RunConfig, devices: int, hbm_bytes: int, *, sampler: bool = True,
         flops, flops_source = step.flops * devices, "cost_analysis (per device x devices)"
     else:
         flops, flops_source = model_flops, "6 * params * tokens"
-    peak = max(p.total for p in programs.values())
     return {
-        "devices": devices,
-        "mesh": dict(mesh.shape),
-        "model": cfg.model.source,
-        "params": train["n_params"],
-        "trainable_params": train["n_trainable"],
-        "mode": f"lora r={cfg.train.lora.rank}" if cfg.train.lora.rank else "full",
-        "batch": {"rows": cfg.train.batch_size, "grad_accum": cfg.train.grad_accum,
-                  "seq_len": cfg.train.max_seq_len, "remat": cfg.train.remat,
-                  "scan_layers": cfg.train.scan_layers},
-        "dtypes": {"params": cfg.model.dtype, "compute": cfg.model.compute_dtype},
-        "per_device_bytes": per_device,
-        "programs": {name: p.as_dict() for name, p in programs.items()},
-        "compiled_layers": compiled_layers,
-        "probe_shapes": probe_info,
-        "flops_per_step": flops,
-        "flops_source": flops_source,
-        "model_flops_per_step": model_flops,
-        "hbm_bytes": int(hbm_bytes),
-        "peak_bytes": peak,
-        "fits": peak <= hbm_bytes,
-        "backend": f"{available[0].platform} (simulated devices)",
+        "params": measures["n_params"], "trainable_params": measures["n_trainable"],
+        "per_device_bytes": {"params": params, "optimizer": optimizer,
+                             "activations": max(step.total - params - optimizer, 0), "total": step.total},
+        "flops_per_step": flops, "flops_source": flops_source, "model_flops_per_step": model_flops,
     }
 
 
@@ -495,32 +715,58 @@ def _gib(n: float) -> str:
     return f"{n / GIB:8.2f} GiB"
 
 
+def _axes(sizes: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sizes.items())
+
+
 def format_table(result: Mapping[str, Any]) -> str:
     """The plan as a few aligned lines for people."""
-    mesh = " ".join(f"{k}={v}" for k, v in result["mesh"].items())
-    pd = result["per_device_bytes"]
-    lines = [
-        f"model {result['model']}: {result['params'] / 1e9:.3f}B params, "
-        f"{result['trainable_params'] / 1e9:.4f}B trainable ({result['mode']})",
-        f"devices {result['devices']}  mesh {mesh}  batch {result['batch']['rows']}x"
-        f"{result['batch']['grad_accum']} of {result['batch']['seq_len']} tokens",
-        "per device (train step):",
-        f"  params      {_gib(pd['params'])}",
-        f"  optimizer   {_gib(pd['optimizer'])}",
-        f"  activations {_gib(pd['activations'])}   (grads, activations, batch, temporaries)",
-        f"  total       {_gib(pd['total'])}",
-        "programs:     argument     output       temp        total",
-    ]
+    lines = [f"devices {result['devices']}  train mesh {_axes(result['mesh'])}  "
+             f"probe mesh {_axes(result['probe_mesh'])}"]
+    if "per_device_bytes" in result:
+        pd = result["per_device_bytes"]
+        lines += [
+            f"model {result['model']}: {result['params'] / 1e9:.3f}B params, "
+            f"{result['trainable_params'] / 1e9:.4f}B trainable ({result['mode']}); batch "
+            f"{result['batch']['rows']}x{result['batch']['grad_accum']} of {result['batch']['seq_len']} tokens",
+            "per device, training:",
+            f"  params      {_gib(pd['params'])}",
+            f"  optimizer   {_gib(pd['optimizer'])}",
+            f"  activations {_gib(pd['activations'])}   (grads, activations, batch, temporaries)",
+            f"  total       {_gib(pd['total'])}",
+        ]
+    if "probe_per_device_bytes" in result:
+        pp, ps = result["probe_per_device_bytes"], result["probe_shapes"]
+        lines += [
+            f"per device, probing ({ps['slots']} slots x {ps['cache_len']} cache positions, "
+            f"prefix {ps['prefix_slots']}):",
+            f"  training shards   {_gib(pp['train_params'])}   (the model, resident on the train mesh)",
+            f"  inference weights {_gib(pp['inference_weights'])}",
+            f"  KV cache          {_gib(pp['kv_cache'])}",
+            f"  prefix store      {_gib(pp['prefix_store'])}",
+            f"  activations       {_gib(pp['activations'])}",
+            f"  total             {_gib(pp['total'])}",
+            f"  decode collectives {_gib(result['decode_collective_bytes']).strip()} per step per device",
+        ]
+    lines.append("programs:     argument     output       temp        total")
     for name, p in result["programs"].items():
-        lines.append(f"  {name:8s}{_gib(p['argument'])}{_gib(p['output'] - p['alias'])}"
+        lines.append(f"  {name:16s}{_gib(p['argument'])}{_gib(p['output'] - p['alias'])}"
                      f"{_gib(p['temp'])}{_gib(p['total'])}   ({p['compile_seconds']:.0f} s compile)")
     if len(result.get("compiled_layers", [])) == 2:
         a, b = result["compiled_layers"]
         lines.append(f"  (compiled with {a} and {b} layers, extended linearly to the full depth)")
-    lines.append(f"flops per step {result['flops_per_step']:.3e} ({result['flops_source']}); "
-                 f"6 * params * tokens = {result['model_flops_per_step']:.3e}")
+    if "flops_per_step" in result:
+        lines.append(f"flops per step {result['flops_per_step']:.3e} ({result['flops_source']}); "
+                     f"6 * params * tokens = {result['model_flops_per_step']:.3e}")
     lines.append(f"target {_gib(result['hbm_bytes']).strip()} per device ({result.get('hbm_source', '')})")
-    peak, hbm = result["peak_bytes"], result["hbm_bytes"]
+    hbm = result["hbm_bytes"]
+    for phase, key, total in (("training", "fits_train", "per_device_bytes"),
+                              ("probing", "fits_probe", "probe_per_device_bytes")):
+        if key in result:
+            peak = result[total]["total"]
+            verdict = "fits" if result[key] else "does not fit"
+            lines.append(f"  {phase}: {verdict}, {_gib(peak).strip()} ({100 * peak / hbm:.0f}% of the target)")
+    peak = result["peak_bytes"]
     if result["fits"]:
         lines.append(f"FITS: peak {_gib(peak).strip()}, {_gib(hbm - peak).strip()} to spare "
                      f"({100 * peak / hbm:.0f}% of the target)")

@@ -63,11 +63,12 @@ class JaxEngine:
 
 
 def answers_correct(model: Any, tokenizer: Any, examples: Sequence[QAExample], template: str, *,
-                    max_new_tokens: int = 24, batch_size: int = 64) -> dict[str, bool]:
-    """Greedy exact match of the model's answer in the fine-tuning format, per example id."""
+                    max_new_tokens: int = 24, batch_size: int = 64, mesh: Any = None) -> dict[str, bool]:
+    """Greedy exact match of the model's answer in the fine-tuning format, per example id
+    (generated on ``mesh``, the run's inference mesh, when given)."""
     prompts = [format_train_pair(e.question, "", template)[0] for e in examples]
-    gens = sampler_for(model, tokenizer).generate_batch(prompts, max_new_tokens=max_new_tokens,
-                                                        stop=STOP, batch_size=batch_size)
+    gens = sampler_for(model, tokenizer, mesh).generate_batch(prompts, max_new_tokens=max_new_tokens,
+                                                              stop=STOP, batch_size=batch_size)
     return {e.id: bool(exact_match(clean_answer(g[0].text), list(e.answers)))
             for e, g in zip(examples, gens)}
 
@@ -80,7 +81,9 @@ def _epochs_for_budget(cfg: TrainConfig, n_examples: int, max_steps: int) -> int
 
 def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_root: Path | None = None,
                  wandb_run: Any = None) -> dict[str, Any]:
-    """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer and settings.
+    """The callables `pipeline.SeedRun` takes, bound to this run's tokenizer, settings and meshes:
+    stages train on ``res.train_mesh`` and their models stay there; probes, dev evaluation and
+    test accuracy run on ``res.probe_mesh`` (weights resharded for inference).
 
     ``wandb_run``: a W&B run every stage's scalars also go to, tagged by the stage directory's
     path below ``run_root`` (``seed_0/two_stage/stage1/loss``).
@@ -92,13 +95,14 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.training.lora import apply_lora, merge_lora
     from gradual_jax.training.metrics import MetricsWriter
-    from gradual_jax.training.trainer import Trainer
+    from gradual_jax.training.trainer import Trainer, make_dev_eval
 
     tokenizer = res.tokenizer
     base_config = res.model.config
+    train_mesh, probe_mesh = res.train_mesh, res.probe_mesh
 
     def engine_factory(model: Any) -> JaxEngine:
-        return JaxEngine(model, tokenizer, batch_size=cfg.probe.batch_size)
+        return JaxEngine(model, tokenizer, batch_size=cfg.probe.batch_size, mesh=probe_mesh)
 
     def trainer_fn(model: Any, examples: Sequence[QAExample], dev: Sequence[QAExample],
                    train_cfg: TrainConfig, *, ckpt_dir: Path, seed: int, metrics_dir: Path,
@@ -112,13 +116,15 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         nnx.update(work, jax.tree.map(lambda x: x.copy(), nnx.state(work)))
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
-        trainer = Trainer(work, tokenizer, seed=seed, progress=True)
+        trainer = Trainer(work, tokenizer, mesh=train_mesh, seed=seed, progress=True)
+        dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=probe_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds)
         prefix = ""
         if wandb_run is not None and run_root is not None:
             prefix = Path(metrics_dir).relative_to(run_root).as_posix() + "/"
         with MetricsWriter(metrics_dir, wandb_run=wandb_run, tag_prefix=prefix) as metrics:
-            result = trainer.fit(examples, dev, train_cfg, checkpoint_manager=manager, metrics=metrics)
+            result = trainer.fit(examples, dev, train_cfg, eval_fn=dev_eval, checkpoint_manager=manager,
+                                 metrics=metrics)
         if train_cfg.lora.rank > 0:
             # The stage's adapter, against the model it started from, for gradual_jax.export.
             # Every process gathers it (adapters may be sharded over hosts); process 0 writes.
@@ -126,15 +132,15 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
             if jax.process_index() == 0:
                 save_adapter(adapter, Path(metrics_dir) / STAGE_ADAPTER_DIR)
             merge_lora(work)
-        _to_default_device(work)
         curve = _curve(Path(metrics_dir))
         info = {"steps": result.steps, "best_epoch": result.best_epoch, "epochs": result.epochs,
                 "dev_accuracy": [h.get("dev_accuracy") for h in result.history],
-                "final_loss": result.final_loss, "train_seconds": result.seconds, "curve": curve}
+                "final_loss": result.final_loss, "train_seconds": result.seconds, "curve": curve,
+                "train_state_bytes_per_device": result.state_bytes_per_device}
         return work, info
 
     def accuracy_fn(model: Any, examples: Sequence[QAExample], template: str) -> dict[str, bool]:
-        return answers_correct(model, tokenizer, examples, template,
+        return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
                                max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size)
 
     def save_params(directory: Path, model: Any) -> None:
@@ -143,20 +149,11 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         save_model_params(directory, model)
 
     def load_params(directory: Path) -> Any:
-        model = restore_model_params(directory, abstract_model(base_config))
-        _to_default_device(model)
-        return model
+        return restore_model_params(directory, abstract_model(base_config), mesh=train_mesh)
 
     return {"engine_factory": engine_factory, "trainer_fn": trainer_fn,
             "accuracy_fn": accuracy_fn, "params_io": (save_params, load_params),
             "model_digest": model_digest}
-
-
-def _to_default_device(model: Any) -> None:
-    """Put every weight on the default device, as loading does: the sampler's compiled
-    functions are keyed by argument shardings, so a model left on the trainer's mesh would
-    compile them all again."""
-    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
 
 
 def _curve(metrics_dir: Path) -> list[dict]:

@@ -52,7 +52,7 @@ import numpy as np
 from flax import nnx
 
 from gradual_jax.models.transformer import KVCache, Transformer, apply_rope, as_dtype, rope_inv_freq
-from gradual_jax.sharding import batch_sharding, data_parallel_size
+from gradual_jax.sharding import INFERENCE_RULES, batch_sharding, data_parallel_size, state_shardings
 
 MIN_BUCKET = 8
 MIN_SHARED_PREFIX = 16
@@ -546,6 +546,28 @@ def _spec(x: Any) -> tuple:
     return (x.shape, str(x.dtype), getattr(x, "sharding", None))
 
 
+# The decode program donates its carry (argument 1): the cache is updated in place.
+_DECODE_DONATE = (1,)
+
+
+@dataclasses.dataclass
+class _StartCall:
+    """One batch's start program call: arguments, statics, which decode rows are padding, and
+    the packed prefill tokens."""
+
+    args: tuple
+    static: dict
+    padding: np.ndarray
+    tokens: int
+
+
+def _abstract(tree: Any) -> Any:
+    """Arrays (and compiled programs' output infos) as plain ShapeDtypeStructs with their
+    shardings: what lowering needs of an argument."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
 def _over_leaves(fn: Callable, treedef: Any) -> Callable:
     """`fn(state, ...)` as a function of the state's flat leaves."""
     def call(leaves: list, *more: Any, **kw: Any) -> Any:
@@ -600,17 +622,20 @@ class Sampler:
         self.stats = SamplerStats()
 
     def _place(self, state: Any) -> Any:
-        """With a mesh, leaves not already on it are replicated over it."""
+        """With a mesh, the weights as inference holds them: sharded by the inference rules
+        (tensor parallel inside a replica, replicated over the data axes, nothing along embed,
+        so a decode step moves activations, never weights) and cast to the compute dtype."""
         if self.mesh is None:
             return state
-        devices = set(self.mesh.devices.flat)
+        compute = as_dtype(self.config.dtype)
 
-        def put(x: Any) -> Any:
-            if isinstance(x, jax.Array) and set(x.sharding.device_set) == devices:
-                return x
-            return jax.device_put(x, self._replicated())
+        def cast(x: Any) -> Any:
+            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute:
+                return x.astype(compute)
+            return x
 
-        return jax.tree.map(put, state)
+        shardings = state_shardings(state, self.mesh, INFERENCE_RULES)
+        return jax.device_put(jax.tree.map(cast, state), shardings)
 
     def _replicated(self) -> Any:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -675,6 +700,80 @@ class Sampler:
             self._stop_tables[key] = table
         return self._stop_tables[key]
 
+    # ---- lowering: the programs generate_batch compiles, on abstract inputs
+
+    @classmethod
+    def abstract(cls, model: Transformer, tokenizer: Any = None, *, mesh: Any = None,
+                 **kwargs: Any) -> "Sampler":
+        """A sampler of an abstract model (`nnx.eval_shape`: no weights) on `mesh`. Its state is
+        ShapeDtypeStructs with the dtypes and shardings the sampler's placement gives real
+        weights (by the inference rules, floating point in the compute dtype), so it lowers its
+        programs (`lower_prefix`, `lower_prefill`, `lower_decode`) and cannot run them."""
+        sampler = cls(model, tokenizer, **kwargs)  # no mesh yet: nothing to place
+        sampler.mesh = mesh
+        state = nnx.state(model)
+        if mesh is not None:
+            # The same layout `_place` gives arrays (tests/test_plan.py holds the two equal);
+            # `_place` itself cannot run on ShapeDtypeStructs, nor be traced for its shardings
+            # (device_put inside jit is dropped under Auto mesh axes).
+            compute = as_dtype(sampler.config.dtype)
+
+            def placed(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
+                dtype = compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+                return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
+
+            state = jax.tree.map(placed, state, state_shardings(state, mesh, INFERENCE_RULES))
+        sampler.set_state(state)
+        return sampler
+
+    def lower_prefix(self, prefix_tokens: int) -> jax.stages.Lowered:
+        """The program that prefills a shared prompt prefix of `prefix_tokens` tokens (one
+        packed row, computed once for every batch of its group), as `generate_batch` compiles
+        it. Its outputs are the prefix cache the sampler keeps while the group decodes."""
+        if prefix_tokens < 1:
+            raise ValueError(f"prefix_tokens must be >= 1, got {prefix_tokens}")
+        _, args = self._prefix_args([0] * int(prefix_tokens))
+        return self._lower(self._prefix_fn, (self.state, *_abstract(args[1:])), {})
+
+    def lower_prefill(self, batch_size: int, *, prompt_tokens: int, max_new_tokens: int,
+                      methods: Method | Sequence[Method] = Greedy(), n: int = 1,
+                      prefix: jax.stages.Compiled | None = None) -> jax.stages.Lowered:
+        """The start program (prefill, per-row cache, first token) of a full batch of
+        `generate_batch(prompts, batch_size=batch_size, methods=methods, n=n,
+        max_new_tokens=max_new_tokens)` whose prompt tails have `prompt_tokens` tokens each, as
+        `generate_batch` compiles it. `prefix`: the compiled `lower_prefix` program whose
+        outputs are the batch's shared prefix cache (None: no shared prefix).
+
+        Its outputs are the decode carry (`lower_decode`), whose `cache` is a `KVCache` of one
+        row per slot (prompts x samples, the slot batch) by the cache length (prefix slots +
+        the tails' bucket + `max_new_tokens`). Raises ValueError for non-positive sizes.
+        """
+        if min(batch_size, prompt_tokens, max_new_tokens) < 1:
+            raise ValueError(f"batch_size, prompt_tokens and max_new_tokens must be >= 1, got "
+                             f"{batch_size}, {prompt_tokens}, {max_new_tokens}")
+        fan = self._fanout(methods, n)
+        per_batch = max(1, batch_size // len(fan))
+        batch = _Batch(list(range(per_batch)), (), [[0] * int(prompt_tokens)] * per_batch)
+        cache = None if prefix is None else _abstract(prefix.out_info)
+        table = self._put_replicated(self.stop_table(()))
+        start = self._start_args(batch, None, batch.items, fan, int(max_new_tokens), table, 0, per_batch)
+        args = (self.state, cache, *_abstract(start.args[2:]))
+        return self._lower(self._start_fn, args, start.static)
+
+    def lower_decode(self, prefill: jax.stages.Compiled, *,
+                     methods: Method | Sequence[Method] = Greedy(), n: int = 1) -> jax.stages.Lowered:
+        """The decode program (a `lax.while_loop` of up to `chunk` steps) that continues the
+        outputs of `prefill` (the compiled `lower_prefill` program, with the same `methods` and
+        `n`), as `generate_batch` compiles it: the carry with `prefill`'s output shardings,
+        donated."""
+        fan = self._fanout(methods, n)
+        carry = _abstract(prefill.out_info)
+        _, policy = self._rows(fan, max(1, carry.done.shape[0] // len(fan)))
+        table = self._put_replicated(self.stop_table(()))
+        args = self._decode_args(carry, table, self.chunk)
+        return self._lower(self._decode_fn, (self.state, carry, *_abstract(args[2:])), dict(policy=policy),
+                           _DECODE_DONATE)
+
     # ---- compilation
 
     def _compile(self, name: str, fn: Callable, args: tuple, static: dict, donate: tuple = ()) -> Any:
@@ -692,10 +791,7 @@ class Sampler:
                 compiled = _COMPILED.get(key)
                 if compiled is None:
                     t0 = time.perf_counter()
-                    target, lower_args = ((_over_leaves(fn, self._state_treedef), (self._state_leaves, *rest))
-                                          if with_state else (fn, args))
-                    jitted = jax.jit(target, static_argnames=tuple(static), donate_argnums=donate)
-                    compiled = jitted.lower(*lower_args, **static).compile()
+                    compiled = self._lower(fn, args, static, donate).compile()
                     self.stats.compile_seconds += time.perf_counter() - t0
                     self.stats.compiles += 1
                     _COMPILED[key] = compiled
@@ -703,6 +799,13 @@ class Sampler:
             leaves = self._state_leaves
             return lambda *a: compiled(leaves, *a[1:])
         return compiled
+
+    def _lower(self, fn: Callable, args: tuple, static: dict, donate: tuple = ()) -> jax.stages.Lowered:
+        """`fn` lowered for `args` as `_compile` compiles it: when `args[0]` is the sampler's
+        state, as a function of its flat leaves."""
+        if bool(args) and args[0] is self.state:
+            fn, args = _over_leaves(fn, self._state_treedef), (self._state_leaves, *args[1:])
+        return jax.jit(fn, static_argnames=tuple(static), donate_argnums=donate).lower(*args, **static)
 
     # ---- device functions (pure over the model state)
 
@@ -795,19 +898,22 @@ class Sampler:
         if not prefix:
             return None
         if prefix not in memo:
-            pack = _pack([list(prefix)], offset=0, count=1, row_multiple=1)
-            args = (self.state, *(self._put_replicated(a) for a in (pack.ids, pack.pos, pack.seg)))
+            pack, args = self._prefix_args(prefix)
             memo.clear()
             memo[prefix] = self._compile("prefix", self._prefix_fn, args, {})(*args)
             self.stats.prefill_tokens += pack.tokens
             self.stats.prefixes += 1
         return memo[prefix]
 
+    def _prefix_args(self, prefix: Sequence[int]) -> tuple[_Pack, tuple]:
+        """The prefix program's arguments: the prefix packed into one replicated row."""
+        pack = _pack([list(prefix)], offset=0, count=1, row_multiple=1)
+        return pack, (self.state, *(self._put_replicated(a) for a in (pack.ids, pack.pos, pack.seg)))
+
     def _pack_args(self, seqs: list[list[int]], offset: int, count: int) -> tuple[_Pack, dict]:
         pack = _pack(seqs, offset=offset, count=count, row_multiple=self._dp())
         arrays = {"ids": pack.ids, "pos": pack.pos, "seg": pack.seg, "row": pack.row,
                   "col": pack.col, "length": pack.length}
-        self.stats.prefill_tokens += pack.tokens
         return pack, {k: self._put(v) for k, v in arrays.items()}
 
     # ---- generation
@@ -901,26 +1007,40 @@ class Sampler:
     def _run_batch(self, batch: _Batch, prompt_ids: list[list[int]], prompt_keys: list[int],
                    fan: list[Method], new_tokens: int, stop: tuple[str, ...], table: jax.Array,
                    seed: int, memo: dict, per_batch: int) -> list[list[Generation]]:
-        count, m = len(batch.items), len(fan)
-        b = self._batch_rows(count, per_batch)
+        m = len(fan)
         prefix = self._prefix_cache(batch.prefix, memo)
-        _, pack = self._pack_args(batch.suffixes, len(batch.prefix), b)
-        rows, policy = self._rows(fan, b)
-        keys = [prompt_keys[i] for i in batch.items] + [0] * (b - count)
-        padding = np.repeat(np.arange(b) >= count, m)
-        args = (self.state, prefix, pack, rows, self._row_keys(seed, keys, m), self._put(padding), table)
-        span = next_pow2(max(len(s) for s in batch.suffixes), MIN_BUCKET)
-        static = dict(span=span, fanout=m, new_tokens=new_tokens, policy=policy)
-        d = self._compile("start", self._start_fn, args, static)(*args)
-        self.stats.logit_rows += b
-        results = self._decode_loop(d, np.where(padding, -1, np.arange(b * m)), new_tokens, stop,
-                                    table, policy)
+        start = self._start_args(batch, prefix, prompt_keys, fan, new_tokens, table, seed, per_batch)
+        d = self._compile("start", self._start_fn, start.args, start.static)(*start.args)
+        self.stats.prefill_tokens += start.tokens
+        self.stats.logit_rows += len(start.padding) // m
+        results = self._decode_loop(d, np.where(start.padding, -1, np.arange(len(start.padding))),
+                                    new_tokens, stop, table, start.static["policy"])
         out = []
         for p, item in enumerate(batch.items):
             prompt = prompt_ids[item]
             head = self._decode(prompt)
             out.append([self._finish(head, prompt, *results[p * m + j], stop) for j in range(m)])
         return out
+
+    def _start_args(self, batch: _Batch, prefix: KVCache | None, prompt_keys: list[int],
+                    fan: list[Method], new_tokens: int, table: jax.Array, seed: int,
+                    per_batch: int) -> "_StartCall":
+        """The start program's arguments and statics for one batch (padded to `_batch_rows`
+        prompts, each repeated once per method)."""
+        count, m = len(batch.items), len(fan)
+        b = self._batch_rows(count, per_batch)
+        packed, pack = self._pack_args(batch.suffixes, len(batch.prefix), b)
+        rows, policy = self._rows(fan, b)
+        keys = [prompt_keys[i] for i in batch.items] + [0] * (b - count)
+        padding = np.repeat(np.arange(b) >= count, m)
+        args = (self.state, prefix, pack, rows, self._row_keys(seed, keys, m), self._put(padding), table)
+        span = next_pow2(max(len(s) for s in batch.suffixes), MIN_BUCKET)
+        static = dict(span=span, fanout=m, new_tokens=new_tokens, policy=policy)
+        return _StartCall(args, static, padding, packed.tokens)
+
+    def _decode_args(self, d: _Decoding, table: jax.Array, limit: int) -> tuple:
+        """The decode program's arguments: run until step `limit` (or every row is done)."""
+        return (self.state, d, table, self._put_replicated(np.int32(limit)))
 
     def _decode_loop(self, d: _Decoding, row_ids: np.ndarray, new_tokens: int,
                      stop: tuple[str, ...], table: jax.Array,
@@ -940,9 +1060,8 @@ class Sampler:
             target = _round_up(next_pow2(len(live), MIN_COMPACT_ROWS), self._dp())
             if self.compact and target <= len(done) // 2:
                 d, row_ids = self._compact(d, row_ids, live, target, results, done)
-            limit = self._put_replicated(np.int32(min(step + self.chunk, new_tokens)))
-            args = (self.state, d, table, limit)
-            d = self._compile("decode", self._decode_fn, args, dict(policy=policy), donate=(1,))(*args)
+            args = self._decode_args(d, table, min(step + self.chunk, new_tokens))
+            d = self._compile("decode", self._decode_fn, args, dict(policy=policy), donate=_DECODE_DONATE)(*args)
             taken = int(d.step) - step
             self.stats.decode_steps += taken
             self.stats.decode_row_steps += taken * len(row_ids)
@@ -1037,7 +1156,8 @@ class Sampler:
         prefix = self._prefix_cache(batch.prefix, memo)
         rows = [conts[i] for i in batch.items]
         seqs = [s + c for s, c in zip(batch.suffixes, rows)]
-        _, pack = self._pack_args(seqs, len(batch.prefix), b)
+        packed, pack = self._pack_args(seqs, len(batch.prefix), b)
+        self.stats.prefill_tokens += packed.tokens
         width = next_pow2(max(1, max(len(c) for c in rows)), MIN_BUCKET)
         cont = np.zeros((b, width), np.int32)
         for i, c in enumerate(rows):

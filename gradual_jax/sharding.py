@@ -51,7 +51,11 @@ class MeshConfig:
         require(len(fills) <= 1, fills[-1] if fills else "data", "only one mesh axis may be -1")
 
 
-# logical axis name -> mesh axes (None = replicated). The single source of truth.
+Rules = Mapping[str, "tuple[str, ...] | None"]
+
+# logical axis name -> mesh axes (None = replicated), one table per use.
+# Training: FSDP shards weights along embed (gathered per layer), tensor parallel splits heads,
+# MLP and vocab.
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
     "embed": ("fsdp",),
@@ -62,6 +66,18 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "length": None,
 }
+TRAINING_RULES = LOGICAL_AXIS_RULES
+# Inference (the probe): tensor parallel inside a replica, replicas over the data axes, nothing
+# along embed, so a decode step moves activations (all-reduces over tensor), never weights.
+INFERENCE_RULES: dict[str, tuple[str, ...] | None] = {**LOGICAL_AXIS_RULES, "embed": None}
+
+
+def default_probe_mesh(n_devices: int, num_heads: int, num_kv_heads: int) -> "MeshConfig":
+    """The probe's default mesh: the largest tensor-parallel degree that divides the device
+    count and both the query and the KV head counts, replicas (``data``) over the rest."""
+    tensor = max(t for t in range(1, n_devices + 1)
+                 if n_devices % t == 0 and num_heads % t == 0 and num_kv_heads % t == 0)
+    return MeshConfig(data=n_devices // tensor, fsdp=1, tensor=tensor)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -93,18 +109,95 @@ def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = No
     return make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices=devices)
 
 
-def param_partition_spec(logical_axes: Sequence[str | None], mesh: Mesh,
-                         rules: Mapping[str, tuple[str, ...] | None] | None = None,
-                         *, shape: Sequence[int] | None = None) -> PartitionSpec:
-    """The PartitionSpec for a tensor whose dims are named ``logical_axes``.
+def _resolved_sizes(mesh_config: MeshConfig, n_devices: int, key: str) -> dict[str, int]:
+    sizes = {"data": mesh_config.data, "fsdp": mesh_config.fsdp, "tensor": mesh_config.tensor}
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    shown = " x ".join(f"{k}={'-1' if v == -1 else v}" for k, v in sizes.items())
+    fills = [k for k, v in sizes.items() if v == -1]
+    if fills:
+        require(n_devices % fixed == 0, key,
+                f"{shown}: the fixed axes' product {fixed} does not divide the {n_devices} devices")
+        sizes[fills[0]] = n_devices // fixed
+    require(math.prod(sizes.values()) == n_devices, key,
+            f"{shown} = {math.prod(sizes.values())} devices, but {n_devices} are present")
+    return sizes
 
-    Mesh axes of size 1, axes already used by an earlier dim and (when ``shape`` is given) axes
-    that would not divide the dim evenly are dropped, so the spec is always valid for the tensor.
-    Raises KeyError for a logical name the rules do not know.
-    """
+
+def run_meshes(train: MeshConfig, probe: MeshConfig | None, *, num_heads: int, num_kv_heads: int,
+               train_batch_sizes: Mapping[str, int], probe_batch_size: int,
+               devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Mesh]:
+    """The training mesh and the probe's inference mesh of a run, over ``devices`` (default:
+    all), checked before any weights are read: axes whose product is not the device count, a
+    tensor axis that does not divide the query or KV heads, a batch size (per config key in
+    ``train_batch_sizes``) or the probe's slot batch that does not divide the data axes raise
+    ConfigError naming the key. ``probe`` None is :func:`default_probe_mesh`."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    if probe is None:
+        probe = default_probe_mesh(n, num_heads, num_kv_heads)
+    meshes = []
+    for key, mc in (("mesh", train), ("probe.mesh", probe)):
+        sizes = _resolved_sizes(mc, n, key)
+        t = sizes["tensor"]
+        require(num_heads % t == 0 and num_kv_heads % t == 0, f"{key}.tensor",
+                f"{t} does not divide the model's {num_heads} query heads and {num_kv_heads} KV heads")
+        meshes.append(make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices))
+    train_mesh, probe_mesh = meshes
+    ways = data_parallel_size(train_mesh)
+    for key, rows in train_batch_sizes.items():
+        require(rows % ways == 0, key, f"{rows} does not divide over the training mesh's data axes "
+                f"(data x fsdp = {ways}): use a multiple of {ways}")
+    ways = data_parallel_size(probe_mesh)
+    require(probe_batch_size % ways == 0, "probe.batch_size",
+            f"{probe_batch_size} does not divide over the probe mesh's {ways} replicas: "
+            f"use a multiple of {ways}")
+    return train_mesh, probe_mesh
+
+
+def axis_sizes(mesh: Mesh) -> dict[str, int]:
+    """``{"data": .., "fsdp": .., "tensor": ..}`` of a mesh."""
+    return {a: int(mesh.shape[a]) for a in MESH_AXES}
+
+
+def bytes_per_device(tree: Any) -> int:
+    """Bytes of ``tree``'s arrays on its fullest device, counted from their addressable shards
+    (what a device holds, not the global size)."""
+    per: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(leaf, nnx.Variable):
+            leaf = leaf.get_value()
+        if not isinstance(leaf, jax.Array):
+            continue
+        for shard in leaf.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedAxis:
+    """A mesh axis that a dim's rule names but that does not divide the dim (together with the
+    axes already chosen for it): ``param_partition_spec`` drops it, so the tensor is replicated
+    over ``mesh_axis`` instead of split."""
+
+    dim: int
+    size: int
+    logical: str
+    mesh_axis: str
+    ways: int
+    """How many pieces the dim would have been split into with ``mesh_axis``."""
+
+    def __str__(self) -> str:
+        return f"{self.logical}={self.size} over {self.mesh_axis} ({self.ways} ways)"
+
+
+def _assign_mesh_axes(logical_axes: Sequence[str | None], mesh: Mesh,
+                      rules: Mapping[str, tuple[str, ...] | None] | None,
+                      shape: Sequence[int] | None) -> tuple[list[Any], list[ReplicatedAxis]]:
+    """(PartitionSpec entries, axes dropped because they do not divide) of ``param_partition_spec``."""
     rules = LOGICAL_AXIS_RULES if rules is None else rules
     used: set[str] = set()
     spec: list[Any] = []
+    dropped: list[ReplicatedAxis] = []
     for dim, name in enumerate(logical_axes):
         if name is None:
             spec.append(None)
@@ -118,6 +211,7 @@ def param_partition_spec(logical_axes: Sequence[str | None], mesh: Mesh,
             if n == 1 or axis in used:
                 continue
             if shape is not None and shape[dim] % (size * n):
+                dropped.append(ReplicatedAxis(dim, int(shape[dim]), name, axis, size * n))
                 continue
             chosen.append(axis)
             size *= n
@@ -125,7 +219,59 @@ def param_partition_spec(logical_axes: Sequence[str | None], mesh: Mesh,
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen))
     while spec and spec[-1] is None:
         spec.pop()
-    return PartitionSpec(*spec)
+    return spec, dropped
+
+
+def param_partition_spec(logical_axes: Sequence[str | None], mesh: Mesh,
+                         rules: Mapping[str, tuple[str, ...] | None] | None = None,
+                         *, shape: Sequence[int] | None = None) -> PartitionSpec:
+    """The PartitionSpec for a tensor whose dims are named ``logical_axes``.
+
+    Mesh axes of size 1, axes already used by an earlier dim and (when ``shape`` is given) axes
+    that would not divide the dim evenly are dropped, so the spec is always valid for the tensor;
+    ``replicated_axes`` names the ones dropped for not dividing.
+    Raises KeyError for a logical name the rules do not know.
+    """
+    return PartitionSpec(*_assign_mesh_axes(logical_axes, mesh, rules, shape)[0])
+
+
+def replicated_axes(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, tuple[str, ...] | None] | None = None) -> list[ReplicatedAxis]:
+    """The mesh axes ``param_partition_spec(logical_axes, mesh, rules, shape=shape)`` drops
+    because they do not divide a dim, in dim order; empty when the rules apply in full."""
+    return _assign_mesh_axes(logical_axes, mesh, rules, shape)[1]
+
+
+Replicated = Mapping[str, "tuple[tuple[int, ...], Sequence[ReplicatedAxis]]"]
+
+
+def replicated_params(state: Any, mesh: Mesh,
+                      rules: Mapping[str, tuple[str, ...] | None] | None = None
+                      ) -> dict[str, tuple[tuple[int, ...], list[ReplicatedAxis]]]:
+    """``{"a/b/c": (shape, dropped axes)}`` for each variable of ``state`` (an ``nnx.State``)
+    that ``state_shardings`` replicates over some axis its rules name, because the axis does not
+    divide the dim; what :func:`replication_warning` reports."""
+    found = {}
+    for path, var in nnx.to_flat_state(state):
+        axes = var.get_metadata().get("logical_axes") if _is_variable(var) else None
+        shape = tuple(getattr(var.get_value() if _is_variable(var) else var, "shape", ()))
+        if axes is None or len(axes) != len(shape):
+            continue
+        dropped = replicated_axes(axes, shape, mesh, rules)
+        if dropped:
+            found["/".join(map(str, path))] = (shape, dropped)
+    return found
+
+
+def replication_warning(found: Replicated) -> str | None:
+    """One line naming every tensor of ``found`` (name -> (shape, dropped axes)), its shape and
+    each logical axis and mesh axis that did not divide; None when ``found`` is empty."""
+    if not found:
+        return None
+    items = "; ".join(f"{name} {tuple(shape)}: {', '.join(map(str, axes))}"
+                      for name, (shape, axes) in found.items())
+    return (f"{len(found)} tensor(s) replicated where a mesh axis does not divide their dim "
+            f"(uses more memory per device): {items}")
 
 
 def _is_variable(x: Any) -> bool:

@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Literal
 
 from gradual_jax.configlib import require
+from gradual_jax.sharding import MeshConfig
 
 MODES: tuple[str, ...] = ("lazy", "exhaustive", "screened")
 DATA_KINDS: tuple[str, ...] = ("world", "entityquestions", "jsonl", "hf", "tfds")
@@ -41,6 +42,10 @@ class ProbeSettings:
     """Questions per resumable chunk of the probe file."""
     seed: int = 0
     """Prompt and sampling seed; a run adds each of its ``seeds`` to it."""
+    mesh: MeshConfig | None = None
+    """The probe's own mesh (inference: tensor parallel inside a replica, questions over the
+    replicas); default: the largest tensor degree dividing the devices and the query and KV
+    heads, replicas over the rest. Set as ``probe.mesh={data: 4, fsdp: 1, tensor: 2}``."""
 
     def __post_init__(self) -> None:
         require(self.mode in MODES, "mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
@@ -55,10 +60,10 @@ class ProbeSettings:
                 f"must be a probability in [0, 1], got {self.screen_threshold}")
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """Fields that change a probe's records. Chunking and batching do not, and ``k_shot``
-        is already in the prompt sets that are fingerprinted beside these."""
+        """Fields that change a probe's records. Chunking, batching and the mesh do not, and
+        ``k_shot`` is already in the prompt sets that are fingerprinted beside these."""
         d = dataclasses.asdict(self)
-        for key in ("chunk_size", "batch_size", "k_shot"):
+        for key in ("chunk_size", "batch_size", "k_shot", "mesh"):
             d.pop(key)
         return d
 

@@ -1,7 +1,10 @@
 """Llama-architecture GGUF files (llama.cpp's format) -> `Transformer`.
 
 Each tensor is dequantized on the host with the `gguf` package's reference code, one at a time,
-renamed to its transformers name and handed to the same assembly as safetensors checkpoints.
+renamed to its transformers name and handed to the same assembly as safetensors checkpoints. On a
+mesh it takes the same sharded path: each device's slice is cut from the dequantized host tensor
+(`hf.place_sharded`). Quantized blocks cannot be sliced in general (a block spans a run of a row
+and carries its own scales), so each tensor is dequantized whole, but only one at a time.
 
 llama.cpp's converter reorders the rows of q and k inside every head so that its interleaved
 RoPE (pairs `(2i, 2i+1)`) equals HF's rotate-half RoPE (pairs `(i, i + H/2)`): each head's rows
@@ -202,8 +205,9 @@ def load_gguf(file: str | os.PathLike, *, dtype: str = "float32", compute_dtype:
     """The `Transformer` of a Llama-architecture GGUF file, dequantized to `dtype`.
 
     Supports the tensor types in `SUPPORTED_QUANT_TYPES`; tensors are dequantized one at a time
-    and placed like `load_hf` does (sharded over `mesh` when given). Bad input raises
-    `CheckpointError`.
+    and placed like `load_hf` does: with a `mesh`, straight into each parameter's sharding by its
+    logical axes through `rules`, each device's slice cut from the dequantized tensor. Bad input
+    raises `CheckpointError`.
     """
     source = os.fspath(file)
     reader = open_gguf(file)

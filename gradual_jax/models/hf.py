@@ -1,10 +1,13 @@
 """Hugging Face checkpoints in and out: `config.json` + safetensors <-> `Transformer`.
 
-Loading builds the model abstractly and fills one parameter at a time: each tensor is read from
-its safetensors file, transposed and cast on the host, then placed on the device (or sharded over a
-mesh), so a checkpoint never needs two full host copies. Saving streams the parameters back the
-same way, one tensor at a time, into `model.safetensors` or, above `max_shard_size`, into shards
-with a `model.safetensors.index.json`, named and split as transformers' `save_pretrained` does.
+Loading builds the model abstractly and fills one parameter at a time. Without a mesh each tensor
+is read from its safetensors file, transposed and cast on the host, then put on the device, so a
+checkpoint never needs two full host copies. With a mesh each parameter is built straight into its
+sharding: every device's slice is read from the file region it covers, cast and laid out on its
+own, so a process reads only the slices its devices hold and never a whole sharded tensor.
+Saving streams the parameters back one tensor at a time, into `model.safetensors` or, above
+`max_shard_size`, into shards with a `model.safetensors.index.json`, named and split as
+transformers' `save_pretrained` does.
 
 HF tensors are `(out, in)`; ours are `(in..., out...)` per head: q `(D, N, H)`, k/v `(D, K, H)`,
 o `(N, H, D)`, gate/up `(D, F)`, down `(F, D)`, lm_head `(D, V)`.
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -22,7 +26,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -31,13 +35,18 @@ from tqdm.auto import tqdm
 
 from gradual_jax.configlib import parse_size
 from gradual_jax.models.errors import CheckpointError
-from gradual_jax.sharding import param_partition_spec
 from gradual_jax.models.transformer import (
     SUPPORTED_MODEL_TYPES,
     ModelConfig,
     Transformer,
     abstract_model,
     as_dtype,
+)
+from gradual_jax.sharding import (
+    ReplicatedAxis,
+    param_partition_spec,
+    replicated_axes,
+    replication_warning,
 )
 
 CONFIG_FILE = "config.json"
@@ -60,6 +69,8 @@ _HF_MODEL_TYPE = {"smollm": "llama", "smollm2": "llama"}
 _TIED_BY_DEFAULT = {"smollm3"}  # transformers' own default for tie_word_embeddings
 _ROPE_TYPES = ("default", "linear", "llama3")
 _SAFETENSORS_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,19 +310,126 @@ def _ignored(name: str, config: ModelConfig) -> bool:
 # Placing tensors
 
 
-def _partition_spec(logical_axes: tuple[str | None, ...], mesh: Any, rules: Any,
-                    shape: tuple[int, ...]) -> Any:
-    return param_partition_spec(logical_axes, mesh, rules, shape=shape)
+class TensorSource(Protocol):
+    """An HF-layout tensor read by region: an `np.ndarray` (GGUF's dequantized tensors, torch
+    weights) or a `SafetensorsTensor`, which reads only the region asked for from its file."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray: ...
+
+
+def _whole(source: TensorSource) -> np.ndarray:
+    return np.asarray(source[tuple(slice(None) for _ in source.shape)])
+
+
+Bounds = tuple[tuple[int, int], ...]  # (start, stop) per dim of our layout
+
+
+def _dim_groups(spec: TensorSpec) -> list[tuple[int, ...]] | None:
+    """Our dims grouped by the HF dim each group is the row-major flattening of, in HF's dim
+    order with the transpose undone (HF's dims reversed for a transposed tensor): q's `(D, N, H)`
+    from `(N*H, D)` is `[(0,), (1, 2)]`. None when the shapes do not factor that way."""
+    hf = spec.hf_shape[::-1] if spec.transposed else spec.hf_shape
+    groups: list[tuple[int, ...]] = []
+    dim = 0
+    for size in hf:
+        start, prod = dim, 1
+        while dim < len(spec.shape) and (dim == start or prod < size):
+            prod *= spec.shape[dim]
+            dim += 1
+        if prod != size:
+            return None
+        groups.append(tuple(range(start, dim)))
+    rest = tuple(range(dim, len(spec.shape)))
+    if rest and (not groups or any(spec.shape[d] != 1 for d in rest)):
+        return None
+    if rest:
+        groups[-1] += rest
+    return groups
+
+
+def read_region(source: TensorSource, spec: TensorSpec, bounds: Bounds) -> np.ndarray:
+    """Our layout's region `bounds` of the HF tensor `source`, reading from `source` only the
+    HF rows and columns it covers.
+
+    A slice of our dims maps to one contiguous range of the HF dim they flatten into (heads
+    `n0:n1` of q's `(D, N, H)` are rows `n0*H:n1*H` of HF's `(N*H, D)`, a `D` range is a column
+    range) as long as only the first dim of each group is cut; the group's later dims are read
+    whole and cut on the host, so a split head_dim (which no rules table of ours asks for) reads
+    whole heads. Exact, with no over-read, for every sharding the project's rules produce.
+    """
+    groups = _dim_groups(spec)
+    if groups is None:
+        # No TensorSpec of ours gets here (each HF dim flattens consecutive dims of ours); a
+        # layout that is not such a flattening has no region mapping, so read it whole.
+        return spec.to_ours(_whole(source))[tuple(slice(a, b) for a, b in bounds)]
+    hf_index: list[slice] = []
+    block_shape: list[int] = []
+    cut: list[slice] = []
+    for group in groups:
+        if not group:  # an HF dim of size 1 with no dim of ours
+            hf_index.append(slice(None))
+            continue
+        first, *later = group
+        inner = math.prod(spec.shape[d] for d in later)
+        a, b = bounds[first]
+        hf_index.append(slice(a * inner, b * inner))
+        block_shape += [b - a, *(spec.shape[d] for d in later)]
+        cut += [slice(None), *(slice(*bounds[d]) for d in later)]
+    if spec.transposed:
+        hf_index.reverse()
+    block = np.asarray(source[tuple(hf_index)])
+    block = block.T if spec.transposed else block
+    return block.reshape(block_shape)[tuple(cut)]
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> Bounds:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _sharding(param: nnx.Variable, shape: tuple[int, ...], mesh: Any, rules: Any
+              ) -> tuple[jax.sharding.NamedSharding, list[ReplicatedAxis]]:
+    """The parameter's NamedSharding from its `logical_axes`, and the axes its rules name that
+    were dropped because they do not divide a dim (the tensor is replicated over those)."""
+    axes = tuple(param.get_metadata().get("logical_axes") or (None,) * len(shape))
+    spec = param_partition_spec(axes, mesh, rules, shape=shape)
+    return jax.sharding.NamedSharding(mesh, spec), replicated_axes(axes, shape, mesh, rules)
+
+
+def place_sharded(source: TensorSource, spec: TensorSpec, sharding: jax.sharding.Sharding,
+                  dtype: np.dtype) -> jax.Array:
+    """The parameter `spec` fills, as a `dtype` array laid out by `sharding`, built from the
+    regions of `source` that this process's devices hold: each distinct region is read, cast
+    and laid out once (devices holding the same region share it) and nothing else is read, so
+    host memory holds at most one slice per local device, the whole tensor only where it is
+    replicated.
+
+    `jax.make_array_from_callback` calls back only for addressable devices, so in a multi-process
+    run each process reads its own devices' slices, and it compares nothing across processes.
+    """
+    regions: dict[Bounds, np.ndarray] = {}
+
+    def region(index: tuple[slice, ...]) -> np.ndarray:
+        bounds = _bounds(index, spec.shape)
+        if bounds not in regions:
+            regions[bounds] = np.ascontiguousarray(read_region(source, spec, bounds), dtype=dtype)
+        return regions[bounds]
+
+    return jax.make_array_from_callback(spec.shape, sharding, region, dtype=dtype)
 
 
 def place(value: np.ndarray, param: nnx.Variable, mesh: Any = None, rules: Any = None) -> jax.Array:
-    """`value` as a device array: on the default device, or sharded over `mesh` by the
-    parameter's `logical_axes`."""
+    """`value` (already in our layout) as a device array: on the default device, or sharded over
+    `mesh` by the parameter's `logical_axes`."""
     if mesh is None:
         return jax.device_put(value)
-    axes = param.get_metadata().get("logical_axes") or (None,) * value.ndim
-    spec = _partition_spec(tuple(axes), mesh, rules, value.shape)
-    return jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    shape = tuple(value.shape)
+    sharding, _ = _sharding(param, shape, mesh, rules)
+    spec = TensorSpec("", (), shape, shape)
+    return place_sharded(value, spec, sharding, value.dtype)
 
 
 def _get(module: Any, path: tuple[str | int, ...]) -> Any:
@@ -320,22 +438,28 @@ def _get(module: Any, path: tuple[str | int, ...]) -> Any:
     return module
 
 
-def assemble(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]], *,
+def assemble(config: ModelConfig, tensors: Iterable[tuple[str, TensorSource, str]], *,
              source: str, mesh: Any = None, rules: Any = None) -> Transformer:
-    """A `Transformer` filled from `(hf_name, array, display_name)` triples, one at a time.
+    """A `Transformer` filled from `(hf_name, tensor, display_name)` triples, one at a time.
 
-    `display_name` is what error messages call the tensor (its name in the file). Every
-    parameter must be filled exactly once; a tensor of the wrong shape, a tensor the config has no
-    place for, or a missing one raises `CheckpointError` naming `source` and the tensor.
+    `tensor` is an array or a lazy `SafetensorsTensor` in HF's layout. Without a `mesh` each is
+    read whole, laid out and cast on the host, then put on the default device. With one, each
+    parameter is built straight into its sharding by `place_sharded`, reading only the regions
+    this process's devices hold; tensors replicated over a mesh axis their rules name (because it
+    does not divide the dim) are logged in one warning. `display_name` is what error messages call
+    the tensor (its name in the file). Every parameter must be filled exactly once; a tensor of
+    the wrong shape, a tensor the config has no place for, or a missing one raises
+    `CheckpointError` naming `source` and the tensor.
     """
     specs = {s.name: s for s in hf_tensor_specs(config)}
     zeros = _zero_tensors(config)
     model = abstract_model(config)
     dtype = np.dtype(as_dtype(config.param_dtype))
     filled: set[str] = set()
+    replicated: dict[str, tuple[tuple[int, ...], list[ReplicatedAxis]]] = {}
     progress = tqdm(tensors, total=len(specs), desc=f"loading {Path(source).name}", unit="tensor",
                     leave=False)
-    for name, array, shown in progress:
+    for name, tensor, shown in progress:
         spec = specs.get(name)
         expected = spec.hf_shape if spec else zeros.get(name)
         if expected is None:
@@ -343,26 +467,36 @@ def assemble(config: ModelConfig, tensors: Iterable[tuple[str, np.ndarray, str]]
                 continue
             raise CheckpointError(f"{source}: unexpected tensor {shown} for this "
                                   f"{config.model_type} config")
-        if tuple(array.shape) != expected:
-            raise CheckpointError(f"{source}: tensor {shown} has shape {tuple(array.shape)}, "
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"{source}: tensor {shown} has shape {tuple(tensor.shape)}, "
                                   f"the config expects {expected}")
         if spec is None:
-            if np.any(array):
+            if np.any(_whole(tensor)):
                 raise CheckpointError(f"{source}: tensor {shown} is nonzero, which this decoder "
                                       f"cannot represent")
             continue
         if name in filled:
             raise CheckpointError(f"{source}: tensor {shown} appears twice")
-        # One host copy per tensor: transpose and cast together.
-        value = np.ascontiguousarray(spec.to_ours(np.asarray(array)), dtype=dtype)
         param = _get(model, spec.path)
-        param.set_value(place(value, param, mesh, rules))
+        if mesh is None:
+            # One host copy per tensor: transpose and cast together.
+            value = np.ascontiguousarray(spec.to_ours(_whole(tensor)), dtype=dtype)
+            param.set_value(jax.device_put(value))
+            del value
+        else:
+            sharding, dropped = _sharding(param, spec.shape, mesh, rules)
+            param.set_value(place_sharded(tensor, spec, sharding, dtype))
+            if dropped:
+                replicated[shown] = (spec.shape, dropped)
         filled.add(name)
-        del array, value
+        del tensor
     missing = [name for name in specs if name not in filled]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{source}: missing tensor {missing[0]}{more}")
+    warning = replication_warning(replicated)
+    if warning:
+        log.warning("%s: %s", source, warning)
     graphdef, state = nnx.split(model)
     return nnx.merge(graphdef, state)
 
@@ -420,8 +554,28 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
                           f"(only safetensors checkpoints are supported)")
 
 
-def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray, str]]:
-    """`(name, array, name)` for every tensor of `files`, read one at a time in file order."""
+class SafetensorsTensor:
+    """One tensor of an open safetensors file, read lazily: `t[index]` (a tuple of slices in the
+    file's layout) reads only that region, through safetensors' `get_slice`. Valid while its
+    file is open. A read that fails raises `CheckpointError` naming the file and tensor."""
+
+    def __init__(self, file: Path, name: str, lazy: Any) -> None:
+        self.file, self.name, self._lazy = file, name, lazy
+        self.shape: tuple[int, ...] = tuple(lazy.get_shape())
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        from safetensors import SafetensorError
+
+        try:
+            return self._lazy[index]
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{self.file}: cannot read tensor {self.name} ({e})") from None
+
+
+def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, SafetensorsTensor, str]]:
+    """`(name, tensor, name)` for every tensor of `files`, in file order, each a lazy
+    `SafetensorsTensor` valid until the next one is asked for (its file stays open until then);
+    nothing is read until it is indexed."""
     from safetensors import SafetensorError, safe_open
 
     for file in files:
@@ -432,10 +586,10 @@ def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, np.ndarray, s
         with handle as f:
             for name in f.keys():
                 try:
-                    array = f.get_tensor(name)
+                    lazy = f.get_slice(name)
                 except (SafetensorError, OSError, ValueError) as e:
                     raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
-                yield name, array, name
+                yield name, SafetensorsTensor(file, name, lazy), name
 
 
 def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
@@ -443,8 +597,9 @@ def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
     """The `Transformer` of an HF safetensors checkpoint (local directory or Hub repo id).
 
     Parameters are stored in `dtype` and computed in `compute_dtype` (default: `dtype`). With a
-    `mesh`, each parameter is sharded by its logical axes through `rules`; otherwise it lives on
-    the default device. Tensors are read one at a time. Bad input raises `CheckpointError`.
+    `mesh`, each parameter is sharded by its logical axes through `rules`, and this process reads
+    from the files only the slices its devices hold (see `assemble`); otherwise it lives on the
+    default device. Tensors are read one at a time. Bad input raises `CheckpointError`.
     """
     directory = resolve_checkpoint(path_or_repo_id)
     config = read_hf_config(directory).replace(param_dtype=dtype, dtype=compute_dtype or dtype)

@@ -44,7 +44,8 @@ from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.sharding import (
-    check_batch_divisible, constrain_batch, global_batch, make_mesh, process_rows, state_shardings)
+    bytes_per_device, check_batch_divisible, constrain_batch, global_batch, make_mesh, process_rows,
+    state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +157,12 @@ def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: 
 # ----------------------------------------------------------------------------- dev evaluation
 
 
-def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, batch_size: int = 64) -> EvalFn:
+def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, batch_size: int = 64,
+                  mesh: Mesh | None = None) -> EvalFn:
     """An eval_fn: greedy exact-match accuracy of ``model`` on QA examples with the training prompt.
 
-    Uses ``gradual_jax.sampling.generate``; the answer is the completion up to its first newline.
+    Uses ``gradual_jax.sampling.generate`` (on ``mesh``, the run's inference mesh, when given);
+    the answer is the completion up to its first newline.
     """
     from gradual_jax.knowledge.match import exact_match
     from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
@@ -173,7 +176,8 @@ def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, ba
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
             prompts = [format_train_pair(ex.question, "", template)[0] for ex in chunk]
-            outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0, stop=("\n",))
+            outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
+                            stop=("\n",), mesh=mesh)
             correct += sum(exact_match(clean_answer(o[0]), ex.answers) for o, ex in zip(outs, chunk))
         return correct / len(examples)
 
@@ -197,6 +201,8 @@ class TrainResult:
     history: list[dict[str, Any]]
     resumed_from_step: int | None
     seconds: float
+    state_bytes_per_device: int = 0
+    """Params and optimizer state on the fullest device, measured from the arrays' shards."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -207,6 +213,22 @@ def _nan_to_none(x: float | None) -> float | None:
 
 
 # ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepProgram:
+    """One train-step configuration's functions, shared through ``_STEP_CACHE``."""
+
+    init: Callable  # (trainable, frozen) -> (optimizer graphdef, optimizer state on the mesh)
+    step: Callable  # jitted (trainable, opt_state, frozen, batch) -> (trainable, opt_state, metrics)
+    opt_state: Any  # the optimizer state's abstract shapes (ShapeDtypeStruct leaves)
+
+
+def _abstract(state: Any, mesh: Mesh) -> Any:
+    """``state`` as ShapeDtypeStructs carrying the shardings ``setup`` places it with."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, state_shardings(state, mesh))
+
 
 
 class Trainer:
@@ -254,6 +276,64 @@ class Trainer:
         optimizer state on the mesh. Raises TrainingError for a batch size that does not divide
         over the data axes, or full fine-tuning asked of a model that carries adapters.
         """
+        self._prepare_model(cfg)
+        self._configure_runtime(cfg)
+        self.cfg = cfg
+        self.total_steps = int(total_steps)
+        self.grad_accum = int(cfg.grad_accum)
+        self.wrt = trainable_filter(self.model)
+
+        mesh = self.mesh
+        nnx.update(self.model, jax.device_put(nnx.state(self.model), state_shardings(nnx.state(self.model), mesh)))
+        self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
+        self._fingerprint = model_fingerprint(self.model)
+        program = self._program(cfg, self.total_steps, self._gd_model, self._trainable, self._frozen, self.wrt)
+        self._gd_opt, self._opt_state = program.init(self._trainable, self._frozen)
+        self._step_fn = program.step
+        self._ready = True
+
+    def lower_step(self, cfg: Any, *, rows: int | None = None, seq_len: int | None = None,
+                   loss_tokens: int | None = None, total_steps: int = 1) -> jax.stages.Lowered:
+        """The train step ``fit(..., cfg)`` runs, lowered for this trainer's mesh on abstract
+        arguments; nothing is placed, initialised or run, so ``model`` may be abstract
+        (``nnx.eval_shape``: no weights).
+
+        It is the very jitted function ``setup(cfg, total_steps)`` builds (the same shared cache,
+        in/out shardings and donation of params and optimizer state), given ShapeDtypeStructs of
+        the trainable and frozen state and the optimizer state with the shardings ``setup``
+        places them with, and a batch of ``rows`` global rows (default ``batch_size *
+        grad_accum``, split into ``grad_accum`` micro-batches as ``step`` does) of ``seq_len``
+        tokens (default ``max_seq_len``). ``loss_tokens``: answer tokens per row, which decides
+        whether the batch carries ``loss_positions`` as ``step`` would; None (default) puts the
+        loss on every position (the LM head over every token: the largest step).
+        ``args_info`` of the result is ``(trainable, opt_state, frozen, batch)``.
+
+        Like ``setup``, adds LoRA adapters when ``cfg.lora.rank`` > 0 and the model has none;
+        the model's runtime switches (remat, scan_layers, dropout) are set for the lowering and
+        restored after it. Raises TrainingError as ``setup`` does.
+        """
+        self._prepare_model(cfg)
+        configured = self._runtime is None
+        self._configure_runtime(cfg)
+        try:
+            wrt = trainable_filter(self.model)
+            gd_model, trainable, frozen = nnx.split(self.model, wrt, ...)
+            program = self._program(cfg, int(total_steps), gd_model, trainable, frozen, wrt)
+            grad_accum = int(cfg.grad_accum)
+            rows = int(cfg.batch_size) * grad_accum if rows is None else int(rows)
+            batch = self._abstract_batch(rows, int(cfg.max_seq_len) if seq_len is None else int(seq_len),
+                                         loss_tokens, grad_accum)
+            args = (_abstract(trainable, self.mesh), _abstract(program.opt_state, self.mesh),
+                    _abstract(frozen, self.mesh), batch)
+            with jax.set_mesh(self.mesh):  # as step() traces it: activations pinned to the batch axes
+                return program.step.lower(*args)
+        finally:
+            if configured:
+                self._restore_runtime()
+
+    def _prepare_model(self, cfg: Any) -> None:
+        """Check the batch size, add LoRA adapters when ``cfg`` asks for them (TrainingError for
+        full fine-tuning of a model that carries adapters)."""
         _check_batch_size(cfg.batch_size, self.mesh)
         lora = getattr(cfg, "lora", None)
         rank = int(getattr(lora, "rank", 0) or 0)
@@ -267,71 +347,61 @@ class Trainer:
                                 "merge them first (gradual_jax.training.lora.merge_lora)")
         if rank > 0 and float(getattr(lora, "dropout", 0.0) or 0.0) > 0:
             warnings.warn("lora.dropout is not supported by the model's LoRA path and is ignored")
-        self._configure_runtime(cfg)
-        self.cfg = cfg
-        self.total_steps = int(total_steps)
-        self.grad_accum = int(cfg.grad_accum)
-        self.schedule = make_schedule(cfg, self.total_steps)
-        self.wrt = trainable_filter(self.model)
 
-        mesh = self.mesh
-        nnx.update(self.model, jax.device_put(nnx.state(self.model), state_shardings(nnx.state(self.model), mesh)))
-        self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
-        self._packed = bool(getattr(cfg, "packing", False))
-        self._fingerprint = model_fingerprint(self.model)
+    def _program(self, cfg: Any, total_steps: int, gd_model: Any, trainable: Any, frozen: Any,
+                 wrt: Any) -> "_StepProgram":
+        """The init and jitted step functions for this model structure and ``cfg``.
 
-        # Trainers with the same model structure, optimizer settings and mesh share the traced and
-        # compiled functions (pipeline stages and arms often do).
-        key = self._cache_key(cfg)
+        Trainers with the same model structure, optimizer settings and mesh share them (pipeline
+        stages and arms often do), so ``lower_step`` lowers the function ``setup`` runs.
+        """
+        key = self._cache_key(cfg, total_steps, gd_model, wrt)
         with _STEP_CACHE_LOCK:  # pipeline seeds may build trainers from several threads
-            cached = _STEP_CACHE.get(key)
-            if cached is None:
-                tx = make_optimizer(cfg, self.total_steps)
-                init_fn = self._make_init_fn(tx)
-            else:
-                tx, init_fn, step_fn = cached
-            self._gd_opt, self._opt_state = init_fn(self._trainable, self._frozen)
-            if cached is None:
-                trainable_sh = state_shardings(self._trainable, mesh)
-                opt_sh = state_shardings(self._opt_state, mesh)
-                step_fn = jax.jit(self._make_step_fn(), donate_argnums=(0, 1),
-                                  out_shardings=(trainable_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
-                                  compiler_options=self.compiler_options)
-                _STEP_CACHE[key] = (tx, init_fn, step_fn)
-                while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-                    _STEP_CACHE.popitem(last=False)
-            else:
+            program = _STEP_CACHE.get(key)
+            if program is not None:
                 _STEP_CACHE.move_to_end(key)
-        self._step_fn = step_fn
-        self._ready = True
+                return program
+            mesh = self.mesh
+            init_fn, gd_opt, opt_state = self._make_init_fn(make_optimizer(cfg, total_steps), gd_model,
+                                                            trainable, frozen, wrt)
+            step_fn = jax.jit(self._make_step_fn(cfg, make_schedule(cfg, total_steps), gd_model, gd_opt, wrt),
+                              donate_argnums=(0, 1),
+                              out_shardings=(state_shardings(trainable, mesh), state_shardings(opt_state, mesh),
+                                             NamedSharding(mesh, PartitionSpec())),
+                              compiler_options=self.compiler_options)
+            program = _StepProgram(init=init_fn, step=step_fn, opt_state=opt_state)
+            _STEP_CACHE[key] = program
+            while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+                _STEP_CACHE.popitem(last=False)
+            return program
 
-    def _cache_key(self, cfg: Any) -> tuple:
+    def _cache_key(self, cfg: Any, total_steps: int, gd_model: Any, wrt: Any) -> tuple:
         fields = tuple(float(getattr(cfg, k)) for k in ("lr", "warmup_steps", "weight_decay", "clip_norm", "dropout"))
-        return (self._gd_model, self.wrt, self.mesh, self._packed, cfg.schedule, fields,
-                self.total_steps if cfg.schedule == "cosine" else None,
+        return (gd_model, wrt, self.mesh, bool(getattr(cfg, "packing", False)), cfg.schedule, fields,
+                total_steps if cfg.schedule == "cosine" else None,
                 self.seed if cfg.dropout > 0 else None,
                 tuple(sorted((self.compiler_options or {}).items())))
 
-    def _make_init_fn(self, tx: optax.GradientTransformation) -> Callable:
-        """(trainable, frozen) -> (optimizer graphdef, optimizer state placed on the mesh).
+    def _make_init_fn(self, tx: optax.GradientTransformation, gd_model: Any, trainable: Any, frozen: Any,
+                      wrt: Any) -> tuple[Callable, Any, Any]:
+        """``(init, optimizer graphdef, abstract optimizer state)``; ``init(trainable, frozen)``
+        gives the graphdef and the optimizer state placed on the mesh.
 
         One jitted init: an eager ``nnx.Optimizer`` would run and compile every zeros_like op
         separately per shape and sharding.
         """
-        gd_model, wrt, mesh = self._gd_model, self.wrt, self.mesh
         make = lambda t, f: nnx.Optimizer(nnx.merge(gd_model, t, f), tx, wrt=wrt)  # noqa: E731
-        abstract = nnx.eval_shape(make, self._trainable, self._frozen)
-        gd_opt, abstract_state = nnx.split(abstract)
-        init = jax.jit(lambda t, f: nnx.state(make(t, f)), out_shardings=state_shardings(abstract_state, mesh),
+        gd_opt, abstract_state = nnx.split(nnx.eval_shape(make, trainable, frozen))
+        init = jax.jit(lambda t, f: nnx.state(make(t, f)),
+                       out_shardings=state_shardings(abstract_state, self.mesh),
                        compiler_options=self.compiler_options)
-        return lambda t, f: (gd_opt, init(t, f))
+        return (lambda t, f: (gd_opt, init(t, f))), gd_opt, abstract_state
 
-    def _make_step_fn(self) -> Callable:
-        gd_model, gd_opt, wrt = self._gd_model, self._gd_opt, self.wrt
-        packed = bool(getattr(self.cfg, "packing", False))
-        dropout = float(self.cfg.dropout) > 0
+    def _make_step_fn(self, cfg: Any, schedule: optax.Schedule, gd_model: Any, gd_opt: Any,
+                      wrt: Any) -> Callable:
+        packed = bool(getattr(cfg, "packing", False))
+        dropout = float(cfg.dropout) > 0
         base_key = jax.random.key(self.seed)
-        schedule = self.schedule
 
         def step_fn(trainable, opt_state, frozen, batch):
             optimizer = nnx.merge(gd_opt, opt_state)
@@ -376,14 +446,26 @@ class Trainer:
         """Optimizer steps taken so far."""
         return int(jax.device_get(self._opt_state["step"][...])) if self._ready else 0
 
-    def _device_batch(self, batch: Batch) -> dict[str, jax.Array]:
-        _check_batch_size(batch.rows // self.grad_accum, self.mesh)
+    def _device_batch(self, batch: Batch, grad_accum: int | None = None) -> dict[str, jax.Array]:
+        grad_accum = self.grad_accum if grad_accum is None else grad_accum
+        _check_batch_size(batch.rows // grad_accum, self.mesh)
         arrays = batch.as_dict()
         arrays.update(data_lib.loss_positions(batch.loss_mask) or {})
-        micro = data_lib.split_micro_batches(arrays, self.grad_accum)
+        micro = data_lib.split_micro_batches(arrays, grad_accum)
         rows = process_rows(micro["input_ids"].shape[1])
         local = {k: v[:, rows] for k, v in micro.items()}
         return global_batch(local, self.mesh, batch_dim=1)
+
+    def _abstract_batch(self, rows: int, seq_len: int, loss_tokens: int | None,
+                        grad_accum: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """The arrays ``step`` feeds for a batch of this shape, as ShapeDtypeStructs: an empty
+        batch (tiny host arrays) goes through ``_device_batch`` itself, so keys, dtypes, micro-batch
+        split and shardings are the ones a real batch gets."""
+        batch = Batch(*[np.zeros((rows, seq_len), np.float32 if k == "loss_mask" else np.int32)
+                        for k in data_lib.BATCH_KEYS])
+        batch.loss_mask[:, :seq_len if loss_tokens is None else min(int(loss_tokens), seq_len)] = 1.0
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                for k, v in self._device_batch(batch, grad_accum).items()}
 
     def step(self, batch: Batch) -> dict[str, float]:
         """One optimizer step over ``batch`` (``batch_size * grad_accum`` rows); returns its
@@ -566,6 +648,7 @@ class Trainer:
         else:
             chosen = cfg.epochs
             chosen_score = history[-1]["dev_accuracy"] if history else None
+        state_bytes = bytes_per_device((self._trainable, self._frozen, self._opt_state))
         self.sync()
         self._restore_runtime()
         if metrics is not None:
@@ -575,7 +658,8 @@ class Trainer:
         return TrainResult(best_epoch=chosen, best_score=_nan_to_none(chosen_score), selection=cfg.selection,
                            epochs=int(cfg.epochs), steps=step, final_loss=_nan_to_none(last_loss),
                            history=history, resumed_from_step=resumed_from,
-                           seconds=round(time.perf_counter() - t_start, 3))
+                           seconds=round(time.perf_counter() - t_start, 3),
+                           state_bytes_per_device=state_bytes)
 
     # -- helpers
 

@@ -239,6 +239,28 @@ def test_convert_cli_writes_loadable_hf_dir(tmp_path):
     assert tokenizer.eos_token == "<|endoftext|>"
 
 
+def test_loads_straight_onto_a_mesh(tmp_path):
+    """A quantized GGUF placed on a mesh: each parameter sharded by its logical axes, with the
+    same values as the unsharded load (devices' slices cut from the dequantized tensor)."""
+    import jax
+
+    from gradual_jax.sharding import make_mesh, param_partition_spec
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    path = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    mesh = make_mesh(1, 2, 4)
+    sharded, plain = load_gguf(path, mesh=mesh), load_gguf(path)
+    q = sharded.layers[0].attn.q.kernel[...]
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    flat = dict(nnx.to_flat_state(nnx.state(plain, nnx.Param)))
+    for key, var in nnx.to_flat_state(nnx.state(sharded, nnx.Param)):
+        value = var[...]
+        axes = var.get_metadata()["logical_axes"]
+        assert value.sharding.spec == param_partition_spec(axes, mesh, shape=value.shape), key
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat[key][...]), err_msg=str(key))
+
+
 def test_errors(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         load_gguf(tmp_path / "absent.gguf")

@@ -355,3 +355,166 @@ def test_bad_shard_size_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="size '5 parsecs'"):
         save_hf(load_hf(tmp_path / "src"), tmp_path / "out", max_shard_size="5 parsecs")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Loading straight into a sharding: each device's slice read from its region of the file
+
+
+MESHES = [(1, 8, 1), (2, 2, 2), (1, 2, 4)]  # (data, fsdp, tensor)
+
+
+@pytest.fixture(scope="module")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2 checkpoint (q/k/v biases) with every weight random, biases included."""
+    path = tmp_path_factory.mktemp("qwen2")
+    torch.manual_seed(1)
+    hf = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen2Config(**TINY, tie_word_embeddings=False))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape))
+    hf.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen2_plain(qwen2_dir) -> dict[str, np.ndarray]:
+    return params(load_hf(qwen2_dir))
+
+
+@pytest.fixture
+def reads(monkeypatch) -> list[tuple[str, int]]:
+    """`(tensor name, bytes)` of every region read from a safetensors file while it is alive."""
+    from gradual_jax.models.hf import SafetensorsTensor
+
+    log: list[tuple[str, int]] = []
+    read = SafetensorsTensor.__getitem__
+
+    def counted(self, index):
+        out = read(self, index)
+        log.append((self.name, out.nbytes))
+        return out
+
+    monkeypatch.setattr(SafetensorsTensor, "__getitem__", counted)
+    return log
+
+
+def _tensor_bytes(directory: Path) -> dict[str, int]:
+    return {k: v.nbytes for k, v in load_file(directory / "model.safetensors").items()}
+
+
+def _assert_sharded_as_logical_axes(model, mesh, rules=None) -> None:
+    from flax import nnx
+
+    from gradual_jax.sharding import param_partition_spec
+
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var[...]
+        expected = param_partition_spec(var.get_metadata()["logical_axes"], mesh, rules,
+                                        shape=value.shape)
+        assert value.sharding.mesh == mesh and value.sharding.spec == expected, path
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_sharded_load_reads_only_device_slices(qwen2_dir, qwen2_plain, reads, shape):
+    """Equal to the unsharded load, every parameter sharded as its logical axes say, and each
+    distinct slice read once: the regions read add up to exactly the checkpoint's bytes (devices
+    holding the same slice share one read). On fsdp=8 every sharded tensor is read as 8 reads of
+    exactly 1/8 each, one per device."""
+    from gradual_jax.sharding import make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = make_mesh(*shape)
+    model = load_hf(qwen2_dir, mesh=mesh)
+    got = params(model)
+    assert got.keys() == qwen2_plain.keys()
+    for k in got:
+        np.testing.assert_array_equal(got[k], qwen2_plain[k], err_msg=k)
+    _assert_sharded_as_logical_axes(model, mesh)
+    sizes = _tensor_bytes(qwen2_dir)
+    per_tensor: dict[str, list[int]] = {}
+    for name, n in reads:
+        per_tensor.setdefault(name, []).append(n)
+    assert per_tensor.keys() == sizes.keys()
+    assert sum(n for _, n in reads) == sum(sizes.values())
+    if shape == (1, 8, 1):
+        sharded = [k for k, v in per_tensor.items() if len(v) > 1]
+        # Everything with an embed dim (all but the q/k/v biases) splits 8 ways over fsdp.
+        assert len(sharded) == len(sizes) - 3 * TINY["num_hidden_layers"]
+        for name in sharded:
+            assert per_tensor[name] == [sizes[name] // 8] * 8, name
+        # One device's callbacks: 1/8 of each sharded tensor, plus the replicated biases whole.
+        one_device = sum(v[0] for v in per_tensor.values())
+        assert one_device == (sum(sizes[k] // 8 for k in sharded)
+                              + sum(sizes[k] for k in sizes if k not in sharded))
+
+
+def test_sharded_load_with_head_dim_split_and_bfloat16(qwen2_dir, reads):
+    """Rules that cut head_dim (a later dim of q's `(N*H, D)` rows) and a cast on the way."""
+    from gradual_jax.sharding import LOGICAL_AXIS_RULES, make_mesh
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    rules = {**LOGICAL_AXIS_RULES, "heads": None, "kv_heads": None, "head_dim": ("tensor",)}
+    mesh = make_mesh(1, 2, 4)
+    model = load_hf(qwen2_dir, dtype="bfloat16", mesh=mesh, rules=rules)
+    assert model.layers[0].attn.q.kernel[...].sharding.spec == jax.sharding.PartitionSpec(
+        "fsdp", None, "tensor")
+    _assert_sharded_as_logical_axes(model, mesh, rules)
+    plain = params(load_hf(qwen2_dir, dtype="bfloat16"))
+    for k, v in params(model).items():
+        assert v.dtype == plain[k].dtype
+        np.testing.assert_array_equal(v, plain[k], err_msg=k)
+
+
+def test_read_region_is_our_layout_cut_for_every_spec():
+    from gradual_jax.models.hf import hf_tensor_specs, read_region
+
+    config = config_from_hf({"model_type": "qwen3", **TINY, "head_dim": 8})
+    rng = np.random.default_rng(0)
+    for spec in hf_tensor_specs(config):
+        hf = rng.standard_normal(spec.hf_shape).astype(np.float32)
+        ours = spec.to_ours(hf)
+        for _ in range(4):
+            bounds = tuple(tuple(sorted(rng.choice(n + 1, 2, replace=False))) for n in spec.shape)
+            want = ours[tuple(slice(a, b) for a, b in bounds)]
+            np.testing.assert_array_equal(read_region(hf, spec, bounds), want, err_msg=spec.name)
+
+
+def test_axis_that_does_not_divide_is_replicated_and_logged(qwen2_dir, caplog):
+    """tensor=4 does not divide the 2 KV heads: k and v stay whole over tensor (still split over
+    fsdp), and one warning line names each such tensor, its shape and both axes."""
+    from flax import nnx
+
+    from gradual_jax.sharding import (
+        ReplicatedAxis, make_mesh, param_partition_spec, replicated_axes, replicated_params,
+    )
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = make_mesh(1, 2, 4)
+    axes, shape = ("embed", "kv_heads", "head_dim"), (32, 2, 8)
+    assert param_partition_spec(axes, mesh, shape=shape) == jax.sharding.PartitionSpec("fsdp")
+    assert replicated_axes(axes, shape, mesh) == [ReplicatedAxis(1, 2, "kv_heads", "tensor", 4)]
+    assert replicated_axes(("embed", "heads", "head_dim"), (32, 4, 8), mesh) == []
+    with caplog.at_level("WARNING", logger="gradual_jax.models.hf"):
+        model = load_hf(qwen2_dir, mesh=mesh)
+    assert model.layers[0].attn.k.kernel[...].sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    records = [r for r in caplog.records if r.name == "gradual_jax.models.hf"]
+    assert len(records) == 1 and records[0].levelname == "WARNING"
+    line = records[0].getMessage()
+    assert "\n" not in line and "8 tensor(s) replicated" in line  # k, v kernels and biases
+    for i in range(TINY["num_hidden_layers"]):
+        for kv in "kv":
+            proj = f"model.layers.{i}.self_attn.{kv}_proj"
+            assert f"{proj}.weight (32, 2, 8): kv_heads=2 over tensor (4 ways)" in line
+            assert f"{proj}.bias (2, 8): kv_heads=2 over tensor (4 ways)" in line
+    found = replicated_params(nnx.state(model), mesh)
+    assert sorted(found) == [f"layers/{i}/attn/{kv}/{p}" for i in range(2) for kv in "kv"
+                             for p in ("bias", "kernel")]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradual_jax.models.hf"):
+        load_hf(qwen2_dir, mesh=make_mesh(1, 8, 1))
+    assert not [r for r in caplog.records if r.name == "gradual_jax.models.hf"]
