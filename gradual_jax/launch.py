@@ -123,11 +123,10 @@ def build_meshes(cfg: RunConfig, source: str) -> tuple[Any, Any]:
     from gradual_jax.sharding import run_meshes
 
     mc = gguf_config(source) if source.endswith(".gguf") else read_hf_config(resolve_checkpoint(source))
-    batches = {"train.batch_size": cfg.train.batch_size // cfg.train.grad_accum}
+    batches = {"train.batch_size": cfg.train.batch_size}  # rows of each micro-batch, as the trainer checks
     for i, stage in enumerate(cfg.stages):
-        t = stage_train_config(cfg, i)
-        if "batch_size" in stage.train or "grad_accum" in stage.train:
-            batches[f"stages.{i}.train.batch_size"] = t.batch_size // t.grad_accum
+        if "batch_size" in stage.train:
+            batches[f"stages.{i}.train.batch_size"] = stage_train_config(cfg, i).batch_size
     return run_meshes(cfg.mesh, cfg.probe.mesh, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
                       train_batch_sizes=batches, probe_batch_size=cfg.probe.batch_size)
 

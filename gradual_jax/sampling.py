@@ -763,9 +763,11 @@ class Sampler:
     def lower_decode(self, prefill: jax.stages.Compiled, *,
                      methods: Method | Sequence[Method] = Greedy(), n: int = 1) -> jax.stages.Lowered:
         """The decode program (a `lax.while_loop` of up to `chunk` steps) that continues the
-        outputs of `prefill` (the compiled `lower_prefill` program, with the same `methods` and
-        `n`), as `generate_batch` compiles it: the carry with `prefill`'s output shardings,
-        donated."""
+        outputs of `prefill`, as `generate_batch` compiles it: the carry with `prefill`'s output
+        shardings, donated. `prefill` is the compiled `lower_prefill` program (the first decode
+        chunk) or a compiled `lower_decode` program (later chunks: when a decode's outputs are
+        laid out unlike its inputs, the sampler compiles this second executable too), with the
+        same `methods` and `n`."""
         fan = self._fanout(methods, n)
         carry = _abstract(prefill.out_info)
         _, policy = self._rows(fan, max(1, carry.done.shape[0] // len(fan)))

@@ -421,17 +421,6 @@ def place_sharded(source: TensorSource, spec: TensorSpec, sharding: jax.sharding
     return jax.make_array_from_callback(spec.shape, sharding, region, dtype=dtype)
 
 
-def place(value: np.ndarray, param: nnx.Variable, mesh: Any = None, rules: Any = None) -> jax.Array:
-    """`value` (already in our layout) as a device array: on the default device, or sharded over
-    `mesh` by the parameter's `logical_axes`."""
-    if mesh is None:
-        return jax.device_put(value)
-    shape = tuple(value.shape)
-    sharding, _ = _sharding(param, shape, mesh, rules)
-    spec = TensorSpec("", (), shape, shape)
-    return place_sharded(value, spec, sharding, value.dtype)
-
-
 def _get(module: Any, path: tuple[str | int, ...]) -> Any:
     for key in path:
         module = module[key] if isinstance(key, int) else getattr(module, key)

@@ -230,7 +230,6 @@ def _abstract(state: Any, mesh: Mesh) -> Any:
                         state, state_shardings(state, mesh))
 
 
-
 class Trainer:
     """Fine-tunes ``model`` in place on ``mesh`` (default: every device on the ``data`` axis).
 
