@@ -17,7 +17,7 @@ from typing import Any
 from gradual_jax.config import RunConfig, from_dict, load_config, to_dict
 from gradual_jax.configlib import set_values
 from gradual_jax.knowledge.config import ProbeSettings
-from gradual_jax.knowledge.data import DataError, QAExample
+from gradual_jax.knowledge.data import DataError, QAExample, from_dicts
 
 
 def _dotted(key: str) -> str:
@@ -34,7 +34,6 @@ def run(config: str | os.PathLike | RunConfig | None = None, **overrides: Any) -
     Bad input raises the same one-line errors (``ConfigError``, ``DataError``, ...).
     """
     from gradual_jax import launch
-    from gradual_jax.distributed import maybe_initialize
 
     shipped = None
     if isinstance(config, RunConfig):
@@ -42,14 +41,11 @@ def run(config: str | os.PathLike | RunConfig | None = None, **overrides: Any) -
     else:
         path = launch.resolve_config_path(None if config is None else os.fspath(config))
         cfg = load_config(path)
-        if launch._is_shipped(path):
-            shipped = path.stem
+        shipped = launch.shipped_name(path)
     if overrides:
         values = {_dotted(k): v for k, v in overrides.items()}
         cfg = from_dict(RunConfig, set_values(to_dict(cfg), values))
-    maybe_initialize(cfg.distributed)
-    launch.enable_compilation_cache()
-    return launch.run(cfg, shipped_config=shipped)
+    return launch.start(cfg, shipped_config=shipped)
 
 
 def load_model(source: str | os.PathLike, *, dtype: str = "float32",
@@ -64,19 +60,11 @@ def load_model(source: str | os.PathLike, *, dtype: str = "float32",
 
 
 def _examples(items: Sequence[QAExample | Mapping[str, Any]], split: str) -> list[QAExample]:
-    out = []
-    for n, item in enumerate(items):
-        if isinstance(item, QAExample):
-            out.append(item)
-            continue
-        answers = item.get("answers", item.get("answer"))
-        answers = (answers,) if isinstance(answers, str) else tuple(answers or ())
-        if not isinstance(item.get("question"), str) or not answers:
-            raise DataError(f"example {n}: needs a 'question' string and 'answers'")
-        relation = str(item.get("relation", "all"))
-        out.append(QAExample(str(item.get("id", f"{relation}.{split}.{n}")), relation,
-                             item["question"], answers, split))
-    return out
+    if all(isinstance(item, QAExample) for item in items):
+        return list(items)
+    if any(isinstance(item, QAExample) for item in items):
+        raise DataError("examples: give QAExamples or dicts, not a mix of both")
+    return from_dicts(items, source="example", split=split)
 
 
 def probe_model(model: Any, tokenizer: Any, examples: Sequence[QAExample | Mapping[str, Any]], *,

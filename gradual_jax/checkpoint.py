@@ -22,7 +22,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -37,6 +36,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from gradual_jax import io
 from gradual_jax.models.errors import CheckpointError as _ModelCheckpointError
 
 log = logging.getLogger(__name__)
@@ -128,9 +128,7 @@ def multihost_sync(name: str) -> None:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    io.write_json(path, data, indent=1, default=str)
 
 
 # ----------------------------------------------------------------------------- training runs

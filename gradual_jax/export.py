@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradual_jax import io
 from gradual_jax.configlib import ConfigError, parse_size, require
 
 log = logging.getLogger("gradual_jax")
@@ -184,10 +185,9 @@ def base_source(cfg: Any) -> BaseSource:
 
     source = resolve_model_source(cfg.model.source)
     if source == "world":
-        from gradual_jax.world import build_or_load_world, world_config_from_dict
+        from gradual_jax.launch import world_artifacts
 
-        model_dir = build_or_load_world(world_config_from_dict(cfg.world), progress=False).model_dir
-        return BaseSource("world", str(model_dir), None)
+        return BaseSource("world", str(world_artifacts(cfg, progress=False).model_dir), None)
     if source.endswith(".gguf"):
         return BaseSource("gguf", source, None)
     local = Path(source).expanduser()
@@ -198,12 +198,10 @@ def base_source(cfg: Any) -> BaseSource:
 
 def base_config(cfg: Any, base: BaseSource) -> Any:
     """The `ModelConfig` the run's models were built with (as `launch.load_resources` loads)."""
-    from gradual_jax.models import gguf_config
-    from gradual_jax.models.hf import read_hf_config, resolve_checkpoint
+    from gradual_jax.models import read_model_config
 
-    config = gguf_config(base.path) if base.kind == "gguf" else read_hf_config(
-        resolve_checkpoint(base.path))
-    return config.replace(param_dtype=cfg.model.dtype, dtype=cfg.model.compute_dtype)
+    return read_model_config(base.path).replace(param_dtype=cfg.model.dtype,
+                                                dtype=cfg.model.compute_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +333,7 @@ def export_stage(ref: StageRef, out_dir: str | Path, *, max_shard_size: int | st
     """
     from gradual_jax.checkpoint import restore_model_params
     from gradual_jax.models import load_tokenizer, save_hf
-    from gradual_jax.models.hf import _atomic_write, write_json_atomic
+    from gradual_jax.models.hf import write_json_atomic
     from gradual_jax.models.transformer import abstract_model
 
     try:
@@ -362,7 +360,7 @@ def export_stage(ref: StageRef, out_dir: str | Path, *, max_shard_size: int | st
               "stages": list(ref.chain), "source": cfg.model.source, "dtype": cfg.model.dtype,
               "max_shard_size": max_shard_size, "weights": weights, "lora": lora,
               "base": base_record, **adapters, "notes": notes}
-    _atomic_write(out / README_FILE, lambda p: p.write_text(_readme(ref, record)))
+    io.write_text(out / README_FILE, _readme(ref, record))
     write_json_atomic(out / RECORD_FILE, record)
     return out
 

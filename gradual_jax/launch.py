@@ -49,8 +49,22 @@ def resolve_config_path(arg: str | None) -> Path:
     raise ConfigError(f"config file {arg} not found; shipped configs ({shipped}): {', '.join(names)}")
 
 
-def _is_shipped(path: Path) -> bool:
-    return path.resolve().is_relative_to(shipped_configs().resolve())
+def shipped_name(path: Path) -> str | None:
+    """The name of the shipped config at ``path`` (``smoke``, ``paper/qwen2_7b_lora``), None for
+    a file of the user's."""
+    shipped = shipped_configs().resolve()
+    path = path.resolve()
+    return str(path.relative_to(shipped).with_suffix("")) if path.is_relative_to(shipped) else None
+
+
+def start(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
+    """Join the processes' job when the config or the cluster says so, turn on the compile
+    cache and :func:`run`: what ``python -m gradual_jax.launch`` and ``gradual_jax.run`` do."""
+    from gradual_jax.distributed import maybe_initialize
+
+    maybe_initialize(cfg.distributed)
+    enable_compilation_cache()
+    return run(cfg, shipped_config=shipped_config)
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
@@ -91,13 +105,7 @@ def load_resources(cfg: RunConfig, *, shipped_config: str | None = None):
     if cfg.data.kind == "world" and source != "world":
         raise ConfigError("data.kind 'world' needs model.source 'world' (or set data.kind)")
     if source == "world":
-        from gradual_jax.world import build_or_load_world, world_config_from_dict
-
-        try:
-            world_cfg = world_config_from_dict(cfg.world)
-        except ValueError as err:
-            raise ConfigError(f"world: {err}") from None
-        art = build_or_load_world(world_cfg)
+        art = world_artifacts(cfg)
         source = str(art.model_dir)
         if cfg.data.kind == "world":
             splits = {s: list(art.examples[s]) for s in ("train", "dev", "test")}
@@ -113,16 +121,27 @@ def load_resources(cfg: RunConfig, *, shipped_config: str | None = None):
                      train_mesh=train_mesh, probe_mesh=probe_mesh)
 
 
+def world_artifacts(cfg: RunConfig, *, progress: bool = True) -> Any:
+    """The synthetic world ``cfg.world`` describes (its model and QA), built or read from the
+    cache; ConfigError for bad world options."""
+    from gradual_jax.world import build_or_load_world, world_config_from_dict
+
+    try:
+        world_cfg = world_config_from_dict(cfg.world)
+    except ValueError as err:
+        raise ConfigError(f"world: {err}") from None
+    return build_or_load_world(world_cfg, progress=progress)
+
+
 def build_meshes(cfg: RunConfig, source: str) -> tuple[Any, Any]:
     """The run's training mesh (``mesh``) and the probe's inference mesh (``probe.mesh``), built
     once from the config and checked against the model's heads and every batch size before any
     weights are read (bad input: ConfigError naming the key)."""
     from gradual_jax.config import stage_train_config
-    from gradual_jax.models.gguf import gguf_config
-    from gradual_jax.models.hf import read_hf_config, resolve_checkpoint
+    from gradual_jax.models import read_model_config
     from gradual_jax.sharding import run_meshes
 
-    mc = gguf_config(source) if source.endswith(".gguf") else read_hf_config(resolve_checkpoint(source))
+    mc = read_model_config(source)
     batches = {"train.batch_size": cfg.train.batch_size}  # rows of each micro-batch, as the trainer checks
     for i, stage in enumerate(cfg.stages):
         if "batch_size" in stage.train:
@@ -246,7 +265,7 @@ def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
         if wandb_run is not None:
             wandb_run.finish()
     rep = report.build_report(results, config=to_dict(cfg))
-    rep["runtime"] = runtime_record(root, res)
+    rep["runtime"] = runtime_record(results, res)
     rep["invocation_seconds"] = time.time() - t0  # this command only; a resumed run is shorter
     paths = report.write_report(rep, results, root)
     write_json(root / "done.json", {"finished": time.time()})
@@ -260,21 +279,18 @@ def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
     return rep
 
 
-def runtime_record(root: Path, res: Any) -> dict[str, Any]:
+def runtime_record(results: list[dict], res: Any) -> dict[str, Any]:
     """What the run ran on: both meshes' axis sizes, processes, devices, and per trained stage
-    the params + optimizer state bytes on its fullest device (from the arrays' shards)."""
+    of each seed's ``results`` the params + optimizer state bytes on its fullest device (measured
+    from the arrays' shards when the stage trained)."""
     import jax
 
-    from gradual_jax.pipeline import read_json
     from gradual_jax.sharding import axis_sizes
 
-    stages = []
-    for path in sorted(root.glob("seed_*/*/*/stage.json")):
-        info = read_json(path)
-        if info.get("train_state_bytes_per_device"):
-            seed, arm, stage = path.relative_to(root).parts[:3]
-            stages.append({"seed": int(seed.removeprefix("seed_")), "arm": arm, "stage": stage,
-                           "train_state_bytes_per_device": info["train_state_bytes_per_device"]})
+    stages = [{"seed": result["seed"], "arm": arm, "stage": info["name"],
+               "train_state_bytes_per_device": info["train_state_bytes_per_device"]}
+              for result in results for arm, summary in sorted(result["arms"].items())
+              for info in summary["stages"] if info.get("train_state_bytes_per_device")]
     return {"mesh": axis_sizes(res.train_mesh), "probe_mesh": axis_sizes(res.probe_mesh),
             "processes": jax.process_count(), "devices": jax.device_count(), "stages": stages}
 
@@ -326,13 +342,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(cfg, devices=ns.devices, hbm_gib=ns.hbm_gib, target=ns.target,
                              layers=ns.plan_layers)
-        from gradual_jax.distributed import maybe_initialize
-
-        maybe_initialize(cfg.distributed)
-        enable_compilation_cache()
-        shipped = str(path.resolve().relative_to(shipped_configs().resolve()).with_suffix("")) \
-            if _is_shipped(path) else None
-        run(cfg, shipped_config=shipped)
+        start(cfg, shipped_config=shipped_name(path))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

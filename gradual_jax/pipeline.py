@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 import weakref
@@ -31,7 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gradual_jax import curriculum
+from gradual_jax import curriculum, io
 from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_config
 from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
@@ -63,10 +62,7 @@ class Resources:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    io.write_json(path, data, indent=1, sort_keys=True)
 
 
 def read_json(path: Path) -> Any:
@@ -167,9 +163,7 @@ class SeedRun:
             return
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(meta, out.with_name(out.name + ".meta.json"))
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, out)
+        io.atomic_write(out, lambda tmp: shutil.copyfile(src, tmp))
         log.info("probe %s: same weights as %s, records reused", out, src)
 
     # ---------------------------------------------------------------- arms

@@ -44,12 +44,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradual_jax import io
 from gradual_jax.knowledge.categories import CATEGORIES, CATEGORY_RANK
 
 HK, MK, WK, UK = CATEGORIES
@@ -698,20 +698,8 @@ def _plot_curves(results: Sequence[Mapping]):
 # ----------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a reader never sees a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def _save_fig(fig, path: Path) -> Path:
-    return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return io.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def write_report(report: dict, results: list[dict], out_dir) -> list[Path]:
@@ -724,8 +712,8 @@ def write_report(report: dict, results: list[dict], out_dir) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=1, allow_nan=False, default=str)
-    paths = [_atomic_write(out / "report.json", lambda p: p.write_text(text + "\n")),
-             _atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))]
+    paths = [io.atomic_write(out / "report.json", lambda p: p.write_text(text + "\n")),
+             io.atomic_write(out / "report.md", lambda p: p.write_text(render_markdown(report)))]
     names = plot_files(report)
     figs = [_plot_categories(report), _plot_accuracy(report), _plot_curves(results)]
     figs += [_plot_transition(arm, e) for arm, es in report["transitions"].items() for e in es]

@@ -601,14 +601,15 @@ class Sampler:
 
     # ---- setup
 
-    def refresh(self, model: Transformer) -> None:
-        """Use `model`'s current weights (same architecture) from now on."""
-        self.set_state(self._place(nnx.state(model)))
+    def refresh(self, model: Transformer, state: Any = None) -> None:
+        """Use `model`'s current weights (same architecture) from now on; `state`: its
+        `nnx.state`, when the caller has it already."""
+        self.set_state(self._place(nnx.state(model) if state is None else state))
 
-    def fits(self, model: Transformer) -> bool:
-        """Whether `model` has the variables this sampler was built for (adding or merging LoRA
-        adapters in place changes them, and then a new sampler is needed)."""
-        return jax.tree.structure(nnx.state(model)) == self._state_treedef
+    def fits(self, state: Any) -> bool:
+        """Whether a model's `nnx.state` has the variables this sampler was built for (adding or
+        merging LoRA adapters in place changes them, and then a new sampler is needed)."""
+        return jax.tree.structure(state) == self._state_treedef
 
     def set_state(self, state: Any) -> None:
         """Use this NNX state (already placed where the sampler runs) as the weights."""
@@ -622,20 +623,22 @@ class Sampler:
         self.stats = SamplerStats()
 
     def _place(self, state: Any) -> Any:
-        """With a mesh, the weights as inference holds them: sharded by the inference rules
-        (tensor parallel inside a replica, replicated over the data axes, nothing along embed,
-        so a decode step moves activations, never weights) and cast to the compute dtype."""
+        """With a mesh, the weights as inference holds them (see `_inference_layout`)."""
         if self.mesh is None:
             return state
+        dtypes, shardings = self._inference_layout(state)
+        cast = jax.tree.map(lambda x, d: x if x.dtype == d else x.astype(d), state, dtypes)
+        return jax.device_put(cast, shardings)
+
+    def _inference_layout(self, state: Any) -> tuple[Any, Any]:
+        """The dtype and sharding of every leaf of `state` as inference holds it on the mesh:
+        sharded by the inference rules (tensor parallel inside a replica, replicated over the
+        data axes, nothing along embed, so a decode step moves activations, never weights),
+        floating point in the compute dtype."""
         compute = as_dtype(self.config.dtype)
-
-        def cast(x: Any) -> Any:
-            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != compute:
-                return x.astype(compute)
-            return x
-
-        shardings = state_shardings(state, self.mesh, INFERENCE_RULES)
-        return jax.device_put(jax.tree.map(cast, state), shardings)
+        dtypes = jax.tree.map(
+            lambda x: compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, state)
+        return dtypes, state_shardings(state, self.mesh, INFERENCE_RULES)
 
     def _replicated(self) -> Any:
         return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -713,16 +716,10 @@ class Sampler:
         sampler.mesh = mesh
         state = nnx.state(model)
         if mesh is not None:
-            # The same layout `_place` gives arrays (tests/test_plan.py holds the two equal);
-            # `_place` itself cannot run on ShapeDtypeStructs, nor be traced for its shardings
-            # (device_put inside jit is dropped under Auto mesh axes).
-            compute = as_dtype(sampler.config.dtype)
-
-            def placed(x: Any, sharding: Any) -> jax.ShapeDtypeStruct:
-                dtype = compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-                return jax.ShapeDtypeStruct(x.shape, dtype, sharding=sharding)
-
-            state = jax.tree.map(placed, state, state_shardings(state, mesh, INFERENCE_RULES))
+            # `_place` itself cannot run on ShapeDtypeStructs: the same layout, as structs.
+            dtypes, shardings = sampler._inference_layout(state)
+            state = jax.tree.map(lambda x, d, sh: jax.ShapeDtypeStruct(x.shape, d, sharding=sh),
+                                 state, dtypes, shardings)
         sampler.set_state(state)
         return sampler
 
@@ -1189,11 +1186,12 @@ def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) 
         return model
     with _SAMPLERS_LOCK:
         s = _SAMPLERS.get(model)
-        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh or not s.fits(model):
+        state = nnx.state(model) if s is not None else None
+        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh or not s.fits(state):
             s = Sampler(model, tokenizer, mesh=mesh)
             _SAMPLERS[model] = s
         else:
-            s.refresh(model)
+            s.refresh(model, state)
     return s
 
 

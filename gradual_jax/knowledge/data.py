@@ -481,6 +481,20 @@ def _from_records(
     return _unique_ids(examples, source)
 
 
+def from_dicts(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    source: str = "example",
+    split: str = DEFAULT_SPLIT,
+) -> list[QAExample]:
+    """QA examples from ``{"question", "answers", "relation", "id"}`` rows in order (columns as
+    in ``load_jsonl``; ``relation`` and ``id`` optional); bad rows raise DataError naming
+    ``source`` and the row."""
+    records = ((i, row, f"{source} {i}") for i, row in enumerate(rows))
+    return _from_records(records, source, split=split, relation=None, relation_key="relation",
+                         question_key="question", answers_key="answers", id_key="id", limit=None)
+
+
 def from_hf_dataset(
     ds: Any,
     *,

@@ -28,13 +28,14 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from tqdm.auto import tqdm
 
+from gradual_jax import io
 from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import CATEGORIES, UNKNOWN, categorize
-from gradual_jax.knowledge.config import MODES, ProbeSettings
+from gradual_jax.knowledge.config import ProbeSettings
 from gradual_jax.knowledge.data import QAExample
 from gradual_jax.knowledge.match import exact_match, normalize_answer
 from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe_prompt
@@ -130,7 +131,7 @@ class RecordFile:
                                  f"(fingerprint {meta.get('fingerprint')} != {self.fp}); "
                                  "choose another output path")
         else:
-            _atomic_write(self.meta, json.dumps({"fingerprint": self.fp}))
+            io.write_json(self.meta, {"fingerprint": self.fp})
         return self._read_done()
 
     def _read_done(self) -> dict[str, dict]:
@@ -161,10 +162,6 @@ class RecordFile:
             os.fsync(f.fileno())
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _by_prefix(items: Sequence[_Work], prompt_sets: PromptSets, i: int) -> dict[str, list[_Work]]:

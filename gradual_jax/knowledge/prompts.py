@@ -9,12 +9,12 @@ can reuse exactly the same prompts.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from gradual_jax import io
 from gradual_jax.knowledge.data import DataError, QAExample
 
 PromptSets = dict[str, list[list[dict]]]
@@ -66,11 +66,7 @@ def build_prompt_sets(
 def save_prompt_sets(path: str | Path, sets: PromptSets) -> None:
     """Write ``sets`` as JSON, atomically: an existing file is replaced only by a complete one."""
     _validate(sets, "prompt sets")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sets, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    io.write_json(path, sets, ensure_ascii=False, indent=1)
 
 
 def load_prompt_sets(path: str | Path) -> PromptSets:

@@ -22,7 +22,6 @@ import math
 import os
 import re
 import struct
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from gradual_jax import io
 from gradual_jax.configlib import parse_size
 from gradual_jax.models.errors import CheckpointError
 from gradual_jax.models.transformer import (
@@ -658,21 +658,9 @@ def _write_safetensors(path: Path, entries: Sequence[Entry], *, desc: str = "wri
             array.tofile(f)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename onto `path`: `path` is the old file or the new one, never half.
-    The temporary name is unique, so concurrent writers in one directory never share one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
     """`data` as indented JSON with sorted keys (transformers' layout), written atomically."""
-    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    io.write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 # The order of a layer's tensors in transformers' state dicts (module definition order), which
@@ -717,12 +705,12 @@ def write_weights(out: Path, entries: Sequence[Entry], max_shard_size: int | str
     shards = plan_shards(entries, parse_size(max_shard_size))
     if len(shards) <= 1:
         names = [WEIGHTS_FILE]
-        _atomic_write(out / WEIGHTS_FILE, lambda p: _write_safetensors(p, list(entries)))
+        io.atomic_write(out / WEIGHTS_FILE, lambda p: _write_safetensors(p, list(entries)))
     else:
         n = len(shards)
         names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         for name, shard in zip(names, shards):
-            _atomic_write(out / name, lambda p, shard=shard, name=name: _write_safetensors(
+            io.atomic_write(out / name, lambda p, shard=shard, name=name: _write_safetensors(
                 p, shard, desc=f"writing {name}"))
         index = {"metadata": {"total_parameters": sum(math.prod(e[1]) for e in entries),
                               "total_size": sum(map(_entry_bytes, entries))},

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from gradual_jax import io
 from gradual_jax.models.errors import CheckpointError
-from gradual_jax.models.hf import _atomic_write, _write_safetensors, write_json_atomic
+from gradual_jax.models.hf import _write_safetensors, write_json_atomic
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -142,7 +143,7 @@ def save_adapter(adapter: Adapter, out_dir: str | os.PathLike) -> Path:
         for part, array in zip("AB", adapter.modules[name]):
             entries.append((f"{_PREFIX}{name}.lora_{part}.weight", tuple(array.shape), array.dtype,
                             lambda array=array: array))
-    _atomic_write(out / ADAPTER_WEIGHTS_FILE,
+    io.atomic_write(out / ADAPTER_WEIGHTS_FILE,
                   lambda p: _write_safetensors(p, entries, desc="writing adapter"))
     write_json_atomic(out / ADAPTER_CONFIG_FILE, adapter_config(adapter))
     return out

@@ -1,0 +1,41 @@
+"""The package's one atomic writer: every file it writes appears whole or not at all.
+
+A writer fills a temporary file beside the target, named uniquely across processes and hosts
+(host name, pid and a random part), then renames it onto the target, so concurrent writers in
+one directory never share a temporary and a reader sees the old file or the new one. This module
+imports nothing of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` then rename ``tmp`` onto ``path`` (its directory is created); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """``text`` (UTF-8) written atomically to ``path``."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, data: Any, **dumps: Any) -> Path:
+    """``json.dumps(data, **dumps)`` written atomically to ``path``."""
+    return write_text(path, json.dumps(data, **dumps))
