@@ -1,0 +1,65 @@
+"""Functional entry points: the model's cached `Sampler`, and generation and scoring through it."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+from flax import nnx
+
+from gradual_jax.models.transformer import Transformer
+from gradual_jax.sampling.methods import method_of
+from gradual_jax.sampling.records import Generation, TokenScores
+from gradual_jax.sampling.sampler import DEFAULT_BATCH_SIZE, Sampler
+
+_SAMPLERS: "weakref.WeakKeyDictionary[Transformer, Sampler]" = weakref.WeakKeyDictionary()
+_SAMPLERS_LOCK = threading.Lock()
+
+
+def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) -> Sampler:
+    """The cached `Sampler` of `model`, refreshed to its current weights (a new one when the
+    tokenizer, the mesh or the model's variables differ); a `Sampler` passes through."""
+    if isinstance(model, Sampler):
+        return model
+    with _SAMPLERS_LOCK:
+        s = _SAMPLERS.get(model)
+        state = nnx.state(model) if s is not None else None
+        if s is None or s.tokenizer is not tokenizer or s.mesh is not mesh or not s.fits(state):
+            s = Sampler(model, tokenizer, mesh=mesh)
+            _SAMPLERS[model] = s
+        else:
+            s.refresh(model, state)
+    return s
+
+
+def generate_batch(model: Transformer | Sampler, tokenizer: Any, prompts: Sequence[str], *,
+                   mesh: Any = None, **kwargs: Any) -> list[list[Generation]]:
+    """`Sampler.generate_batch` on the model's cached sampler."""
+    return sampler_for(model, tokenizer, mesh).generate_batch(prompts, **kwargs)
+
+
+def generate(model: Transformer | Sampler, tokenizer: Any, prompts: Sequence[str], *,
+             max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             n: int = 1, stop: Sequence[str] = (), seed: int = 0,
+             batch_size: int = DEFAULT_BATCH_SIZE, mesh: Any = None) -> list[list[str]]:
+    """For each prompt, `n` completions: the text after the prompt, cut before the first stop
+    string (EOS ends a completion too). Temperature 0 is greedy. Bad arguments raise ValueError
+    before anything is compiled."""
+    method = method_of(temperature, top_k, top_p)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, max_new_tokens=max_new_tokens,
+                          methods=method, n=n, stop=stop, seed=seed, batch_size=batch_size)
+    return [[g.text for g in row] for row in gens]
+
+
+def score_continuations(model: Transformer | Sampler, tokenizer: Any, prompts: Sequence[str],
+                        continuations: Sequence[str | Sequence[int]], *, temperature: float = 1.0,
+                        top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                        mesh: Any = None) -> list[TokenScores]:
+    """Per-token log-probs of each continuation after its prompt, raw and under
+    softmax(logits / T) kept to the top-k (see `Sampler.score`)."""
+    return sampler_for(model, tokenizer, mesh).score(prompts, continuations, temperature=temperature,
+                                                     top_k=top_k, batch_size=batch_size)

@@ -1,0 +1,69 @@
+"""Where the sampler's arrays live: weights by the inference rules, rows over the data axes.
+
+`MeshPlacement` is a mixin of `Sampler`: it reads the sampler's `mesh` (None: one device, every
+method a no-op or a plain `jnp.asarray`) and `config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradual_jax.models.transformer import as_dtype
+from gradual_jax.sharding import INFERENCE_RULES, batch_sharding, data_parallel_size, state_shardings
+
+
+class MeshPlacement:
+    """Placement of weights and host rows on the sampler's mesh."""
+
+    mesh: Any
+    config: Any
+
+    def _place(self, state: Any) -> Any:
+        """With a mesh, the weights as inference holds them (see `_inference_layout`)."""
+        if self.mesh is None:
+            return state
+        dtypes, shardings = self._inference_layout(state)
+        cast = jax.tree.map(lambda x, d: x if x.dtype == d else x.astype(d), state, dtypes)
+        return jax.device_put(cast, shardings)
+
+    def _inference_layout(self, state: Any) -> tuple[Any, Any]:
+        """The dtype and sharding of every leaf of `state` as inference holds it on the mesh:
+        sharded by the inference rules (tensor parallel inside a replica, replicated over the
+        data axes, nothing along embed, so a decode step moves activations, never weights),
+        floating point in the compute dtype."""
+        compute = as_dtype(self.config.dtype)
+        dtypes = jax.tree.map(
+            lambda x: compute if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype, state)
+        return dtypes, state_shardings(state, self.mesh, INFERENCE_RULES)
+
+    def _replicated(self) -> Any:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def _rows_sharding(self, ndim: int) -> Any:
+        """Rows (dim 0) over the mesh's data axes, other dims replicated."""
+        return batch_sharding(self.mesh, ndim) if ndim else self._replicated()
+
+    def _dp(self) -> int:
+        if self.mesh is None:
+            return 1
+        return data_parallel_size(self.mesh)
+
+    def _put(self, x: Any) -> jax.Array:
+        """Host rows to the device, split over the mesh's data axes when there is one."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        return jax.device_put(x, self._rows_sharding(np.ndim(x)))
+
+    def _put_replicated(self, x: Any) -> jax.Array:
+        return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self._replicated())
+
+    def _constrain(self, tree: Any) -> Any:
+        """Rows of every array split over the mesh's data axes (no-op without a mesh)."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(
+            lambda x: jax.lax.with_sharding_constraint(x, self._rows_sharding(x.ndim)), tree)

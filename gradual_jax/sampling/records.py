@@ -1,0 +1,48 @@
+"""What the sampler hands back: generations, teacher-forced scores, and its work counters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One completion.
+
+    `token_ids`: generated tokens up to and including the one that stopped the row (EOS or the
+    token completing a stop string). `logprobs[i]`: log-probability of `token_ids[i]` under the
+    distribution it was drawn from (0.0 for greedy); `raw_logprobs[i]`: under the raw model
+    (softmax of the logits). `text`: the generation as it reads after the prompt, cut before the
+    first stop string, without EOS. `finish_reason`: 'stop', 'eos' or 'length'.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    raw_logprobs: tuple[float, ...]
+    finish_reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """Teacher-forced scores of one continuation: per token, log-probability under the raw model
+    and under softmax(logits / T) kept to the top-k tokens and renormalised (-inf outside)."""
+
+    token_ids: tuple[int, ...]
+    raw_logprobs: tuple[float, ...]
+    logprobs: tuple[float, ...]
+
+
+@dataclasses.dataclass
+class SamplerStats:
+    """Work done by a `Sampler` since creation (or `reset_stats`). Token counts include padding,
+    so they measure what the hardware computed."""
+
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    prefill_tokens: int = 0
+    decode_row_steps: int = 0
+    decode_steps: int = 0
+    logit_rows: int = 0
+    compactions: int = 0
+    prefixes: int = 0
