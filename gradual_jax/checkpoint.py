@@ -110,14 +110,30 @@ def model_digest(model: nnx.Module) -> str:
     """A hash of every array in ``model``'s state: path, dtype, shape and bytes.
 
     Unlike ``model_fingerprint`` (structure only), equal digests mean the same weights, so
-    anything computed from one model (a probe's records) holds for the other.
+    anything computed from one model (a probe's records) holds for the other. In a
+    multi-process run (arrays no process holds whole) each process hashes the shards it holds
+    (one copy of each, with its index) and the digest hashes every process's hash: equal on
+    every process, and equal for two models of the same weights laid out alike (a collective).
     """
     h = hashlib.blake2b(digest_size=16)
+    local = jax.process_count() > 1
     for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model)):
+        if local and isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            h.update(f"{jax.tree_util.keystr(path)}|{np.dtype(leaf.dtype)}|{leaf.shape}".encode())
+            for shard in sorted((s for s in leaf.addressable_shards if s.replica_id == 0),
+                                key=lambda s: str(s.index)):
+                h.update(str(shard.index).encode())
+                h.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+            continue
         value = np.asarray(leaf)
         h.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}".encode())
         h.update(np.ascontiguousarray(value).tobytes())
-    return h.hexdigest()
+    if not local:
+        return h.hexdigest()
+    from gradual_jax.distributed import gather_records
+
+    every = gather_records([h.hexdigest()])
+    return hashlib.blake2b("|".join(every).encode(), digest_size=16).hexdigest()
 
 
 def multihost_sync(name: str) -> None:
@@ -320,9 +336,13 @@ def save_model_params(directory: str | Path, model: nnx.Module) -> Path:
     The params go in first and ``model.json`` (fingerprint, config) last, so a snapshot without
     ``model.json`` is incomplete. Raises FileExistsError rather than overwrite.
     """
+    from gradual_jax.distributed import barrier, on_main
+
     directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()):
+    # Decided on process 0 (a peer's save may already have created the directory here).
+    if on_main(lambda: directory.exists() and any(directory.iterdir())):
         raise FileExistsError(f"{directory}: already exists; model snapshots are never overwritten")
+    barrier("snapshot-checked")
     directory.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", nnx.to_pure_dict(nnx.state(model)))

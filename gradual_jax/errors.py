@@ -1,6 +1,8 @@
 """The bottom layer's one concept of "bad input": every module's user-facing error subclasses
 ``UserError``, and the CLIs print any of ``USER_ERRORS`` as one line and exit with code 2.
-This module imports nothing of the package."""
+Anything else (``FileNotFoundError`` included: a file the run itself wrote and lost is a race or
+a bug, not the user's input) is an internal failure, exit 1. This module imports nothing of the
+package."""
 
 from __future__ import annotations
 
@@ -10,4 +12,4 @@ class UserError(ValueError):
     message is one line naming what is wrong and what was expected."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError,)

@@ -14,14 +14,23 @@ import importlib.util
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gradual_jax.config import ConfigError, RunConfig, config_hash, load_config, to_dict
+from gradual_jax.configlib import ConfigError, to_dict
+from gradual_jax.errors import USER_ERRORS
+from gradual_jax.runlog import RUN_LOG, append_traceback, exit_process, open_run_log, stacks_on_signal
+
+__all__ = ["exit_process", "main", "run", "start"]
+
+if TYPE_CHECKING:
+    from gradual_jax.config import RunConfig
 
 log = logging.getLogger("gradual_jax")
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
 
 
 def shipped_configs() -> Path:
@@ -57,18 +66,54 @@ def shipped_name(path: Path) -> str | None:
     return str(path.relative_to(shipped).with_suffix("")) if path.is_relative_to(shipped) else None
 
 
-def start(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
-    """Join the processes' job when the config or the cluster says so, turn on the compile
-    cache and :func:`run`: what ``python -m gradual_jax.launch`` and ``gradual_jax.run`` do."""
-    from gradual_jax.distributed import maybe_initialize
+def start(cfg: RunConfig, *, shipped_config: str | None = None, lock: Any = None) -> dict[str, Any]:
+    """Take the run directory's lock (`gradual_jax.rundir`), join the processes' job when the
+    config or the cluster says so, turn on the compile cache and :func:`run`: what
+    ``python -m gradual_jax.launch`` and ``gradual_jax.run`` do.
 
-    maybe_initialize(cfg.distributed)
-    enable_compilation_cache()
-    return run(cfg, shipped_config=shipped_config)
+    Process 0 takes the lock before anything slow (before joining the job when it knows its
+    index then; the CLI even before importing JAX and passes it as ``lock``); every other
+    process checks it before joining, so a second launch into a held directory refuses
+    (RunDirBusy, exit 2) before it could reach the first one's coordinator. Once joined, every
+    process checks that it sees the run directory process 0 writes. The lock is released when
+    the run ends, however it ends.
+    """
+    import jax
+
+    from gradual_jax import distributed
+    from gradual_jax.rundir import RunLock
+
+    root = Path(cfg.run_dir) / cfg.name
+    if lock is None or lock.root != root:
+        if lock is not None:
+            lock.release()
+        lock = RunLock(root, coordinator=distributed.coordinator_address(cfg.distributed))
+    if distributed.pre_init_process_id(cfg.distributed) == 0:
+        lock.acquire()
+    else:
+        lock.check()
+    try:
+        multi = distributed.maybe_initialize(cfg.distributed)
+        if multi:
+            distributed.on_main(lambda: lock.acquire())
+        lock.confirm(jax.process_index(), jax.process_count())
+        enable_compilation_cache()
+        return run(cfg, shipped_config=shipped_config)
+    finally:
+        lock.release()
 
 
 def prepare_run_dir(cfg: RunConfig) -> Path:
-    """`<run_dir>/<name>`, created with the config's hash; refuses a dir of another config."""
+    """`<run_dir>/<name>`, created with the config's hash; refuses a dir of another config.
+    Process 0 checks and writes; every process gets its decision (a collective)."""
+    from gradual_jax.distributed import on_main
+
+    return Path(on_main(lambda: str(_prepare_run_dir(cfg))))
+
+
+def _prepare_run_dir(cfg: RunConfig) -> Path:
+    from gradual_jax import io
+    from gradual_jax.config import config_hash
     from gradual_jax.pipeline import PipelineError, read_json, write_json
 
     root = Path(cfg.run_dir) / cfg.name
@@ -84,7 +129,7 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (root / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        io.write_text(root / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         write_json(marker, {"config_hash": digest, "created": time.time()})
     return root
 
@@ -124,13 +169,22 @@ def load_resources(cfg: RunConfig, *, shipped_config: str | None = None):
 def world_artifacts(cfg: RunConfig, *, progress: bool = True) -> Any:
     """The synthetic world ``cfg.world`` describes (its model and QA), built or read from the
     cache; ConfigError for bad world options."""
+    from gradual_jax import distributed
     from gradual_jax.world import build_or_load_world, world_config_from_dict
 
     try:
         world_cfg = world_config_from_dict(cfg.world)
     except ValueError as err:
         raise ConfigError(f"world: {err}") from None
-    return build_or_load_world(world_cfg, progress=progress)
+    # Process 0 builds (or reads) the world while the others wait, then they read it: one build
+    # per job where the cache is shared. A process whose cache is not shared builds its own copy
+    # from the same config and seeds.
+    if distributed.is_main_process():
+        art = build_or_load_world(world_cfg, progress=progress)
+    distributed.barrier("world")
+    if not distributed.is_main_process():
+        art = build_or_load_world(world_cfg, progress=False)
+    return art
 
 
 def build_meshes(cfg: RunConfig, source: str) -> tuple[Any, Any]:
@@ -233,15 +287,33 @@ def enable_compilation_cache() -> Path | None:
 
 def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
     """Run every seed of the configuration (resuming what is done), write the report and, with
-    ``export.enabled``, export the chosen stage's model. Returns the report."""
+    ``export.enabled``, export the chosen stage's model. Returns the report.
+
+    Process 0 writes every file but the Orbax shards and logs to ``<run>/run.log``; an internal
+    failure's traceback is appended there before it propagates."""
+    t0 = time.time()
+    root = prepare_run_dir(cfg)
+    handler = open_run_log(root)
+    try:
+        return _run(cfg, root, t0, shipped_config=shipped_config)
+    except Exception as err:
+        if handler is not None and not isinstance(err, USER_ERRORS):
+            append_traceback(root)
+            err.run_log = root / RUN_LOG  # type: ignore[attr-defined]  # main() names it
+        raise
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: RunConfig, root: Path, t0: float, *, shipped_config: str | None) -> dict[str, Any]:
     import jax
 
-    from gradual_jax import report
+    from gradual_jax import distributed, report
     from gradual_jax.pipeline import SeedRun, write_json
     from gradual_jax.runtime import make_runtime
 
-    t0 = time.time()
-    root = prepare_run_dir(cfg)
     res = load_resources(cfg, shipped_config=shipped_config)
     workers = min(cfg.seed_workers, len(cfg.seeds))
     if workers > 1 and jax.process_count() > 1:
@@ -267,14 +339,16 @@ def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:
     rep = report.build_report(results, config=to_dict(cfg))
     rep["runtime"] = runtime_record(results, res)
     rep["invocation_seconds"] = time.time() - t0  # this command only; a resumed run is shorter
-    paths = report.write_report(rep, results, root)
-    write_json(root / "done.json", {"finished": time.time()})
-    print(f"report: {root / 'report.md'} ({len(paths)} files)")
+    if distributed.is_main_process():
+        paths = report.write_report(rep, results, root)
+        write_json(root / "done.json", {"finished": time.time()})
+        print(f"report: {root / 'report.md'} ({len(paths)} files)")
+    distributed.barrier("report")  # the export below reads what process 0 wrote
     if cfg.export.enabled:
         from gradual_jax.export import export_after_run
 
         out = export_after_run(cfg, root)
-        if out is not None:
+        if out is not None and distributed.is_main_process():
             print(f"export: {out}")
     return rep
 
@@ -319,7 +393,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="target accelerator for --plan (tpu-v5e, h100, ...)")
     parser.add_argument("--plan-layers", type=int, default=None,
                         help="--plan: compile L and 2L layers and extrapolate (faster for big models)")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: progress logs; -vv: also which questions each process probes")
     ns = parser.parse_args(argv)
     ns.config = None
     if ns.args and "=" not in ns.args[0]:
@@ -329,12 +404,33 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = parse_args(sys.argv[1:] if argv is None else argv)
+    """The CLI: 0 when the run ends, 2 for bad input (one line on stderr), 1 for an internal
+    failure (one line on stderr; the traceback in the run's log on process 0, on stderr on
+    the others)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        early = early_lock(argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return _main(argv, early)
+    finally:
+        if early is not None:
+            early.release()
+
+
+def _main(argv: list[str], early: Any) -> int:
+    ns = parse_args(argv)
+    stacks_on_signal()
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s")
-    from gradual_jax.errors import USER_ERRORS
-
+    if ns.verbose > 1:
+        log.setLevel(logging.DEBUG)
+    cfg = None
     try:
+        from gradual_jax.config import load_config
+
         path = resolve_config_path(ns.config)
         cfg = load_config(path, ns.overrides)
         if ns.plan:
@@ -342,12 +438,52 @@ def main(argv: list[str] | None = None) -> int:
 
             return plan_main(cfg, devices=ns.devices, hbm_gib=ns.hbm_gib, target=ns.target,
                              layers=ns.plan_layers)
-        start(cfg, shipped_config=shipped_name(path))
+        start(cfg, shipped_config=shipped_name(path), lock=early)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except Exception as err:  # noqa: BLE001 - an internal failure: exit 1, traceback kept
+        import jax
+
+        where = ""
+        if getattr(err, "run_log", None) is not None:
+            where = f" (traceback in {err.run_log})"
+        else:
+            import traceback
+
+            traceback.print_exc()
+        print(f"error: internal failure in process {jax.process_index()}: "
+              f"{type(err).__name__}: {err}{where}", file=sys.stderr)
+        return EXIT_INTERNAL
     return 0
 
 
+def early_lock(argv: Sequence[str]) -> Any:
+    """The run directory's lock, dealt with before anything slow (JAX is not imported yet) for
+    the directory the command names (`rundir.lock_named_by`): taken when this is process 0
+    (returned, for :func:`start`), checked otherwise (None). RunDirBusy when another live
+    launch holds it. ``--plan``/``--help`` and commands naming no directory that way are left
+    to :func:`start`."""
+    from gradual_jax.rundir import lock_named_by
+
+    if any(a in ("-h", "--help", "--plan") for a in argv):
+        return None
+    args = [a for a in argv if not a.startswith("-")]
+    config = args.pop(0) if args and "=" not in args[0] else None
+    try:
+        path = resolve_config_path(config)
+    except ConfigError:
+        return None  # load_config reports it
+    found = lock_named_by(path, args)
+    if found is None:
+        return None
+    lock, process_id = found
+    if process_id == 0:
+        lock.acquire()
+        return lock
+    lock.check()
+    return None
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -14,8 +14,12 @@ and ends with the same numbers:
     <run>/seed_<s>/<arm>/<stage>/params/   the stage's selected model
     <run>/seed_<s>/<arm>/<stage>/{train,test}.jsonl, stage.json, state.json
     <run>/seed_<s>/<arm>/test_correct.json
-    <run>/seed_<s>/result.json             everything report.py needs for this seed
+    <run>/seed_<s>/result.json             everything gradual_jax.report needs for this seed
     <run>/report.json, report.md, *.png
+
+With several processes, process 0 writes every one of these but the Orbax shards in ckpt/ and
+params/ (which every process writes), and makes every skip-or-redo decision for all of them
+(`done_json`, `cached_json`); each process probes its share of the questions (`Probe.run`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gradual_jax import curriculum, io
+from gradual_jax.distributed import is_main_process, on_main
 from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_config
 from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
@@ -61,18 +66,28 @@ class Resources:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically: a kill leaves the old file or the new one, never half of one."""
-    io.write_json(path, data, indent=1, sort_keys=True)
+    """Write JSON atomically: a kill leaves the old file or the new one, never half of one.
+    Only process 0 writes (the run's one writer); on the others this does nothing."""
+    if is_main_process():
+        io.write_json(path, data, indent=1, sort_keys=True)
 
 
 def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def done_json(path: Path, *also: Path) -> Any | None:
+    """The JSON at `path` when it and every path in `also` exist, else None: a resume decision,
+    made on process 0 and handed to every process (a collective)."""
+    return on_main(lambda: read_json(path) if path.exists() and all(p.exists() for p in also) else None)
+
+
 def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
-    """The JSON at `path`, computing and writing it first when absent."""
-    if path.exists():
-        return read_json(path)
+    """The JSON at `path`, computing and writing it first when absent (every process computes,
+    so `compute` may be a collective; process 0 writes)."""
+    found = on_main(lambda: {"value": read_json(path)} if path.exists() else None)
+    if found is not None:
+        return found["value"]
     value = compute()
     write_json(path, value)
     return value
@@ -85,6 +100,14 @@ def probe_settings(cfg: RunConfig, seed: int) -> ProbeSettings:
 
 def by_category(records: Sequence[dict]) -> dict[str, str]:
     return {r["id"]: r["category"] for r in records}
+
+
+def by_p_gold(records: Sequence[dict]) -> dict[str, float] | None:
+    """Each record's gold-answer probability (the report's continuous measure); None when a
+    record lacks it (written before the probe recorded it)."""
+    if any(r.get("p_gold") is None for r in records):
+        return None
+    return {r["id"]: float(r["p_gold"]) for r in records}
 
 
 class SeedRun:
@@ -136,12 +159,14 @@ class SeedRun:
             if model not in self._digests:
                 self._digests[model] = self.model_digest(model)
             key = f"{self._digests[model]}/{split}/{'noise' if noise else 'probe'}"
-            self._reuse_records(key, out)
-        probe = Probe(self.engine_factory(model), self.prompt_sets(noise), probe_settings(self.cfg, seed),
+            if is_main_process():  # the records file is process 0's; Probe.run tells the others
+                self._reuse_records(key, out)
+        engine = self.engine_factory(model)
+        probe = Probe(engine, self.prompt_sets(noise), probe_settings(self.cfg, seed),
                       model_id=self.res.model_id)
         log.info("probe %s -> %s", split, out)
-        records = probe.run(self.res.splits[split], out)
-        if key is not None:
+        records = probe.run(self.res.splits[split], out, split=getattr(engine, "process_local", False))
+        if key is not None and is_main_process():
             index = self._probe_index()
             index.setdefault(key, str(out.relative_to(self.root)))
             write_json(self.root / PROBE_INDEX, index)
@@ -170,22 +195,25 @@ class SeedRun:
 
     def run(self) -> dict:
         result_path = self.root / "result.json"
-        if result_path.exists():
-            return read_json(result_path)
+        done = done_json(result_path)
+        if done is not None:
+            return done
         t0 = time.time()
-        stage0 = {s: by_category(self.probe(self.res.model, s, self.root / "stage0" / f"{s}.jsonl"))
-                  for s in ("train", "test")}
+        records0 = {s: self.probe(self.res.model, s, self.root / "stage0" / f"{s}.jsonl")
+                    for s in ("train", "test")}
+        stage0 = {s: by_category(r) for s, r in records0.items()}
         self.stage0_test = stage0["test"]
         noise = None
         if self.cfg.noise_control:
             # Train only: the report reads noise off train moves; a test re-probe would go unread.
-            noise = {"train": by_category(self.probe(self.res.model, "train", self.root / "noise" / "train.jsonl",
-                                                     noise=True))}
+            noise_records = self.probe(self.res.model, "train", self.root / "noise" / "train.jsonl", noise=True)
+            noise = {"train": by_category(noise_records), "train_p_gold": by_p_gold(noise_records)}
         state0 = curriculum.initial_state([{"id": i, "category": stage0["train"][i]} for i in self.train_ids])
         arms: dict[str, dict] = {}
         for arm in self._arm_order():
             arms[arm] = self.run_arm(arm, state0, arms)
         result = {"seed": self.seed, "stage0": stage0, "noise_control": noise, "arms": arms,
+                  "stage0_p_gold": {s: by_p_gold(r) for s, r in records0.items()},
                   "wall_seconds": time.time() - t0}
         write_json(result_path, result)
         return result
@@ -217,8 +245,9 @@ class SeedRun:
     def run_arm(self, arm: str, state0: curriculum.CurriculumState, arms_done: dict[str, dict]) -> dict:
         arm_dir = self.root / arm
         summary_path = arm_dir / "arm.json"
-        if summary_path.exists():
-            return read_json(summary_path)
+        done = done_json(summary_path)
+        if done is not None:
+            return done
         state = state0
         model = self.res.model
         stages: list[dict] = []
@@ -273,8 +302,8 @@ class SeedRun:
             return model, state, info
         params_dir = stage_dir / "params"
         info_path = stage_dir / "stage.json"
-        if info_path.exists() and params_dir.exists():
-            info = read_json(info_path)
+        info = done_json(info_path, params_dir)
+        if info is not None:
             model = self.load_params(params_dir)
         else:
             examples = [self.by_id[i] for i in ids]
@@ -286,10 +315,12 @@ class SeedRun:
                     "selected_counts": category_counts({"category": state.latest[i]} for i in ids)}
             write_json(info_path, info)
         state = curriculum.mark_trained(state, ids, k + 1)
-        train_after = by_category(self.probe(model, "train", stage_dir / "train.jsonl"))
-        test_after = by_category(self.probe(model, "test", stage_dir / "test.jsonl"))
+        train_records = self.probe(model, "train", stage_dir / "train.jsonl")
+        test_records = self.probe(model, "test", stage_dir / "test.jsonl")
+        train_after, test_after = by_category(train_records), by_category(test_records)
         state = curriculum.advance(state, [{"id": i, "category": train_after[i]} for i in self.train_ids])
         write_json(stage_dir / "state.json", curriculum.to_json(state))
-        return model, state, {**info, "train_after": train_after, "test_after": test_after}
+        return model, state, {**info, "train_after": train_after, "test_after": test_after,
+                              "train_p_gold": by_p_gold(train_records), "test_p_gold": by_p_gold(test_records)}
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,15 @@ STOP = ("\n",)
 
 
 class JaxEngine:
-    """The probe's `AnswerEngine` on our jitted sampler (shared prefixes prefilled once)."""
+    """The probe's `AnswerEngine` on our jitted sampler (shared prefixes prefilled once).
+    ``process_local``: the mesh holds only this process's devices, so the probe may give this
+    process questions of its own (`Probe.run(split=True)`)."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, mesh: Any = None):
+    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, mesh: Any = None,
+                 process_local: bool = False):
         self.sampler = sampler_for(model, tokenizer, mesh)
         self.batch_size = batch_size
+        self.process_local = process_local
 
     def greedy(self, prefix: str, suffixes: Sequence[str], max_new_tokens: int) -> list[str]:
         gens = self.sampler.generate_batch(list(suffixes), prefix=prefix, methods=Greedy(),
@@ -62,6 +66,79 @@ class JaxEngine:
         return out
 
 
+def process_mesh(mesh: Any) -> Any:
+    """The part of inference mesh ``mesh`` on this process's devices, as a mesh of its own:
+    the replicas (rows of the ``data`` axis) whose devices all belong to this process. None
+    with one process, or when a replica spans processes (then every process probes every
+    question together on ``mesh``)."""
+    import numpy as np
+    from jax.sharding import Mesh
+
+    if mesh is None or jax.process_count() == 1:
+        return None
+    me = jax.process_index()
+    devices = np.asarray(mesh.devices)
+    data = list(mesh.axis_names).index("data")
+    rows = np.moveaxis(devices, data, 0)
+    owned = [np.vectorize(lambda d: d.process_index == me)(row) for row in rows]
+    if any(o.any() and not o.all() for o in owned):
+        return None
+    keep = [i for i, o in enumerate(owned) if o.all()]
+    if not keep:
+        return None
+    local = np.moveaxis(rows[keep], 0, data)
+    return Mesh(local, mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def process_local_model(model: Any, mesh: Any, local_mesh: Any) -> Any:
+    """``model`` with its weights laid out for inference on ``local_mesh`` (this process's
+    replicas of the global inference ``mesh``): resharded on ``mesh`` by the inference rules (a
+    collective: every process calls it), then each process's shards re-wrapped as arrays of its
+    own mesh, without a copy. The model's floating-point weights keep their dtype."""
+    from gradual_jax.sharding import INFERENCE_RULES, state_shardings
+
+    graphdef, state = nnx.split(model)
+    placed = jax.device_put(state, state_shardings(state, mesh, INFERENCE_RULES))
+
+    def localize(x: jax.Array) -> jax.Array:
+        sharding = jax.sharding.NamedSharding(local_mesh, x.sharding.spec)
+        want = sharding.addressable_devices_indices_map(x.shape)
+        by_device = {s.device: s for s in x.addressable_shards}
+        arrays = []
+        for device, index in want.items():
+            shard = by_device[device]
+            if _bounds(shard.index, x.shape) != _bounds(index, x.shape):  # meshes not nested as assumed
+                raise RuntimeError(f"{device} holds {shard.index} of the inference layout, "
+                                   f"its process's mesh expects {index}")
+            arrays.append(shard.data)
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, arrays)
+
+    return nnx.merge(graphdef, jax.tree.map(localize, placed))
+
+
+def split_over_processes(evaluate: Callable[[Any, Sequence[Any]], float], mesh: Any,
+                         local_mesh: Any) -> Callable[[Any, Sequence[Any]], float]:
+    """The dev evaluation ``evaluate`` (accuracy of a model on examples, run on ``local_mesh``)
+    with the examples split over processes: each scores its block on its own replicas and the
+    right answers are summed, so the accuracy is the whole set's (a collective)."""
+    from gradual_jax.distributed import gather_records, shard_for_process
+
+    def split(model: Any, examples: Sequence[Any]) -> float:
+        if not examples:
+            return float("nan")
+        mine = shard_for_process(list(examples))
+        local = process_local_model(model, mesh, local_mesh)
+        right = round(evaluate(local, mine) * len(mine)) if mine else 0
+        return sum(gather_records([right])) / len(examples)
+
+    return split
+
+
+def _bounds(index: tuple, shape: tuple) -> tuple:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
 def answers_correct(model: Any, tokenizer: Any, examples: Sequence[QAExample], template: str, *,
                     max_new_tokens: int = 24, batch_size: int = 64, mesh: Any = None) -> dict[str, bool]:
     """Greedy exact match of the model's answer in the fine-tuning format, per example id
@@ -91,6 +168,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     saved synchronously (see `checkpoint.ORBAX_LOCK`).
     """
     from gradual_jax.checkpoint import CheckpointManager, model_digest, restore_model_params, save_model_params
+    from gradual_jax.distributed import barrier, on_main
     from gradual_jax.models.peft import STAGE_ADAPTER_DIR, adapter_from_model, save_adapter
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.training.lora import apply_lora, merge_lora
@@ -101,8 +179,16 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     base_config = res.model.config
     train_mesh, probe_mesh = res.train_mesh, res.probe_mesh
 
+    local_mesh = process_mesh(probe_mesh)
+
     def engine_factory(model: Any) -> JaxEngine:
-        return JaxEngine(model, tokenizer, batch_size=cfg.probe.batch_size, mesh=probe_mesh)
+        if local_mesh is None:
+            return JaxEngine(model, tokenizer, batch_size=cfg.probe.batch_size, mesh=probe_mesh)
+        # Each process probes its own questions on its own replicas with its share of the
+        # slot batch, so a replica's batch is the single-process run's.
+        return JaxEngine(process_local_model(model, probe_mesh, local_mesh), tokenizer,
+                         batch_size=cfg.probe.batch_size // jax.process_count(), mesh=local_mesh,
+                         process_local=True)
 
     def trainer_fn(model: Any, examples: Sequence[QAExample], dev: Sequence[QAExample],
                    train_cfg: TrainConfig, *, ckpt_dir: Path, seed: int, metrics_dir: Path,
@@ -117,7 +203,9 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, mesh=train_mesh, seed=seed, progress=True)
-        dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=probe_mesh)
+        dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh)
+        if local_mesh is not None:
+            dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds)
         prefix = ""
         if wandb_run is not None and run_root is not None:
@@ -132,7 +220,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
             if jax.process_index() == 0:
                 save_adapter(adapter, Path(metrics_dir) / STAGE_ADAPTER_DIR)
             merge_lora(work)
-        curve = _curve(Path(metrics_dir))
+        curve = on_main(lambda: _curve(Path(metrics_dir)))  # process 0 wrote the metrics
         info = {"steps": result.steps, "best_epoch": result.best_epoch, "epochs": result.epochs,
                 "dev_accuracy": [h.get("dev_accuracy") for h in result.history],
                 "final_loss": result.final_loss, "train_seconds": result.seconds, "curve": curve,
@@ -140,12 +228,22 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         return work, info
 
     def accuracy_fn(model: Any, examples: Sequence[QAExample], template: str) -> dict[str, bool]:
-        return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
-                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size)
+        if local_mesh is None:
+            return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
+                                   max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size)
+        from gradual_jax.distributed import gather_records, shard_for_process
+
+        local = process_local_model(model, probe_mesh, local_mesh)
+        mine = answers_correct(local, tokenizer, shard_for_process(examples), template, mesh=local_mesh,
+                               max_new_tokens=cfg.probe.max_new_tokens,
+                               batch_size=cfg.probe.batch_size // jax.process_count())
+        return dict(gather_records(list(mine.items())))
 
     def save_params(directory: Path, model: Any) -> None:
-        if directory.exists():  # a snapshot cut short by a kill: never read, so replace it
-            shutil.rmtree(directory)
+        # A snapshot cut short by a kill is never read, so it is replaced: process 0 removes
+        # it before any process starts writing the new one.
+        on_main(lambda: shutil.rmtree(directory) if directory.exists() else None)
+        barrier("snapshot-cleared")
         save_model_params(directory, model)
 
     def load_params(directory: Path) -> Any:

@@ -11,13 +11,22 @@
 # gradual_jax call `jax.distributed.initialize()` with no arguments, and JAX finds the
 # coordinator, process count and process id from the TPU VM metadata. JAX sees the whole slice's
 # chips as one device list, so the config's mesh spans every chip (the paper configs put them
-# all on the fsdp axis). Every worker reads its own rows of each batch and writes its own shards
-# of each checkpoint, and worker 0 writes the logs and the report.
+# all on the fsdp axis). Every worker trains on its own rows of each batch, probes its own share
+# of the questions on its own chips, loads only the weight slices its chips hold and writes its
+# own shards of each checkpoint; worker 0 writes every other file (probe records, metrics,
+# TensorBoard events, <run>/run.log, the report).
 #
 # The run directory must be the same shared storage on every worker (an NFS/Filestore mount or a
 # gcsfuse-mounted bucket at the same path): Orbax checkpoints are written jointly by all
 # workers, and a per-worker local disk would leave each one holding a fragment. Pass it as
-# RUN_DIR.
+# RUN_DIR. The run checks at start that every worker sees the lock worker 0 writes there and
+# refuses (exit 2) otherwise.
+#
+# One run per run directory: `run` gives all workers one GRADUAL_JAX_LAUNCH_ID, by which they
+# recognise each other; a second `run` into a held directory exits 2 at once naming the holder.
+# The lock of a killed run is taken over after 60 s without its heartbeat. When a worker dies
+# the others end within about 20 s (distributed.heartbeat_timeout_s) instead of waiting at a
+# collective; an internal error exits 1 with its traceback in <run>/run.log.
 #
 # Check that the config fits the slice before renting it (runs anywhere, CPU only):
 #   python -m gradual_jax.launch CONFIG --plan --devices 16 --hbm-gib 16
@@ -30,9 +39,10 @@
 #   REPO_DIR    where the code lives on the workers (default: ~/gradual_jax)
 #   DETACH=1    run under nohup and return; logs in $REPO_DIR/logs/<name>.worker<N>.log
 #   EXTRA_ENV   extra "VAR=value ..." exported before the command (e.g. XLA flags)
+#   GRADUAL_JAX_LAUNCH_ID  the launch token (default: a new one per `run`)
 set -euo pipefail
 
-usage() { sed -n '2,32p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 [[ $# -ge 3 ]] || usage
 action=$1 tpu=$2 zone=$3
 shift 3
@@ -67,7 +77,8 @@ case "$action" in
     shift
     args=$(printf ' %q' "$config" distributed.enabled=true "run_dir=$RUN_DIR" "$@")
     name=$(basename "$config" .yaml)
-    cmd="cd $repo_dir && . .venv/bin/activate && mkdir -p logs && ${EXTRA_ENV:+export $EXTRA_ENV &&} "
+    launch_id=${GRADUAL_JAX_LAUNCH_ID:-tpu-$(date +%s)-$RANDOM$RANDOM}
+    cmd="cd $repo_dir && . .venv/bin/activate && mkdir -p logs && export GRADUAL_JAX_LAUNCH_ID=$launch_id && ${EXTRA_ENV:+export $EXTRA_ENV &&} "
     if [[ "${DETACH:-0}" == 1 ]]; then
       # The worker number comes from the TPU metadata, as JAX reads it.
       worker='$(curl -s -H Metadata-Flavor:Google http://metadata.google.internal/computeMetadata/v1/instance/attributes/agent-worker-number)'

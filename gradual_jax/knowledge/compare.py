@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from gradual_jax.knowledge.categories import CATEGORIES
+from gradual_jax.stats import wilson_interval
+
+__all__ = ["compare_records", "format_comparison", "main", "read_records", "wilson_interval"]
 
 
 def read_records(path: str | Path) -> dict[str, dict]:
@@ -39,22 +41,13 @@ def read_records(path: str | Path) -> dict[str, dict]:
     return out
 
 
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k/n (stays inside [0, 1], sensible at k = 0)."""
-    if n <= 0:
-        raise ValueError("wilson_interval needs n >= 1")
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def compare_records(reference: Mapping[str, dict], other: Mapping[str, dict]) -> dict[str, Any]:
     """Agreement of `other`'s categories with `reference`'s over the ids both hold.
 
-    Raises ValueError when they share no id. `skipped` counts questions whose sampling `other`
-    skipped (screened mode); `sampled_*` count samples drawn by each.
+    The disagreement interval is `gradual_jax.stats.wilson_interval`. `p_gold_mean_abs_difference`
+    is the mean |p_gold(reference) - p_gold(other)| over the ids where both records carry p_gold
+    (None where none do). `skipped` counts questions whose sampling `other` skipped (screened
+    mode); `sampled_*` count samples drawn by each. Raises ValueError when they share no id.
     """
     ids = sorted(set(reference) & set(other))
     if not ids:
@@ -73,10 +66,13 @@ def compare_records(reference: Mapping[str, dict], other: Mapping[str, dict]) ->
                 "reference_sample_correct": r.get("n_sample_correct"),
                 "other_sample_correct": o.get("n_sample_correct"),
                 "p_any_right": o.get("p_any_right", r.get("p_any_right")),
+                "reference_p_gold": r.get("p_gold"), "other_p_gold": o.get("p_gold"),
                 "sampling_skipped": o.get("sampling_skipped"),
             })
     n, k = len(ids), len(disagreements)
     low, high = wilson_interval(k, n)
+    both_p = [abs(float(reference[i]["p_gold"]) - float(other[i]["p_gold"])) for i in ids
+              if reference[i].get("p_gold") is not None and other[i].get("p_gold") is not None]
     undecided = [i for i in ids if reference[i]["category"] in ("WeaklyKnown", "Unknown")]
     return {
         "questions": n,
@@ -85,6 +81,7 @@ def compare_records(reference: Mapping[str, dict], other: Mapping[str, dict]) ->
         "disagreement_rate": k / n,
         "disagreement_interval_95": [low, high],
         "table": table,
+        "p_gold_mean_abs_difference": sum(both_p) / len(both_p) if both_p else None,
         "needed_sampling": len(undecided),
         "skipped": sum(bool(other[i].get("sampling_skipped")) for i in ids),
         "sampled_reference": sum(int(reference[i].get("n_sampled", 0)) for i in ids),

@@ -14,6 +14,9 @@ Modes, all with the same categories on the same random stream:
   computed by teacher forcing (`q` per prompt); where P(any right sample) is below a threshold
   the example is declared Unknown without sampling.
 
+Every mode also records, for every question, the continuous knowledge measure: `q` per prompt,
+`p_gold` (the mean of `q` over prompts) and `expected_right_samples` (n_samples * sum of `q`).
+
 Records are appended to a JSONL file in chunks; a restarted probe skips the examples already
 written and refuses an output file written under another configuration.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 from collections import defaultdict
@@ -41,6 +45,7 @@ from gradual_jax.knowledge.match import exact_match, normalize_answer
 from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe_prompt
 
 Mode = Literal["lazy", "exhaustive", "screened"]
+log = logging.getLogger("gradual_jax")
 
 
 class ProbeError(UserError):
@@ -110,7 +115,8 @@ def fingerprint(settings: ProbeSettings, prompt_sets: PromptSets, model_id: str)
 
 
 class RecordFile:
-    """Append-only JSONL of probe records with a sidecar holding the configuration fingerprint."""
+    """Append-only JSONL of probe records with a sidecar holding the configuration fingerprint.
+    One writer per file: in a multi-process run only process 0 opens it (`Probe.run`)."""
 
     def __init__(self, path: str | Path, fp: str):
         self.path = Path(path)
@@ -206,26 +212,52 @@ class Probe:
     def fingerprint(self) -> str:
         return fingerprint(self.settings, self.prompt_sets, self.model_id)
 
-    def run(self, examples: Sequence[QAExample], out: str | Path | None = None) -> list[dict]:
-        """Probe every example; records in input order. With `out`, resumable (see module doc)."""
+    def run(self, examples: Sequence[QAExample], out: str | Path | None = None, *,
+            split: bool = False) -> list[dict]:
+        """Probe every example; records in input order. With `out`, resumable (see module doc).
+
+        In a multi-process run every process calls this with the same examples (a collective):
+        process 0 alone reads and writes `out` and tells the others what is done. With `split`
+        (the engine runs on this process's own devices) each process probes its block of every
+        chunk (`distributed.shard_for_process`) and the chunk's records are gathered in question
+        order before process 0 appends them, so the file holds one line per question whatever
+        the process count; without it every process probes every question.
+        """
+        import jax
+
+        from gradual_jax import distributed
+
         self._check(examples)
         done: dict[str, dict] = {}
         file = None
         if out is not None:
             file = RecordFile(out, self.fingerprint())
-            done = file.open_for()
+            done = distributed.on_main(file.open_for)
         todo = [e for e in examples if e.id not in done]
+        split = split and jax.process_count() > 1
+        main = distributed.is_main_process()
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="probe",
-                   unit="q", disable=not self.progress, dynamic_ncols=True)
+                   unit="q", disable=not self.progress or not main, dynamic_ncols=True)
         size = self.settings.chunk_size
+        mine: list[str] = []
         for start in range(0, len(todo), size):
-            records = self.probe_chunk(todo[start:start + size])
-            if file is not None:
+            chunk = todo[start:start + size]
+            if split:
+                part = distributed.shard_for_process(chunk)
+                mine += [e.id for e in part]
+                records = distributed.gather_records(self.probe_chunk(part))
+            else:
+                records = self.probe_chunk(chunk)
+            if file is not None and main:
                 file.append(records)
             for r in records:
                 done[r["id"]] = r
             bar.update(len(records))
         bar.close()
+        if split:
+            log.info("probe %s: process %d of %d probed %d of %d questions", out or "",
+                     jax.process_index(), jax.process_count(), len(mine), len(todo))
+            log.debug("probe %s: process %d probed ids %s", out or "", jax.process_index(), json.dumps(mine))
         return [done[e.id] for e in examples]
 
     def _check(self, examples: Sequence[QAExample]) -> None:
@@ -256,6 +288,8 @@ class Probe:
                     a = clean_answer(a)
                     w.greedy_answers.append(a)
                     w.n_greedy_correct += self._correct(a, w.example)
+        # The continuous knowledge measure, for every question in every mode; screening reuses it.
+        self.answer_probabilities(work)
         if s.n_samples > 0:
             if s.mode == "exhaustive":
                 self._sample(work, range(s.n_prompts), stop_at_first=False)
@@ -288,7 +322,10 @@ class Probe:
                     w.n_sample_correct += sum(self._correct(clean_answer(o), w.example) for o in outs)
 
     def answer_probabilities(self, work: list[_Work]) -> None:
-        """Fill `q` (chance one sample of prompt i equals a gold answer) for each work item."""
+        """Fill `q` for each work item: per prompt i, the teacher-forced chance that one sample
+        (at the probe's temperature and top-k) equals a gold answer, summed over the gold answers'
+        surface forms and capped at 1. It draws no random numbers, so the sampling stream and the
+        categories of every mode are the same with or without it."""
         s = self.settings
         for w in work:
             w.q = [0.0] * s.n_prompts
@@ -315,7 +352,9 @@ class Probe:
 
     def _screen(self, work: list[_Work]) -> None:
         s = self.settings
-        self.answer_probabilities(work)
+        missing = [w for w in work if w.q is None]
+        if missing:
+            self.answer_probabilities(missing)
         for w in work:
             _, p_any = _screen_stats(w.q, s.n_samples)
             w.skipped_sampling = p_any < s.screen_threshold
@@ -336,8 +375,11 @@ class Probe:
             "n_sample_correct": w.n_sample_correct,
         }
         if w.q is not None:
+            # p_gold: the gold answer's probability, mean over prompts; expected right samples
+            # = n_samples * sum(q), what an exhaustive probe's count would average to.
             expected, p_any = _screen_stats(w.q, s.n_samples)
-            rec.update(q=w.q, expected_right_samples=expected, p_any_right=p_any,
+            rec.update(q=w.q, p_gold=sum(w.q) / len(w.q) if w.q else 0.0,
+                       expected_right_samples=expected, p_any_right=p_any,
                        sampling_skipped=w.skipped_sampling)
         if w.skipped_sampling:
             assert category == UNKNOWN

@@ -4,8 +4,9 @@
         [--sort relation|known] [--json OUT]
 
 For each relation and for all questions together: the count and share of each SliCK category with
-its 95% Wilson score interval, the mean P_greedy, and the mean P_sample where the probe drew every
-sample (exhaustive mode). Several files are merged by question id (a later file's record wins), so
+its 95% Wilson score interval (gradual_jax.stats), the mean P_greedy, the mean P_sample where the
+probe drew every sample (exhaustive mode) and the mean gold-answer probability p_gold where every
+record has one. Several files are merged by question id (a later file's record wins), so
 the pieces of a probe written on two machines summarise as one. "macro" weighs every relation
 equally, where "all" weighs every question equally.
 """
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from gradual_jax.knowledge.categories import CATEGORIES
-from gradual_jax.knowledge.compare import read_records, wilson_interval
+from gradual_jax.knowledge.compare import read_records
 from gradual_jax.knowledge.probe import category_counts
+from gradual_jax.stats import wilson_interval
 
 ALL = "all"
 MACRO = "macro"
@@ -33,6 +35,7 @@ def _group(records: Sequence[dict], relation: str) -> dict[str, Any]:
     n = len(records)
     counts = category_counts(records)
     sampled = [float(r["p_sample"]) for r in records if r.get("p_sample") is not None]
+    gold = [float(r["p_gold"]) for r in records if r.get("p_gold") is not None]
     return {
         "relation": relation,
         "n": n,
@@ -41,6 +44,7 @@ def _group(records: Sequence[dict], relation: str) -> dict[str, Any]:
         "interval_95": {c: list(wilson_interval(counts[c], n)) for c in CATEGORIES},
         "p_greedy_mean": sum(float(r["p_greedy"]) for r in records) / n,
         "p_sample_mean": sum(sampled) / len(sampled) if len(sampled) == n else None,
+        "p_gold_mean": sum(gold) / n if len(gold) == n else None,
     }
 
 
@@ -49,7 +53,8 @@ def summarize(records: Iterable[dict], sort: str = "relation") -> dict[str, Any]
 
     Returns ``{"relations": [row, ...], "all": row, "macro": {...}}``. Each row has ``n``,
     ``counts``, ``share`` (fractions summing to 1), ``interval_95`` (Wilson, per category),
-    ``p_greedy_mean`` and ``p_sample_mean`` (None unless every record has a P_sample). ``macro`` is
+    ``p_greedy_mean``, ``p_sample_mean`` (None unless every record has a P_sample) and
+    ``p_gold_mean``, the mean gold-answer probability (None unless every record has one). ``macro`` is
     the unweighted mean of the relations' shares. ``sort="known"`` orders relations by their
     HighlyKnown + MaybeKnown share, largest first; ``"relation"`` by relation id.
     Raises ValueError on no records or a record without a category.
@@ -86,12 +91,13 @@ def _interval(row: dict[str, Any], category: str) -> tuple[str, str]:
 def format_text(summary: dict[str, Any]) -> str:
     """Fixed-width table: share (and 95% interval) of each category per relation."""
     head = (f"{'relation':<9}{'n':>6}" + "".join(f"{SHORT[c] + ' % [95%]':>21}" for c in CATEGORIES)
-            + f"{'P_greedy':>10}")
+            + f"{'P_greedy':>10}{'p_gold':>8}")
     lines = [head]
     for row in [*summary["relations"], summary[ALL]]:
         cells = "".join(f"{_pct(row['share'][c]):>8} [{low:>4}-{high:>5}]"
                         for c in CATEGORIES for low, high in [_interval(row, c)])
-        lines.append(f"{row['relation']:<9}{row['n']:>6}{cells}{row['p_greedy_mean']:>10.3f}")
+        gold = "n/a" if row["p_gold_mean"] is None else f"{row['p_gold_mean']:.3f}"
+        lines.append(f"{row['relation']:<9}{row['n']:>6}{cells}{row['p_greedy_mean']:>10.3f}{gold:>8}")
     macro = summary[MACRO]
     lines.append(f"{'macro':<9}{macro['n']:>6}" + "".join(f"{_pct(macro['share'][c]):>8}{'':>13}" for c in CATEGORIES)
                  + "  (relations weighted equally)")

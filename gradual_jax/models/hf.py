@@ -15,10 +15,12 @@ o `(N, H, D)`, gate/up `(D, F)`, down `(F, D)`, lm_head `(D, V)`.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
 import math
+import mmap
 import os
 import re
 import struct
@@ -402,23 +404,30 @@ def _sharding(param: nnx.Variable, shape: tuple[int, ...], mesh: Any, rules: Any
 def place_sharded(source: TensorSource, spec: TensorSpec, sharding: jax.sharding.Sharding,
                   dtype: np.dtype) -> jax.Array:
     """The parameter `spec` fills, as a `dtype` array laid out by `sharding`, built from the
-    regions of `source` that this process's devices hold: each distinct region is read, cast
-    and laid out once (devices holding the same region share it) and nothing else is read, so
-    host memory holds at most one slice per local device, the whole tensor only where it is
-    replicated.
+    regions of `source` that this process's devices hold: device by device, each distinct
+    region is read, cast and laid out once (devices holding the same region share it), copied
+    to its device and dropped, so besides the device buffers host memory holds one slice at a
+    time, the whole tensor only where it is replicated. Nothing else is read.
 
-    `jax.make_array_from_callback` calls back only for addressable devices, so in a multi-process
-    run each process reads its own devices' slices, and it compares nothing across processes.
+    Only this process's devices are visited (`addressable_devices_indices_map`), so in a
+    multi-process run each process reads its own devices' slices, and nothing is compared
+    across processes.
     """
-    regions: dict[Bounds, np.ndarray] = {}
-
-    def region(index: tuple[slice, ...]) -> np.ndarray:
-        bounds = _bounds(index, spec.shape)
-        if bounds not in regions:
-            regions[bounds] = np.ascontiguousarray(read_region(source, spec, bounds), dtype=dtype)
-        return regions[bounds]
-
-    return jax.make_array_from_callback(spec.shape, sharding, region, dtype=dtype)
+    placements = sharding.addressable_devices_indices_map(spec.shape)
+    bounds = {device: _bounds(index, spec.shape) for device, index in placements.items()}
+    left = collections.Counter(bounds.values())
+    shared: dict[Bounds, np.ndarray] = {}
+    arrays = []
+    for device, region in bounds.items():
+        host = shared.pop(region, None)
+        if host is None:
+            host = np.ascontiguousarray(read_region(source, spec, region), dtype=dtype)
+        arrays.append(jax.device_put(host, device).block_until_ready())
+        left[region] -= 1
+        if left[region]:
+            shared[region] = host
+        del host
+    return jax.make_array_from_single_device_arrays(spec.shape, sharding, arrays)
 
 
 def _get(module: Any, path: tuple[str | int, ...]) -> Any:
@@ -543,42 +552,120 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
                           f"(only safetensors checkpoints are supported)")
 
 
-class SafetensorsTensor:
-    """One tensor of an open safetensors file, read lazily: `t[index]` (a tuple of slices in the
-    file's layout) reads only that region, through safetensors' `get_slice`. Valid while its
-    file is open. A read that fails raises `CheckpointError` naming the file and tensor."""
+_SAFETENSORS_NUMPY = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                      "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+                      "BOOL": "bool"}
 
-    def __init__(self, file: Path, name: str, lazy: Any) -> None:
-        self.file, self.name, self._lazy = file, name, lazy
-        self.shape: tuple[int, ...] = tuple(lazy.get_shape())
+
+def _numpy_dtype(code: str) -> np.dtype:
+    if code == "BF16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(_SAFETENSORS_NUMPY[code])
+
+
+class SafetensorsTensor:
+    """One tensor of an open safetensors file, read lazily: `t[index]` (a tuple of unit-step
+    slices in the file's layout) reads only that region's bytes, with positioned reads
+    (``os.preadv``) straight into the result: one read per contiguous run, no memory map, so
+    a process's reads and resident memory are the regions it asked for. Valid while its file
+    is open. A read that fails raises `CheckpointError` naming the file and tensor."""
+
+    def __init__(self, file: Path, name: str, fd: int, dtype: np.dtype, shape: tuple[int, ...],
+                 offset: int) -> None:
+        self.file, self.name, self._fd = file, name, fd
+        self.dtype, self.shape, self._offset = dtype, tuple(shape), offset
 
     def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        from safetensors import SafetensorError
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(tuple(index)))
+        bounds = []
+        for s, n in zip(index, self.shape):
+            start, stop, step = s.indices(n)
+            if step != 1:
+                raise CheckpointError(f"{self.file}: tensor {self.name}: only unit-step regions are read")
+            bounds.append((start, max(start, stop)))
+        extent = [b - a for a, b in bounds]
+        out = _host_buffer(extent, self.dtype)
+        if out.size == 0:
+            return out
+        # Dims after `k` are read whole, so each run is `extent[k]` rows of them in a row.
+        k = len(self.shape) - 1
+        while k > 0 and extent[k] == self.shape[k]:
+            k -= 1
+        item = self.dtype.itemsize
+        strides = [math.prod(self.shape[d + 1:]) * item for d in range(len(self.shape))]
+        run = extent[k] * strides[k] if self.shape else item
+        buffer = memoryview(out.reshape(-1).view(np.uint8))
+        pos = 0
+        for outer in np.ndindex(*extent[:k]):
+            start = self._offset + bounds[k][0] * strides[k] if self.shape else self._offset
+            start += sum((bounds[d][0] + i) * strides[d] for d, i in enumerate(outer))
+            self._read_into(buffer[pos:pos + run], start)
+            pos += run
+        return out
 
-        try:
-            return self._lazy[index]
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{self.file}: cannot read tensor {self.name} ({e})") from None
+    def _read_into(self, view: memoryview, offset: int) -> None:
+        while len(view):
+            try:
+                got = os.preadv(self._fd, [view], offset)
+            except OSError as e:
+                raise CheckpointError(f"{self.file}: cannot read tensor {self.name} ({e})") from None
+            if got == 0:
+                raise CheckpointError(f"{self.file}: cannot read tensor {self.name} (file truncated)")
+            view, offset = view[got:], offset + got
+
+
+def _host_buffer(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array; a large one in its own anonymous memory map, which goes back to
+    the OS the moment the array is freed (malloc may keep a freed block of a size it has seen
+    before, so slice after slice of one tensor would leave several slices resident)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < 1 << 20:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+
+
+def _safetensors_header(file: Path, size: int, f: Any) -> tuple[dict[str, Any], int]:
+    """(tensor entries by name, offset of the data) of an open safetensors file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError("file shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise ValueError(f"header length {n} exceeds the file")
+    header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data = 8 + n
+    for name, entry in header.items():
+        begin, end = entry["data_offsets"]
+        dtype = _numpy_dtype(entry["dtype"])
+        if end - begin != math.prod(entry["shape"]) * dtype.itemsize or data + end > size:
+            raise ValueError(f"tensor {name}: data_offsets {entry['data_offsets']} do not fit "
+                             f"its shape and dtype in the file")
+    return header, data
 
 
 def iter_safetensors(files: Iterable[Path]) -> Iterator[tuple[str, SafetensorsTensor, str]]:
-    """`(name, tensor, name)` for every tensor of `files`, in file order, each a lazy
-    `SafetensorsTensor` valid until the next one is asked for (its file stays open until then);
-    nothing is read until it is indexed."""
-    from safetensors import SafetensorError, safe_open
-
+    """`(name, tensor, name)` for every tensor of `files`, file by file and by name, each a
+    lazy `SafetensorsTensor` valid until the next file is opened; nothing but the headers is
+    read until a tensor is indexed."""
     for file in files:
         try:
-            handle = safe_open(str(file), framework="numpy")
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-        with handle as f:
-            for name in f.keys():
-                try:
-                    lazy = f.get_slice(name)
-                except (SafetensorError, OSError, ValueError) as e:
-                    raise CheckpointError(f"{file}: cannot read tensor {name} ({e})") from None
-                yield name, SafetensorsTensor(file, name, lazy), name
+            f = open(file, "rb")
+        except OSError as e:
+            raise CheckpointError(f"{file}: cannot open ({e})") from None
+        with f:
+            try:
+                header, data = _safetensors_header(file, os.fstat(f.fileno()).st_size, f)
+            except (ValueError, KeyError, TypeError, struct.error) as e:
+                raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
+            for name in sorted(header):  # by name, as safetensors lists them
+                entry = header[name]
+                yield name, SafetensorsTensor(file, name, f.fileno(), _numpy_dtype(entry["dtype"]),
+                                              tuple(entry["shape"]), data + entry["data_offsets"][0]), name
 
 
 def load_hf(path_or_repo_id: str | os.PathLike, *, dtype: str = "float32",
@@ -749,6 +836,24 @@ def save_hf(model: Transformer, out_dir: str | os.PathLike, *, tokenizer: Any = 
 # Tokenizers
 
 
+def _generic_tokenizer_class(directory: Path) -> Any:
+    """The generic fast-tokenizer class a checkpoint's tokenizer_config names, else None.
+
+    transformers 5's AutoTokenizer picks the tokenizer class from config.json's model_type
+    (Qwen2Tokenizer for qwen2) even when tokenizer_config.json names the generic class, and that
+    class rebuilds the pre-tokenizer its own way: a checkpoint with its own tokenizer.json would
+    then tokenize differently from how it was trained."""
+    import transformers
+
+    try:
+        named = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        return None
+    if named in ("TokenizersBackend", "PreTrainedTokenizerFast") and (directory / "tokenizer.json").is_file():
+        return getattr(transformers, named, None)
+    return None
+
+
 def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
     """A transformers fast tokenizer from an HF directory, a Hub repo id, or a `.gguf` file."""
     from transformers import AutoTokenizer
@@ -761,7 +866,9 @@ def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
                 raise CheckpointError(f"{path}: no such GGUF file")
             tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         else:
-            tokenizer = AutoTokenizer.from_pretrained(str(resolve_checkpoint(s)))
+            directory = resolve_checkpoint(s)
+            generic = _generic_tokenizer_class(directory)
+            tokenizer = (generic or AutoTokenizer).from_pretrained(str(directory))
     except CheckpointError:
         raise
     except (OSError, ValueError, KeyError) as e:

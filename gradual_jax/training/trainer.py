@@ -37,6 +37,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
+from gradual_jax.distributed import device_copy, host_copy
 from gradual_jax.training.config import model_runtime
 from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, rope_inv_freq
 from gradual_jax.training import data as data_lib
@@ -501,7 +502,7 @@ class Trainer:
     def _set_trainable(self, params: Any) -> None:
         self._trainable = jax.tree.map(lambda x: x, self._trainable)
         shardings = jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(self._trainable))
-        nnx.replace_by_pure_dict(self._trainable, jax.device_put(params, shardings))
+        nnx.replace_by_pure_dict(self._trainable, device_copy(params, shardings))
 
     # -- fit
 
@@ -565,7 +566,7 @@ class Trainer:
                         abstract = abstract_like(nnx.to_pure_dict(self._trainable))
                         best_params = checkpoint_manager.restore_best(best_epoch, abstract)
                         if best_params is not None:
-                            best_params = jax.device_get(best_params)
+                            best_params = host_copy(best_params)
                 log.info("resumed from step %d (epoch %d, batch %d)", resumed_from, start_epoch + 1, start_pos)
 
         data_key = self._data_key(train_examples, cfg)
@@ -613,7 +614,7 @@ class Trainer:
                     if math.isfinite(score) and score > best_score:
                         best_epoch, best_score = epoch + 1, score
                         if cfg.selection == "early_stop":
-                            best_params = jax.device_get(nnx.to_pure_dict(self._trainable))
+                            best_params = host_copy(nnx.to_pure_dict(self._trainable))
                             if checkpoint_manager is not None:
                                 checkpoint_manager.save_best(epoch + 1, nnx.to_pure_dict(self._trainable))
                 history.append(entry)

@@ -27,7 +27,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gradual_jax import io
 from gradual_jax.knowledge.data import QAExample
+from gradual_jax.rundir import Heartbeat, holder_alive, this_host
 from gradual_jax.world.config import WorldConfig, world_config_from_dict
 from gradual_jax.world.corpus import build_corpus
 from gradual_jax.world.generate import SPLITS, World, generate_world, select_train, world_from_json
@@ -106,7 +108,10 @@ def build_or_load_world(cfg: WorldConfig, cache_dir: str | os.PathLike | None = 
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(final)
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:12]}")
+    owner = _owner_file(tmp)
+    io.write_json(owner, this_host())
+    beat = Heartbeat(owner)
     try:
         build_world_dir(cfg, tmp, progress=progress)
         try:
@@ -115,8 +120,10 @@ def build_or_load_world(cfg: WorldConfig, cache_dir: str | os.PathLike | None = 
             if not _complete(final):
                 raise
     finally:
+        beat.stop()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+        owner.unlink(missing_ok=True)
     _say(f"world built in {final}", progress)
     return load_artifacts(final)
 
@@ -188,25 +195,36 @@ def _complete(root: Path) -> bool:
     return all((root / name).is_file() for name in REQUIRED_FILES)
 
 
+def _owner_file(tmp: Path) -> Path:
+    """The file beside a temporary build directory naming its builder (`rundir.this_host`);
+    its mtime is the builder's heartbeat."""
+    return tmp.with_name(tmp.name + ".owner")
+
+
 def _remove_stale_tmp(final: Path) -> None:
-    """Delete temporary build directories of `final` left by processes that no longer run."""
+    """Delete temporary build directories of `final` whose builders no longer run, judged
+    across hosts (`rundir.holder_alive`: the pid on this host, the heartbeat elsewhere), so a
+    cache on shared storage never loses a peer host's build in progress. A directory without
+    an owner file is judged by its own mtime."""
     for tmp in final.parent.glob(f".tmp-{final.name}-*"):
-        try:
-            pid = int(tmp.name.split("-")[2])
-        except (IndexError, ValueError):
+        if tmp.name.endswith(".owner"):
             continue
-        if not _alive(pid):
+        owner_file = _owner_file(tmp)
+        try:
+            owner = json.loads(owner_file.read_text())
+            mtime = owner_file.stat().st_mtime
+        except (OSError, ValueError):
+            owner, mtime = {}, _mtime(tmp)
+        if mtime is not None and not holder_alive(owner if isinstance(owner, dict) else {}, mtime):
             shutil.rmtree(tmp, ignore_errors=True)
+            owner_file.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def _mtime(path: Path) -> float | None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _say(message: str, enabled: bool) -> None:

@@ -1,4 +1,4 @@
-"""Comparing two probes: agreement table, disagreements, Wilson interval (hand-worked)."""
+"""Comparing two probes: agreement table, disagreements, Wilson interval, p_gold (hand-worked)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import pytest
 from gradual_jax.knowledge.compare import compare_records, main, read_records, wilson_interval
 
 
-def test_wilson_interval_hand_worked():
-    # k = 0: upper = (z^2/n) / (1 + z^2/n) = 0.076829 / 1.076829 at n = 50
-    low, high = wilson_interval(0, 50)
-    assert low == 0.0 and high == pytest.approx(0.0713476, abs=1e-6)
-    # 5 of 20: centre (0.25 + 0.096036) / 1.192073 = 0.290281, half-width 0.178421
-    low, high = wilson_interval(5, 20)
-    assert (low, high) == (pytest.approx(0.111862, abs=1e-5), pytest.approx(0.468701, abs=1e-5))
-    with pytest.raises(ValueError):
-        wilson_interval(0, 0)
+def test_the_interval_is_the_stats_modules_wilson():
+    from gradual_jax import stats
+
+    assert wilson_interval is stats.wilson_interval
+    # 1 of 4 disagree: the Wilson interval's closed form (p + z^2/2n -+ z sqrt(...)) / (1 + z^2/n)
+    z = stats.Z975
+    centre = (0.25 + z * z / 8) / (1 + z * z / 4)
+    half = z * (0.25 * 0.75 / 4 + z * z / 64) ** 0.5 / (1 + z * z / 4)
+    ref = {str(i): _rec(str(i), "Unknown") for i in range(4)}
+    other = {**ref, "0": _rec("0", "WeaklyKnown")}
+    assert compare_records(ref, other)["disagreement_interval_95"] == [pytest.approx(centre - half),
+                                                                       pytest.approx(centre + half)]
 
 
 def _rec(i, category, **extra):
@@ -56,3 +59,15 @@ def test_compare_refuses_disjoint_or_broken_files(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         read_records(bad)
     assert main([str(bad), str(bad)]) == 2
+
+
+def test_gold_probabilities_are_compared_where_both_have_them():
+    ref = {"1": _rec("1", "Unknown", p_gold=0.10), "2": _rec("2", "WeaklyKnown", p_gold=0.30),
+           "3": _rec("3", "Unknown")}
+    other = {"1": _rec("1", "Unknown", p_gold=0.20), "2": _rec("2", "Unknown", p_gold=0.05),
+             "3": _rec("3", "Unknown", p_gold=0.5)}
+    result = compare_records(ref, other)
+    assert result["p_gold_mean_abs_difference"] == pytest.approx((0.10 + 0.25) / 2)  # id 3: one side only
+    [d] = result["disagreement_list"]
+    assert (d["reference_p_gold"], d["other_p_gold"]) == (0.30, 0.05)
+    assert compare_records({"1": _rec("1", "Unknown")}, {"1": _rec("1", "Unknown")})["p_gold_mean_abs_difference"] is None

@@ -168,3 +168,53 @@ def test_row_seed_is_stable_and_distinct():
     assert len(seeds) == 400
     assert all(0 <= s < 2**31 for s in seeds)
     assert np.unique(list(seeds)).size == 400
+
+
+class _CountingEngine:
+    """Counts the teacher-forced scoring calls reaching the model."""
+
+    def __init__(self, inner):
+        self.inner, self.scored = inner, 0
+
+    def greedy(self, *args, **kw):
+        return self.inner.greedy(*args, **kw)
+
+    def sample(self, *args, **kw):
+        return self.inner.sample(*args, **kw)
+
+    def answer_probability(self, prefix, suffixes, continuations, **kw):
+        self.scored += len(suffixes)
+        return self.inner.answer_probability(prefix, suffixes, continuations, **kw)
+
+
+def test_every_mode_records_the_gold_probability_once(setup):
+    engine, prompts, examples, *_ = setup
+    runs, scored = {}, {}
+    for mode in ("exhaustive", "lazy", "screened"):
+        counting = _CountingEngine(engine)
+        runs[mode] = Probe(counting, prompts, ProbeSettings(**{**SETTINGS, "mode": mode}),
+                           progress=False).run(examples)
+        scored[mode] = counting.scored
+    # every question once per prompt, in every mode: screening reuses the measure
+    assert set(scored.values()) == {len(examples) * SETTINGS["n_prompts"]}
+    for recs in runs.values():
+        for r in recs:
+            assert len(r["q"]) == SETTINGS["n_prompts"] and all(0.0 <= q <= 1.0 for q in r["q"])
+            assert r["p_gold"] == pytest.approx(sum(r["q"]) / SETTINGS["n_prompts"])
+            assert r["expected_right_samples"] == pytest.approx(SETTINGS["n_samples"] * sum(r["q"]))
+    # Teacher forcing draws no random numbers: the same q, and the same categories, in every mode.
+    assert [r["q"] for r in runs["lazy"]] == [r["q"] for r in runs["exhaustive"]]
+    assert [r["q"] for r in runs["screened"]] == [r["q"] for r in runs["exhaustive"]]
+    assert [r["category"] for r in runs["lazy"]] == [r["category"] for r in runs["exhaustive"]]
+    # Exhaustive sampling counts right samples; q predicts their number (sampled against
+    # teacher-forced, two independent routes). Right samples in other surface forms than the
+    # scored variants can only add to the count, so the bound below is one-sided.
+    ex = runs["exhaustive"]
+    observed = sum(r["n_sample_correct"] for r in ex)
+    expected = sum(r["expected_right_samples"] for r in ex)
+    var = sum(SETTINGS["n_samples"] * q * (1 - q) for r in ex for q in r["q"])
+    assert observed >= expected - 4 * var**0.5 - 1, (observed, expected)
+    assert observed <= 1.25 * expected + 4 * var**0.5 + 1, (observed, expected)
+    by_cat = {c: [r["p_gold"] for r in ex if r["category"] == c] for c in ("HighlyKnown", UNKNOWN)}
+    if all(by_cat.values()):
+        assert np.mean(by_cat["HighlyKnown"]) > np.mean(by_cat[UNKNOWN])

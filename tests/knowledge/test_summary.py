@@ -8,9 +8,10 @@ import pytest
 from gradual_jax.knowledge.summary import main, summarize
 
 
-def rec(i: int, relation: str, category: str, p_greedy: float = 0.0, p_sample: float | None = None) -> dict:
+def rec(i: int, relation: str, category: str, p_greedy: float = 0.0, p_sample: float | None = None,
+        p_gold: float | None = None) -> dict:
     return {"id": f"{relation}.{i}", "relation": relation, "category": category,
-            "p_greedy": p_greedy, "p_sample": p_sample}
+            "p_greedy": p_greedy, "p_sample": p_sample, "p_gold": p_gold}
 
 
 def records() -> list[dict]:
@@ -87,3 +88,16 @@ def test_cli_names_the_bad_line(tmp_path, capsys):
     bad.write_text(json.dumps(rec(0, "P1", "Unknown")) + "\n{not json\n")
     assert main([str(bad)]) == 2
     assert f"{bad}:2" in capsys.readouterr().err
+
+
+def test_p_gold_mean_only_when_every_record_has_one(capsys):
+    rs = [rec(0, "P1", "MaybeKnown", 0.5, p_gold=0.4), rec(1, "P1", "Unknown", 0.0, p_gold=0.0),
+          rec(0, "P2", "Unknown", 0.0, p_gold=0.1), rec(1, "P2", "Unknown")]
+    s = summarize(rs)
+    p1, p2 = s["relations"]
+    assert p1["p_gold_mean"] == pytest.approx(0.2) and p2["p_gold_mean"] is None
+    assert s["all"]["p_gold_mean"] is None
+    from gradual_jax.knowledge.summary import format_text
+
+    lines = format_text(s).splitlines()
+    assert lines[0].split()[-1] == "p_gold" and lines[1].split()[-1] == "0.200" and lines[2].split()[-1] == "n/a"

@@ -1,0 +1,90 @@
+"""Rehearsals of the paper configs on this CPU: each `configs/paper/*.yaml` with only the model (a
+tiny model of the same family, `rehearsal_models.py`) and the data (the smoke world's QA) replaced,
+run through the whole pipeline on 8 fake devices (fsdp=8 from the file's `fsdp: -1`), bf16
+compute, scan_layers, remat and LoRA as the file sets them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rehearsal_models import rehearsal_model  # noqa: E402
+
+from gradual_jax.config import load_config  # noqa: E402
+from gradual_jax.launch import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER = REPO / "configs" / "paper"
+FAMILY = {"llama3": "llama", "qwen2": "qwen2"}
+
+
+def _data(smoke_world) -> list[str]:
+    return ["data.kind=jsonl", f"data.path={smoke_world.root / 'qa'}", "data.gekhman=false",
+            "data.test_limit_per_relation=3"]
+
+
+@pytest.fixture(scope="module")
+def family_models(smoke_world, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("rehearsal_models")
+    return {fam: rehearsal_model(smoke_world.model_dir, root / fam, fam) for fam in set(FAMILY.values())}
+
+
+def _without_model_and_data(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["model"].pop("source")
+    for key in ("data", "run_dir"):
+        d.pop(key)
+    return d
+
+
+def _rehearse(name: str, family_models, smoke_world, tmp_path) -> None:
+    path = PAPER / f"{name}.yaml"
+    model = family_models[FAMILY[name.split("_")[0]]]
+    overrides = [f"model.source={model}", *_data(smoke_world), f"run_dir={tmp_path}"]
+    cfg = load_config(path, overrides)
+    assert _without_model_and_data(cfg) == _without_model_and_data(load_config(path))
+    assert cfg.model.compute_dtype == "bfloat16" and cfg.train.scan_layers and cfg.train.remat
+
+    assert main([str(path), *overrides]) == 0
+    root = tmp_path / cfg.name
+    report = json.loads((root / "report.json").read_text())
+    assert report["runtime"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+    assert report["seeds"] == cfg.seeds
+    stages = sorted(root.glob("seed_*/*/stage*/stage.json"))
+    ran = {(p.parts[-4], p.parts[-3], p.parts[-2]): json.loads(p.read_text()) for p in stages}
+    for seed in cfg.seeds:
+        for arm in cfg.arms:
+            first = ran[f"seed_{seed}", arm, "stage1"]
+            assert first["steps"] > 0 and len(first["trained_ids"]) > 0, (seed, arm)
+    for key, stage in ran.items():  # a stage with examples trained on them; one without says why
+        assert (stage["steps"] > 0) == (sum(stage["selected_counts"].values()) > 0), key
+    if cfg.train.lora is not None:
+        assert any((root / f"seed_{s}" / "two_stage" / "stage1" / "adapter").is_dir() for s in cfg.seeds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(p.stem for p in PAPER.glob("*.yaml")))
+def test_paper_rehearsal(name, family_models, smoke_world, tmp_path):
+    _rehearse(name, family_models, smoke_world, tmp_path)
+
+
+def test_rehearsal_models_keep_the_world_models_function(family_models, smoke_world):
+    """The rescaling and the added zero biases leave the logits and the tokenizer as they were."""
+    import numpy as np
+
+    from gradual_jax.models import load_hf, load_tokenizer
+
+    reference, tokenizer = load_hf(smoke_world.model_dir), load_tokenizer(smoke_world.model_dir)
+    text = "Q: " + smoke_world.train[0].question + "\nA: " + smoke_world.train[0].answers[0]
+    ids = tokenizer(text)["input_ids"]
+    want = np.asarray(reference(np.asarray([ids])))
+    for family, directory in family_models.items():
+        model = load_hf(directory)
+        assert model.config.model_type == family and model.config.attention_bias == (family == "qwen2")
+        assert load_tokenizer(directory)(text)["input_ids"] == ids
+        np.testing.assert_allclose(np.asarray(model(np.asarray([ids]))), want, atol=1e-4)
