@@ -2,22 +2,32 @@
 
     python -m gradual_jax.probe --model PATH --data DIR --split train|dev|test \\
         [--relations P36,P17] [--limit-per-relation N] [--prompts-out FILE] [--prompts-in FILE] \\
-        [probe settings: --n-prompts 10 --n-samples 16 --mode lazy ...] --out FILE.jsonl
+        [probe settings: --n-prompts 10 --n-samples 16 --mode lazy ...] --out FILE.jsonl \\
+        [--stats-json STATS.json]
 
 `--model` takes a Hugging Face directory (or repo id) or a GGUF file; `--data` an EntityQuestions
 directory (gzipped JSONL copy or the official JSON release) or a JSONL file. The probe resumes
 into an existing `--out` written with the same configuration and refuses one written otherwise.
+`--stats-json` writes the probe's figures: questions, seconds, compiles and compile_seconds
+(every XLA compilation after the model is loaded, as JAX reports them), warmup_seconds,
+questions_per_s_after_warmup, samples_drawn and peak_host_bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gradual_jax.configlib import add_arguments, from_arguments
+from gradual_jax.io import write_json
 from gradual_jax.knowledge.config import ProbeSettings
+
+if TYPE_CHECKING:
+    from gradual_jax.compile_stats import CompileCounter
 
 EXIT_BAD_INPUT = 2
 
@@ -38,6 +48,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="JSONL of few-shot exemplars when --data is a JSONL file "
                         "(default: dev.jsonl beside it)")
     p.add_argument("--out", required=True)
+    p.add_argument("--stats-json", default=None, help="write the probe's figures (JSON) here")
     return p.parse_args(argv)
 
 
@@ -70,6 +81,7 @@ def exemplar_source(ns: argparse.Namespace) -> str:
 
 
 def run(ns: argparse.Namespace) -> list[dict]:
+    from gradual_jax.compile_stats import CompileCounter
     from gradual_jax.knowledge.probe import Probe, category_table
     from gradual_jax.knowledge.prompts import build_prompt_sets, load_prompt_sets, save_prompt_sets
     from gradual_jax.models import load_model, load_tokenizer, resolve_model_source
@@ -92,11 +104,32 @@ def run(ns: argparse.Namespace) -> list[dict]:
     tokenizer = load_tokenizer(ns.model)
     probe = Probe(JaxEngine(model, tokenizer, batch_size=settings.batch_size), prompt_sets, settings,
                   model_id=str(ns.model))
-    t0 = time.time()
-    records = probe.run(examples, ns.out)
+    with CompileCounter() as compiles:
+        t0 = time.perf_counter()
+        records = probe.run(examples, ns.out)
+        seconds = time.perf_counter() - t0
     print(category_table(records))
-    print(f"{len(records)} questions in {time.time() - t0:.1f} s -> {ns.out}")
+    print(f"{len(records)} questions in {seconds:.1f} s ({compiles.count} compiles, "
+          f"{compiles.seconds:.1f} s compiling) -> {ns.out}")
+    if ns.stats_json:
+        write_json(ns.stats_json, probe_stats(records, seconds, compiles))
     return records
+
+
+def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter") -> dict:
+    """The `--stats-json` figures of one probe. The engine has no ahead-of-time warm-up yet, so
+    warmup_seconds is 0 and every compile falls inside `seconds`."""
+    warmup = 0.0
+    return {
+        "questions": len(records),
+        "seconds": round(seconds, 3),
+        "compiles": compiles.count,
+        "compile_seconds": round(compiles.seconds, 3),
+        "warmup_seconds": warmup,
+        "questions_per_s_after_warmup": round(len(records) / max(seconds - warmup, 1e-9), 4),
+        "samples_drawn": sum(r.get("n_sampled", 0) for r in records),
+        "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

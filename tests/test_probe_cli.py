@@ -49,3 +49,21 @@ def test_cli_bad_input_exits_2_with_one_line(smoke_world, tmp_path, capsys, chan
     assert main([*sum(([k, v] for k, v in opts.items()), []), *FAST]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_stats_json_counts_compiles_samples_and_memory(smoke_world, tmp_path):
+    qa_dir = smoke_world.root / "qa"
+    out, stats_path = tmp_path / "probe.jsonl", tmp_path / "stats.json"
+    # other sample and token counts than the tests above: shapes this process has not compiled
+    settings = [*FAST, "--n-samples", "3", "--max-new-tokens", "5"]
+    assert main(["--model", str(smoke_world.model_dir), "--data", str(qa_dir / "train.jsonl"),
+                 "--split", "train", *settings, "--out", str(out), "--stats-json", str(stats_path)]) == 0
+    stats = json.loads(stats_path.read_text())
+    records = _records(out)
+    assert set(stats) == {"questions", "seconds", "compiles", "compile_seconds", "warmup_seconds",
+                          "questions_per_s_after_warmup", "samples_drawn", "peak_host_bytes"}
+    assert stats["questions"] == len(records) > 0
+    assert stats["samples_drawn"] == sum(r["n_sampled"] for r in records)
+    assert stats["compiles"] > 0 and 0 < stats["compile_seconds"] < stats["seconds"]
+    assert stats["questions_per_s_after_warmup"] == pytest.approx(len(records) / stats["seconds"], rel=1e-3)
+    assert 100e6 < stats["peak_host_bytes"] < 100e9
