@@ -95,10 +95,10 @@ def process_local_model(model: Any, mesh: Any, local_mesh: Any) -> Any:
     replicas of the global inference ``mesh``): resharded on ``mesh`` by the inference rules (a
     collective: every process calls it), then each process's shards re-wrapped as arrays of its
     own mesh, without a copy. The model's floating-point weights keep their dtype."""
-    from gradual_jax.sharding import INFERENCE_RULES, state_shardings
+    from gradual_jax.sharding import INFERENCE_RULES, place, state_shardings
 
     graphdef, state = nnx.split(model)
-    placed = jax.device_put(state, state_shardings(state, mesh, INFERENCE_RULES))
+    placed = place(state, state_shardings(state, mesh, INFERENCE_RULES))
 
     def localize(x: jax.Array) -> jax.Array:
         sharding = jax.sharding.NamedSharding(local_mesh, x.sharding.spec)

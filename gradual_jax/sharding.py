@@ -303,9 +303,22 @@ def state_shardings(state: Any, mesh: Mesh,
     return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)``, one leaf at a time across processes.
+
+    With several processes a reshard is a cross-process program; XLA:CPU runs programs
+    dispatched back to back on threads of their own, so two processes can enter the gloo
+    collectives of different leaves in different orders and wait on each other for ever (seen:
+    both processes idle inside ``device_put`` of a model's state). Finishing each leaf before
+    the next keeps one such program in flight. One process: a plain batched ``device_put``."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.block_until_ready(jax.device_put(x, s)), tree, shardings)
+
+
 def shard_state(state: Any, mesh: Mesh, rules: Mapping[str, tuple[str, ...] | None] | None = None) -> Any:
     """``state`` with every array placed on ``mesh`` by its logical axes."""
-    return jax.device_put(state, state_shardings(state, mesh, rules))
+    return place(state, state_shardings(state, mesh, rules))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh,

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradual_jax.models.transformer import as_dtype
-from gradual_jax.sharding import INFERENCE_RULES, batch_sharding, data_parallel_size, state_shardings
+from gradual_jax.sharding import INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
 
 
 class MeshPlacement:
@@ -28,7 +28,7 @@ class MeshPlacement:
             return state
         dtypes, shardings = self._inference_layout(state)
         cast = jax.tree.map(lambda x, d: x if x.dtype == d else x.astype(d), state, dtypes)
-        return jax.device_put(cast, shardings)
+        return place(cast, shardings)
 
     def _inference_layout(self, state: Any) -> tuple[Any, Any]:
         """The dtype and sharding of every leaf of `state` as inference holds it on the mesh:

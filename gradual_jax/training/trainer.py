@@ -46,7 +46,7 @@ from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.sharding import (
     bytes_per_device, check_batch_divisible, constrain_batch, global_batch, make_mesh, process_rows,
-    state_shardings)
+    shard_state, state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class Trainer:
         self.wrt = trainable_filter(self.model)
 
         mesh = self.mesh
-        nnx.update(self.model, jax.device_put(nnx.state(self.model), state_shardings(nnx.state(self.model), mesh)))
+        nnx.update(self.model, shard_state(nnx.state(self.model), mesh))
         self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
         self._fingerprint = model_fingerprint(self.model)
         program = self._program(cfg, self.total_steps, self._gd_model, self._trainable, self._frozen, self.wrt)
