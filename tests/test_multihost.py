@@ -13,17 +13,16 @@ the same training done in one process on one device.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "training"))  # train_helpers
+sys.path.insert(0, str(HERE))
+from process_group import free_port, wait_all, worker_env  # noqa: E402
 
 LOCAL_DEVICES = 2
 NUM_PROCESSES = 2
@@ -118,23 +117,6 @@ def _worker(mode: str, process_id: int, port: int, out: Path) -> None:
 # ----------------------------------------------------------------------------- the test
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker_env() -> dict[str, str]:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu",
-               JAX_NUM_CPU_DEVICES=str(LOCAL_DEVICES), JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    for var in ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS"):
-        env.pop(var, None)
-    return env
-
-
 def _run_workers_and_compare(mode: str, tmp_path: Path, steps: list[int]) -> None:
     import jax
     import numpy as np
@@ -143,22 +125,14 @@ def _run_workers_and_compare(mode: str, tmp_path: Path, steps: list[int]) -> Non
     from gradual_jax.checkpoint import CheckpointManager, abstract_like
     from gradual_jax.sharding import make_mesh
 
-    port = _free_port()
+    port = free_port()
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(NUM_PROCESSES)]
     procs = [subprocess.Popen([sys.executable, __file__, mode, str(i), str(port), str(tmp_path)],
-                              env=_worker_env(), stdout=logs[i], stderr=subprocess.STDOUT)
+                              env=worker_env(LOCAL_DEVICES), stdout=logs[i], stderr=subprocess.STDOUT)
              for i in range(NUM_PROCESSES)]
     # The single-process run trains meanwhile, on one device.
     reference = MODES[mode](make_mesh(devices=jax.devices()[:1]), None)
-    deadline = time.monotonic() + 240
-    for i, p in enumerate(procs):
-        try:
-            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            rc = "timeout"
-        logs[i].close()
+    for i, rc in enumerate(wait_all(procs, logs, 240)):
         log = (tmp_path / f"worker{i}.log").read_text()
         assert rc == 0, f"worker {i} exited {rc}:\n{log[-4000:]}"
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 
@@ -95,25 +94,17 @@ def _write_checkpoint(directory: Path) -> int:
 
 
 def test_each_process_reads_only_its_slices(tmp_path):
-    from test_multihost import _free_port, _worker_env
+    from process_group import free_port, wait_all, worker_env
 
     ckpt = tmp_path / "ckpt"
     size = _write_checkpoint(ckpt)
     assert size > 200e6
-    env = {**_worker_env(), "JAX_NUM_CPU_DEVICES": "4"}
-    port = _free_port()
+    env = worker_env(4)
+    port = free_port()
     logs = [open(tmp_path / f"worker{i}.log", "w") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, __file__, str(i), str(port), str(ckpt), str(tmp_path)],
                               env=env, stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
-    deadline = time.monotonic() + 300
-    for i, p in enumerate(procs):
-        try:
-            rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            rc = "timeout"
-        logs[i].close()
+    for i, rc in enumerate(wait_all(procs, logs, 300)):
         assert rc == 0, (tmp_path / f"worker{i}.log").read_text()[-4000:]
     for i in range(2):
         got = json.loads((tmp_path / f"worker{i}.json").read_text())

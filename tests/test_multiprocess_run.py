@@ -108,9 +108,9 @@ class Launch:
 
     def __init__(self, run_dir: Path, logs: Path, tag: str, *, mode: str = "run", port: int | None = None,
                  extra: tuple[str, ...] = (), run_dirs: tuple[Path, Path] | None = None):
-        from test_multihost import _free_port
+        from process_group import free_port
 
-        port = port or _free_port()
+        port = port or free_port()
         self.logs = [logs / f"{tag}.p{i}.log" for i in range(2)]
         self.writes = [logs / f"{tag}.p{i}.writes" for i in range(2)]
         self.procs = []
