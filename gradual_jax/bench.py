@@ -541,7 +541,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         from gradual_jax.knowledge.reference import TransformersEngine
 
         hf = TransformersEngine(_load_hf_torch(args.model), tokenizer)
-        hf.greedy("", ["Q: What is the capital of France?\nA:"], 2)  # warm-up
+        hf.greedy([("", "Q: What is the capital of France?\nA:")], 2)  # warm-up
         subset = examples[:args.hf_questions]
         probe = Probe(hf, sets, settings("exhaustive"), progress=False)
         t0 = time.perf_counter()

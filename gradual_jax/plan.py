@@ -8,11 +8,10 @@ programs the run executes, through their public lowering methods:
 - the train step `Trainer.fit` runs (`Trainer.lower_step`: full fine-tuning or LoRA as
   configured, AdamW, one optimizer step of `grad_accum` micro-batches of `batch_size` rows of
   `max_seq_len` tokens, the loss on every position), and
-- the probe's sampler programs on the probe mesh (`Sampler.abstract`, `Sampler.lower_prefix`,
-  `lower_prefill`, `lower_decode`: weights sharded by the inference rules in the compute dtype):
-  the shared exemplar prefix, the greedy phase's prefill of `probe.batch_size` prompts, and the
-  sampled phase's prefill and decode chunks (`n_samples` per prompt at the probe's temperature
-  and top-k),
+- the probe's sampler programs on the probe mesh (`Sampler.abstract`, `Sampler.prepare`,
+  `Sampler.lower_programs`: weights sharded by the inference rules in the compute dtype), in the
+  shapes the probe engine fixes: prefixes into the prefix store, question tails into
+  `probe.batch_size` decode slots, the decode loop, and scoring,
 
 and reads per-device memory from XLA's `memory_analysis()` of each compiled program. Training
 fits when the train step does; probing fits when every probe program does beside what stays
@@ -21,8 +20,7 @@ JSON line (devices, mesh, probe_mesh, per_device_bytes, probe_per_device_bytes,
 decode_collective_bytes, fits_train, fits_probe, fits, ...) and then a readable table. Exit
 status: 0 when both fit, 3 when one does not.
 
-`decode_collective_bytes` is what one steady decode step moves per device (the decode chunk that
-continues a decode's outputs, which every chunk after the first runs): the operand bytes of
+`decode_collective_bytes` is what one decode step moves per device: the operand bytes of
 every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute (and their
 `-start` forms; `-done` halves not again) in the compiled per-device HLO, each counted once
 per iteration of the decode loop (loops inside it by their known trip counts), plus the few ops
@@ -495,46 +493,40 @@ def probe_shapes(probe: Any, prompt_tokens: int | None = None) -> ProbeShapes:
 
 
 def _probe_measures(mc: Any, probe: Any, mesh: Any, shapes: ProbeShapes) -> dict[str, Any]:
-    """Compile the programs the probe runs on its mesh (`Sampler.lower_*`): the shared prefix,
-    the greedy phase's prefill (`probe.batch_size` prompts), and for the sampled phase (greedy
-    when `n_samples` is 0) its prefill and its decode chunks: the first, continuing the
-    prefill's outputs, and the steady one, continuing a decode's (the sampler compiles both when
-    the decode's outputs are laid out unlike its inputs)."""
+    """Compile the four programs the probe runs on its mesh (`Sampler.lower_programs`), in the
+    shapes its engine fixes for these prompt sizes (`Sampler.prepare`, as `JaxEngine.warm_up`
+    calls it, with as many stored prefixes as the engine's store budget allows): prefill
+    (prefixes into the store), insert (tails into the decode slots), decode and score."""
     from gradual_jax.models.transformer import abstract_model
-    from gradual_jax.sampling import Greedy, Sample, Sampler
+    from gradual_jax.runtime import probe_store_prefixes
+    from gradual_jax.sampling import Sampler
 
     sampler = Sampler.abstract(abstract_model(mc), mesh=mesh)
+    answer = PROBE_TOKENS_PER_PAIR // 4
+    sampler.prepare(batch_size=int(probe.batch_size), longest_prefix=max(1, shapes.prefix_tokens),
+                    longest_tail=shapes.prompt_tokens, new_tokens=shapes.max_new_tokens,
+                    longest_scored=shapes.prompt_tokens + answer, longest_continuation=answer,
+                    k_cap=int(probe.top_k) if probe.n_samples else 0)
+    sampler.prepare(prefixes=probe_store_prefixes(sampler))
     programs: dict[str, Program] = {}
-    prefix = None
-    if shapes.prefix_tokens:
-        programs["prefix"], prefix = _compile("prefix", lambda: sampler.lower_prefix(shapes.prefix_tokens))
-    sizes = dict(prompt_tokens=shapes.prompt_tokens, max_new_tokens=shapes.max_new_tokens, prefix=prefix)
-    programs["prefill"], start = _compile(
-        "prefill", lambda: sampler.lower_prefill(int(probe.batch_size), **sizes))
-    method, n = Greedy(), 1
-    if probe.n_samples > 0:  # as JaxEngine.sample asks for the sampled phase
-        method, n = Sample(float(probe.temperature), int(probe.top_k)), int(probe.n_samples)
-        programs["prefill_sampled"], start = _compile("prefill_sampled", lambda: sampler.lower_prefill(
-            max(int(probe.batch_size), n), methods=method, n=n, **sizes))
-    programs["decode_first"], first = _compile(
-        "decode_first", lambda: sampler.lower_decode(start, methods=method, n=n))
-    programs["decode"], decode = _compile(
-        "decode", lambda: sampler.lower_decode(first, methods=method, n=n))
+    compiled: dict[str, Any] = {}
+    for name, lowered in sampler.lower_programs().items():
+        programs[name], compiled[name] = _compile(name, lambda lowered=lowered: lowered)
+    decode = compiled["decode"]
     found = collectives(decode.as_text())
     by_op = {op: {"count": sum(c.count for c in found if c.op == op),
                   "bytes": collective_bytes([c for c in found if c.op == op])}
              for op in sorted({c.op for c in found})}
-    slots, cache_len = start.out_info.cache.mask.shape
+    carry, store = decode.out_info[0], compiled["prefill"].out_info
     return {
         "programs": programs,
         "inference_weights": shard_bytes(sampler.state),
-        "kv_cache": max(shard_bytes(start.out_info.cache), shard_bytes(first.out_info.cache)),
-        "prefix_store": shard_bytes(prefix.out_info) if prefix is not None else 0,
+        "kv_cache": shard_bytes(carry.cache),
+        "prefix_store": shard_bytes(store),
         "decode_collective_bytes": collective_bytes(found),
         "decode_collectives": by_op,
         "decode_collective_shapes": sorted({s for c in found for s in c.operands}),
-        "probe_shapes": {"slots": int(slots), "cache_len": int(cache_len),
-                         "prefix_slots": 0 if prefix is None else int(prefix.out_info.mask.shape[1]),
+        "probe_shapes": {**dataclasses.asdict(sampler.shapes), "cache_len": sampler.shapes.cache_len,
                          **dataclasses.asdict(shapes)},
     }
 
@@ -616,9 +608,10 @@ def _probe_fit(measures: Mapping[str, Any], resident: int) -> dict[str, int]:
     """Per-device bytes while probing: the model's training shards stay resident beside each
     probe program; the prefix store outlives the prefill into every decode chunk."""
     programs, store = measures["programs"], measures["prefix_store"]
-    peak = max(programs[name].total + (store if name.startswith("decode") else 0)
-               for name in ("prefix", "prefill", "prefill_sampled", "decode_first", "decode")
-               if name in programs)
+    # The store is an argument of prefill, insert and score (counted in their totals); the
+    # decode slots are an argument of insert and decode; decode runs beside the store.
+    peak = max(programs[name].total + (store if name == "decode" else 0)
+               for name in ("prefill", "insert", "decode", "score") if name in programs)
     parts = {"train_params": resident, "inference_weights": measures["inference_weights"],
              "kv_cache": measures["kv_cache"], "prefix_store": store}
     total = resident + peak
@@ -752,7 +745,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         pp, ps = result["probe_per_device_bytes"], result["probe_shapes"]
         lines += [
             f"per device, probing ({ps['slots']} slots x {ps['cache_len']} cache positions, "
-            f"prefix {ps['prefix_slots']}):",
+            f"{ps['store_rows']} stored prefixes of {ps['prefix_width']}):",
             f"  training shards   {_gib(pp['train_params'])}   (the model, resident on the train mesh)",
             f"  inference weights {_gib(pp['inference_weights'])}",
             f"  KV cache          {_gib(pp['kv_cache'])}",

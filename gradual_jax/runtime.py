@@ -5,6 +5,7 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import shutil
 from collections.abc import Callable, Sequence
@@ -21,12 +22,18 @@ from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
 from gradual_jax.sampling import Greedy, Sample, sampler_for
 
 STOP = ("\n",)
+# Host or device bytes the probe's prefix store may take (per-layer keys and values in fp32),
+# and the most prefixes it keeps (a probe has one per relation and prompt set).
+PREFIX_STORE_BYTES = 768 * 2**20
+PREFIX_STORE_MAX = 128
+log = logging.getLogger("gradual_jax")
 
 
 class JaxEngine:
-    """The probe's `AnswerEngine` on our jitted sampler (shared prefixes prefilled once).
-    ``process_local``: the mesh holds only this process's devices, so the probe may give this
-    process questions of its own (`Probe.run(split=True)`)."""
+    """The probe's `AnswerEngine` on our jitted sampler: exemplar blocks are declared prefixes,
+    kept in the sampler's prefix store. ``process_local``: the mesh holds only this process's
+    devices, so the probe may give this process questions of its own (`Probe.run(split=True)`).
+    """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, mesh: Any = None,
                  process_local: bool = False):
@@ -34,36 +41,59 @@ class JaxEngine:
         self.batch_size = batch_size
         self.process_local = process_local
 
-    def greedy(self, prefix: str, suffixes: Sequence[str], max_new_tokens: int) -> list[str]:
-        gens = self.sampler.generate_batch(list(suffixes), prefix=prefix, methods=Greedy(),
-                                           max_new_tokens=max_new_tokens, stop=STOP,
+    def warm_up(self, prompts: Sequence[tuple[str, str]], continuations: Sequence[str], *,
+                max_new_tokens: int, n_samples: int, top_k: int) -> None:
+        """Fix the sampler's shapes for these prompts, their answers and their gold
+        continuations, and compile its programs ahead of time (logged)."""
+        s = self.sampler
+        s.prepare_for([q for _, q in prompts], prefix=[p for p, _ in prompts], max_new_tokens=max_new_tokens,
+                      continuations=continuations, batch_size=self.batch_size,
+                      k_cap=top_k if n_samples else 0)
+        s.prepare(prefixes=probe_store_prefixes(s, len({p for p, _ in prompts})))
+        made, seconds = s.warm_up()
+        log.info("probe engine: %d programs compiled ahead of time in %.1f s (shapes %s)", made, seconds, s.shapes)
+
+    def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]:
+        gens = self.sampler.generate_batch([q for _, q in prompts], prefix=[p for p, _ in prompts],
+                                           methods=Greedy(), max_new_tokens=max_new_tokens, stop=STOP,
                                            batch_size=self.batch_size)
         return [row[0].text for row in gens]
 
-    def sample(self, prefix: str, suffixes: Sequence[str], n: int, seeds: Sequence[int], *,
+    def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
                temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]:
-        gens = self.sampler.generate_batch(list(suffixes), prefix=prefix,
+        gens = self.sampler.generate_batch([q for _, q in prompts], prefix=[p for p, _ in prompts],
                                            methods=Sample(temperature, top_k), n=n,
                                            max_new_tokens=max_new_tokens, stop=STOP, seed=0,
-                                           prompt_keys=list(seeds),
-                                           batch_size=max(self.batch_size, n))
+                                           prompt_keys=list(seeds), batch_size=self.batch_size)
         return [[g.text for g in row] for row in gens]
 
-    def answer_probability(self, prefix: str, suffixes: Sequence[str],
+    def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
                            top_k: int) -> list[list[float]]:
-        prompts, conts, owner = [], [], []
-        for r, (suffix, cs) in enumerate(zip(suffixes, continuations)):
+        questions, prefixes, conts, owner = [], [], [], []
+        for r, ((prefix, suffix), cs) in enumerate(zip(prompts, continuations)):
             for c in cs:
-                prompts.append(prefix + suffix)
+                questions.append(suffix)
+                prefixes.append(prefix)
                 conts.append(c)
                 owner.append(r)
-        scores = self.sampler.score(prompts, conts, temperature=temperature, top_k=top_k,
-                                    batch_size=self.batch_size)
-        out: list[list[float]] = [[] for _ in suffixes]
+        out: list[list[float]] = [[] for _ in prompts]
+        if not questions:
+            return out
+        scores = self.sampler.score(questions, conts, prefix=prefixes, temperature=temperature,
+                                    top_k=top_k, batch_size=self.batch_size)
         for r, s in zip(owner, scores):
             out[r].append(math.exp(sum(s.logprobs)) if s.logprobs else 0.0)
         return out
+
+
+def probe_store_prefixes(sampler: Any, blocks: int | None = None) -> int:
+    """Prefixes the probe keeps stored at once: its exemplar blocks (None: unknown), at most
+    PREFIX_STORE_MAX and as many as PREFIX_STORE_BYTES holds at the sampler's prefix width."""
+    cfg = sampler.config
+    row = 2 * cfg.num_layers * sampler.shapes.prefix_width * cfg.num_kv_heads * cfg.head_dim * 4
+    budget = max(1, min(PREFIX_STORE_MAX, PREFIX_STORE_BYTES // row))
+    return budget if blocks is None else min(blocks, budget)
 
 
 def process_mesh(mesh: Any) -> Any:

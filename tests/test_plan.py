@@ -153,8 +153,7 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     # The probe's default mesh: the largest tensor degree dividing 8 devices, 4 and 2 heads.
     assert result["probe_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
     assert result["hbm_bytes"] == 1000 * P.GIB
-    assert set(result["programs"]) == {"train", "prefix", "prefill", "prefill_sampled",
-                                       "decode_first", "decode"}
+    assert set(result["programs"]) == {"train", "prefill", "insert", "decode", "score"}
     assert result["fits_train"] is result["fits_probe"] is True
     n = mc.num_params()
     assert result["params"] == result["trainable_params"] == n
@@ -172,8 +171,8 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     assert probe["kv_cache"] > 0 and probe["prefix_store"] > 0
     assert probe["total"] == sum(v for k, v in probe.items() if k != "total") <= result["peak_bytes"]
     shapes = result["probe_shapes"]
-    assert shapes["prefix_slots"] == 32 and shapes["slots"] == 64  # 16 prompts x 16 samples, padded
-    assert shapes["cache_len"] == 32 + 32 + 4  # prefix + tail bucket + new tokens
+    assert shapes["prefix_width"] == 64 and shapes["slots"] == 16  # probe.batch_size slots
+    assert shapes["cache_len"] == 64 + 64 + 4  # prefix + tail width + new tokens
     assert result["decode_collective_bytes"] > 0
     assert result["model_flops_per_step"] == 6 * n * 16 * 32
     assert result["flops_per_step"] > 0
@@ -322,12 +321,13 @@ def _tiny_model_config():
 
 def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
     """`Sampler.abstract` holds the layout the sampler gives real weights (inference rules,
-    compute dtype), so its lowered prefix, prefill and decode programs are the real sampler's."""
+    compute dtype), so its lowered prefill, insert, decode and score programs are the real
+    sampler's."""
     import jax
     from flax import nnx
 
     from gradual_jax.models.transformer import Transformer, abstract_model
-    from gradual_jax.sampling import Sample, Sampler
+    from gradual_jax.sampling import Sampler
     from gradual_jax.sharding import make_mesh
 
     mc, mesh = _tiny_model_config(), make_mesh(4, 1, 2)
@@ -335,14 +335,14 @@ def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
     abstract = Sampler.abstract(abstract_model(mc), mesh=mesh)
     for x, y in zip(jax.tree.leaves(real.state), jax.tree.leaves(abstract.state), strict=True):
         assert (x.shape, x.dtype, x.sharding) == (y.shape, y.dtype, y.sharding)
-    method = Sample(0.5, 5)
     texts = []
     for s in (real, abstract):
-        prefix = s.lower_prefix(40).compile()
-        start = s.lower_prefill(16, prompt_tokens=10, max_new_tokens=4, methods=method, n=4, prefix=prefix)
-        decode = s.lower_decode(start.compile(), methods=method, n=4)
-        texts.append([lowered.as_text() for lowered in (s.lower_prefix(40), start, decode)])
-        assert start.compile().out_info.cache.mask.shape == (16, 64 + 16 + 4)  # 4 prompts x 4 samples
+        s.prepare(batch_size=16, longest_prefix=40, longest_tail=10, new_tokens=4, longest_scored=14,
+                  longest_continuation=4, k_cap=5)
+        lowered = s.lower_programs()
+        texts.append([lowered[name].as_text() for name in ("prefill", "insert", "decode", "score")])
+        carry = lowered["decode"].compile().out_info[0]
+        assert carry.cache.mask.shape == (16, 64 + 64 + 4)  # 16 slots: prefix + tail + new tokens
     assert texts[0] == texts[1]
 
 

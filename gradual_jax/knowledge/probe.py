@@ -53,18 +53,21 @@ class ProbeError(UserError):
 
 
 class AnswerEngine(Protocol):
-    """What the probe needs from a model: completions of few-shot prompts sharing one prefix.
+    """What the probe needs from a model: completions of few-shot prompts.
 
-    `prefix` is the exemplar block common to a batch, `suffixes` the per-question tails; the
-    full prompt of row r is `prefix + suffixes[r]`. Completions are raw text after the prompt.
+    `prompts` are (prefix, suffix) pairs: the full prompt is `prefix + suffix`, where the prefix
+    is an exemplar block that many prompts of a call share (an engine may keep its prefill) and
+    the suffix the question tail. Completions are raw text after the prompt. An engine may
+    also offer `warm_up(prompts, continuations, *, max_new_tokens, n_samples, top_k)`, which the
+    probe calls once with all its work before the first question (to compile ahead of time).
     """
 
-    def greedy(self, prefix: str, suffixes: Sequence[str], max_new_tokens: int) -> list[str]: ...
+    def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]: ...
 
-    def sample(self, prefix: str, suffixes: Sequence[str], n: int, seeds: Sequence[int], *,
+    def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
                temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]: ...
 
-    def answer_probability(self, prefix: str, suffixes: Sequence[str],
+    def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
                            top_k: int) -> list[list[float]]: ...
 
@@ -170,26 +173,11 @@ class RecordFile:
 
 
 
-def _by_prefix(items: Sequence[_Work], prompt_sets: PromptSets, i: int) -> dict[str, list[_Work]]:
-    """Group work items by the exemplar prefix of prompt i of their relation."""
-    groups: dict[str, list[_Work]] = defaultdict(list)
-    for w in items:
-        prefix, _ = split_prompt(prompt_sets[w.example.relation][i], w.example.question)
-        groups[prefix].append(w)
-    return groups
-
-
 def split_prompt(exemplars: list[dict], question: str) -> tuple[str, str]:
     """(exemplar block, question tail) of the probe prompt; their concatenation is the prompt."""
     full = format_probe_prompt(exemplars, question)
     tail = len(format_probe_prompt([], question))
     return full[:-tail], full[-tail:]
-
-
-def _suffix(prefix: str, example: QAExample, exemplars: list[dict]) -> str:
-    head, tail = split_prompt(exemplars, example.question)
-    assert head == prefix
-    return tail
 
 
 class Probe:
@@ -234,6 +222,7 @@ class Probe:
             file = RecordFile(out, self.fingerprint())
             done = distributed.on_main(file.open_for)
         todo = [e for e in examples if e.id not in done]
+        self.warm_up(todo)
         split = split and jax.process_count() > 1
         main = distributed.is_main_process()
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="probe",
@@ -275,19 +264,31 @@ class Probe:
     def _correct(self, answer: str, ex: QAExample) -> bool:
         return exact_match(answer, list(ex.answers), first_only=self.first_only)
 
+    def _prompt(self, w: _Work, i: int) -> tuple[str, str]:
+        return split_prompt(self.prompt_sets[w.example.relation][i], w.example.question)
+
+    def warm_up(self, examples: Sequence[QAExample]) -> None:
+        """Show the engine every prompt and gold continuation the probe of `examples` can ask
+        for (engines with a `warm_up` compile their programs for them ahead of time)."""
+        warm = getattr(self.engine, "warm_up", None)
+        if warm is None or not examples:
+            return
+        s = self.settings
+        work = [_Work(e) for e in examples]
+        prompts = [self._prompt(w, i) for w in work for i in range(s.n_prompts)]
+        conts = sorted({c for w in work for c in self._gold_continuations(w.example)}, key=len)
+        warm(prompts, conts, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, top_k=s.top_k)
+
     def probe_chunk(self, examples: Sequence[QAExample]) -> list[dict]:
         """Probe a chunk of examples in memory and return their records."""
         s = self.settings
         work = [_Work(e) for e in examples]
-        for i in range(s.n_prompts):
-            for prefix, group in _by_prefix(work, self.prompt_sets, i).items():
-                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
-                            for w in group]
-                answers = self.engine.greedy(prefix, suffixes, s.max_new_tokens)
-                for w, a in zip(group, answers):
-                    a = clean_answer(a)
-                    w.greedy_answers.append(a)
-                    w.n_greedy_correct += self._correct(a, w.example)
+        pairs = [(w, i) for i in range(s.n_prompts) for w in work]
+        answers = self.engine.greedy([self._prompt(w, i) for w, i in pairs], s.max_new_tokens)
+        for (w, _), a in zip(pairs, answers):
+            a = clean_answer(a)
+            w.greedy_answers.append(a)
+            w.n_greedy_correct += self._correct(a, w.example)
         # The continuous knowledge measure, for every question in every mode; screening reuses it.
         self.answer_probabilities(work)
         if s.n_samples > 0:
@@ -302,6 +303,8 @@ class Probe:
         return [self._record(w) for w in work]
 
     def _sample(self, work: list[_Work], prompt_indices: Iterable[int], *, stop_at_first: bool) -> None:
+        """Sample prompt after prompt (all of a prompt index's questions in one engine call);
+        with `stop_at_first`, a question leaves once one of its samples is right."""
         s = self.settings
         active = list(work)
         for i in prompt_indices:
@@ -309,17 +312,14 @@ class Probe:
                 active = [w for w in active if w.n_sample_correct == 0]
             if not active:
                 return
-            for prefix, group in _by_prefix(active, self.prompt_sets, i).items():
-                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
-                            for w in group]
-                seeds = [row_seed(s.seed, w.example.id, i) for w in group]
-                samples = self.engine.sample(prefix, suffixes, s.n_samples, seeds,
-                                             temperature=s.temperature, top_k=s.top_k,
-                                             max_new_tokens=s.max_new_tokens)
-                for w, outs in zip(group, samples):
-                    w.n_sampled += len(outs)
-                    w.sampled_prompts += 1
-                    w.n_sample_correct += sum(self._correct(clean_answer(o), w.example) for o in outs)
+            seeds = [row_seed(s.seed, w.example.id, i) for w in active]
+            samples = self.engine.sample([self._prompt(w, i) for w in active], s.n_samples, seeds,
+                                         temperature=s.temperature, top_k=s.top_k,
+                                         max_new_tokens=s.max_new_tokens)
+            for w, outs in zip(active, samples):
+                w.n_sampled += len(outs)
+                w.sampled_prompts += 1
+                w.n_sample_correct += sum(self._correct(clean_answer(o), w.example) for o in outs)
 
     def answer_probabilities(self, work: list[_Work]) -> None:
         """Fill `q` for each work item: per prompt i, the teacher-forced chance that one sample
@@ -327,18 +327,14 @@ class Probe:
         surface forms and capped at 1. It draws no random numbers, so the sampling stream and the
         categories of every mode are the same with or without it."""
         s = self.settings
+        pairs = [(w, i) for i in range(s.n_prompts) for w in work]
+        probs = self.engine.answer_probability([self._prompt(w, i) for w, i in pairs],
+                                               [self._gold_continuations(w.example) for w, _ in pairs],
+                                               temperature=s.temperature, top_k=s.top_k)
         for w in work:
             w.q = [0.0] * s.n_prompts
-        for i in range(s.n_prompts):
-            for prefix, group in _by_prefix(work, self.prompt_sets, i).items():
-                suffixes = [_suffix(prefix, w.example, self.prompt_sets[w.example.relation][i])
-                            for w in group]
-                golds = self._gold_continuations
-                conts = [golds(w.example) for w in group]
-                probs = self.engine.answer_probability(prefix, suffixes, conts,
-                                                       temperature=s.temperature, top_k=s.top_k)
-                for w, ps in zip(group, probs):
-                    w.q[i] = min(1.0, sum(ps))
+        for (w, i), ps in zip(pairs, probs):
+            w.q[i] = min(1.0, sum(ps))
 
     def _gold_continuations(self, ex: QAExample) -> list[str]:
         golds = ex.answers[:1] if self.first_only else ex.answers

@@ -31,10 +31,10 @@ class TransformersEngine:
     def _decode_new(self, out, n_prompt: int) -> list[str]:
         return [self.tokenizer.decode(row[n_prompt:], skip_special_tokens=True) for row in out]
 
-    def greedy(self, prefix: str, suffixes: Sequence[str], max_new_tokens: int) -> list[str]:
+    def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]:
         answers = []
         with self.torch.no_grad():
-            for suffix in suffixes:
+            for prefix, suffix in prompts:
                 enc = self._encode(prefix + suffix)
                 out = self.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                           stop_strings=[self.stop], tokenizer=self.tokenizer,
@@ -42,11 +42,11 @@ class TransformersEngine:
                 answers.append(self._decode_new(out, enc["input_ids"].shape[1])[0])
         return answers
 
-    def sample(self, prefix: str, suffixes: Sequence[str], n: int, seeds: Sequence[int], *,
+    def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
                temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]:
         results = []
         with self.torch.no_grad():
-            for suffix, seed in zip(suffixes, seeds):
+            for (prefix, suffix), seed in zip(prompts, seeds):
                 self.torch.manual_seed(seed)
                 enc = self._encode(prefix + suffix)
                 out = self.model.generate(**enc, do_sample=True, temperature=temperature,
@@ -57,14 +57,14 @@ class TransformersEngine:
                 results.append(self._decode_new(out, enc["input_ids"].shape[1]))
         return results
 
-    def answer_probability(self, prefix: str, suffixes: Sequence[str],
+    def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
                            top_k: int) -> list[list[float]]:
         """Chance that one sample is exactly each continuation (top-k renormalised, 0 outside)."""
         torch = self.torch
         out = []
         with torch.no_grad():
-            for suffix, conts in zip(suffixes, continuations):
+            for (prefix, suffix), conts in zip(prompts, continuations):
                 prompt = prefix + suffix
                 n_prompt = len(self.tokenizer(prompt)["input_ids"])
                 probs = []

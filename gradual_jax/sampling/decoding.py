@@ -1,86 +1,193 @@
-"""The host side of decoding: run decode chunks to the end, compact finished rows away, and
-turn each row's record into a `Generation`.
+"""The host side of decoding: continuous batching over a fixed set of decode slots.
 
-`DecodeLoop` is a mixin of `Sampler`: it uses the sampler's compiled programs (`_compile`,
-`_decode_fn`, `_gather_fn`), placement (`_put`, `_dp`), tokenizer (`_decode`), `_eos`, `chunk`,
-`compact` and `stats`.
+A call's rows (prompt x sample) wait in prompt order. While slots are free and rows wait, an
+insert prefills the next prompts' tails (packed, one stored prefix per packed row) and starts
+each waiting row in a free slot; then decode steps run until enough slots are done to be worth
+refilling, the finished rows are read back and their slots freed. Every program keeps its
+shapes whatever the rows, so nothing compiles once the engine's shapes are set.
+
+`DecodeLoop` is a mixin of `Sampler`: it uses the sampler's shapes, compiled programs, prefix
+store (`_store_rows`), placement (`_put`, `_put_replicated`), tokenizer (`_decode`), `_eos`,
+`chunk` and `stats`.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from typing import Any
 
 import jax
 import numpy as np
 
-from gradual_jax.sampling.kernels import DECODE_DONATE, Decoding, Policy
-from gradual_jax.sampling.packing import compact_target
+from gradual_jax.models.transformer import KVCache, as_dtype
+from gradual_jax.sampling.kernels import DONATE_CARRY, Decoding, Rows
+from gradual_jax.sampling.packing import pack_rows
 from gradual_jax.sampling.records import Generation
+
+# A decode call returns to the host once this share of the slots is done and rows wait.
+REFILL_SHARE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One generation to run: `out` names it in the call's results."""
+
+    out: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    prompt_key: int
+    sample: int
+
+
+@dataclasses.dataclass
+class Job:
+    """A prompt's waiting rows, all continuing `prefix + tail`."""
+
+    prefix: tuple[int, ...]
+    tail: tuple[int, ...]
+    rows: list[Row]
 
 
 class DecodeLoop:
-    """Decode chunks between host checks (stop strings across tokens, compaction)."""
+    """Continuous batching of a call's rows over the sampler's decode slots."""
 
     state: Any
     stats: Any
     chunk: int
-    compact: bool
     _eos: tuple[int, ...]
 
-    def _decode_args(self, d: Decoding, table: jax.Array, limit: int) -> tuple:
-        """The decode program's arguments: run until step `limit` (or every row is done)."""
-        return (self.state, d, table, self._put_replicated(np.int32(limit)))
+    def _empty_carry(self) -> Decoding:
+        """Decode slots, all done, built on the host (device_put compiles nothing)."""
+        sh, cfg = self.shapes, self.config
+        b, s, n = sh.slots, sh.cache_len, sh.new_tokens
+        kv = (b, s, cfg.num_kv_heads, cfg.head_dim)
+        dtype = np.dtype(as_dtype(cfg.dtype))
+        z = self._zeros
+        key_width = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
+        cache = KVCache(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                        values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                        mask=z((b, s), bool), end=self._scalar(s - n))
+        rows = Rows(temperature=z((b,), np.float32), top_k=z((b,), np.int32), top_p=z((b,), np.float32),
+                    key=z((b, key_width), np.uint32))
+        # every slot starts done (empty): `done` is the one array not zero
+        done = self._put(np.ones(b, bool)) if not getattr(self, "_abstract", False) else z((b,), bool)
+        return Decoding(cache=cache, rows=rows, token=z((b,), np.int32), done=done,
+                        step=z((b,), np.int32), tokens=z((b, n), np.int32),
+                        logp=z((b, n), np.float32), raw_logp=z((b, n), np.float32))
 
-    def _decode_loop(self, d: Decoding, row_ids: np.ndarray, new_tokens: int,
-                     stop: tuple[str, ...], table: jax.Array,
-                     policy: Policy) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Run decode chunks to the end; (tokens, logp, raw_logp) per original row."""
+    def _carry(self) -> Decoding:
+        if self._slots is None:
+            self._slots = self._empty_carry()
+        return self._slots
+
+    def _run_jobs(self, jobs: list[Job], stop: tuple[str, ...],
+                  table: jax.Array) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every row of `jobs` decoded to its end; (tokens, logp, raw_logp) per row `out`."""
+        sh = self.shapes
+        d = self._carry()
+        self._slots = None  # donated below; restored when the call ends
+        owner = np.full(sh.slots, -1)
+        pending = collections.deque(jobs)
         results: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         spanning = any(len(s.encode()) > 1 for s in stop)
         while True:
-            step = int(d.step)
+            free = np.flatnonzero(owner < 0)
+            while pending and len(free):
+                d = self._insert(d, pending, free, owner, table)
+                free = np.flatnonzero(owner < 0)
+            live = sh.slots - len(free)
+            if live == 0:
+                break
+            waiting = sum(len(j.rows) for j in pending)
+            refill_at = sh.slots if not waiting else len(free) + min(max(1, sh.slots // REFILL_SHARE), waiting)
+            limit = self.chunk if spanning else sh.new_tokens
+            args = (self.state, d, table, self._put_replicated(np.int32(limit)),
+                    self._put_replicated(np.int32(refill_at)))
+            d, taken = self._compile("decode", self._decode_fn, args, dict(policy=self._policy),
+                                     donate=DONATE_CARRY)(*args)
+            taken = int(taken)
+            self.stats.decode_steps += taken
+            self.stats.decode_row_steps += taken * sh.slots
+            self.stats.logit_rows += taken * sh.slots
             done = np.asarray(d.done)
             if spanning:
-                d, done = self._check_spanning_stops(d, done, stop)
-            if done.all() or step >= new_tokens:
-                self._collect(d, row_ids, results, np.ones_like(done))
-                return results
-            live = np.flatnonzero(~done)
-            target = compact_target(len(live), self._dp())
-            if self.compact and target <= len(done) // 2:
-                d, row_ids = self._compact(d, row_ids, live, target, results, done)
-            args = self._decode_args(d, table, min(step + self.chunk, new_tokens))
-            d = self._compile("decode", self._decode_fn, args, dict(policy=policy), donate=DECODE_DONATE)(*args)
-            taken = int(d.step) - step
-            self.stats.decode_steps += taken
-            self.stats.decode_row_steps += taken * len(row_ids)
-            self.stats.logit_rows += taken * len(row_ids)
+                d, done = self._check_spanning_stops(d, done, owner, stop)
+            finished = np.flatnonzero(done & (owner >= 0))
+            if len(finished):
+                tokens, logp, raw = (np.asarray(a) for a in (d.tokens, d.logp, d.raw_logp))
+                for s in finished:
+                    results[int(owner[s])] = (tokens[s], logp[s], raw[s])
+                owner[finished] = -1
+        self._slots = d
+        return results
 
-    def _compact(self, d: Decoding, row_ids: np.ndarray, live: np.ndarray, target: int,
-                 results: dict, done: np.ndarray) -> tuple[Decoding, np.ndarray]:
-        """Keep only the live rows (padded to `target` with copies marked done)."""
-        self._collect(d, row_ids, results, done)
-        index = np.concatenate([live, np.full(target - len(live), live[0])]).astype(np.int32)
-        valid = np.arange(target) < len(live)
-        args = (d, self._put(index), self._put(valid))
-        d = self._compile("gather", self._gather_fn, args, {})(*args)
-        self.stats.compactions += 1
-        return d, np.where(valid, row_ids[index], -1)
+    def _insert(self, d: Decoding, pending: collections.deque, free: np.ndarray, owner: np.ndarray,
+                table: jax.Array) -> Decoding:
+        """Start waiting rows in free slots: the next jobs' tails, as many as one insert packs,
+        each row of theirs taking a free slot (a job whose rows do not all fit stays first in
+        line with the rest)."""
+        sh = self.shapes
+        room = min(len(free), sh.insert_dests)
+        taken: list[tuple[Job, list[Row]]] = []
+        seqs: list[tuple[int, ...]] = []
+        keys: list[tuple[int, ...]] = []
+        used = 0
+        while pending and used < room and len(seqs) < sh.insert_tails:
+            job = pending[0]
+            _, fits = pack_rows(seqs + [job.tail], keys + [job.prefix], sh.insert_rows, sh.insert_width,
+                                len(seqs) + 1)
+            if fits <= len(seqs):
+                break
+            k = min(len(job.rows), room - used)
+            taken.append((job, job.rows[:k]))
+            seqs.append(job.tail)
+            keys.append(job.prefix)
+            used += k
+            if k == len(job.rows):
+                pending.popleft()
+            else:
+                job.rows = job.rows[k:]
+        packed, count = pack_rows(seqs, keys, sh.insert_rows, sh.insert_width, sh.insert_tails)
+        assert count == len(seqs)
+        store_rows = self._store_rows([p for p in packed.prefix if p is not None])
+        prefix = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
+        n = sh.insert_dests
+        dest = {"slot": np.full(n, sh.slots, np.int32), "source": np.zeros(n, np.int32),
+                "temperature": np.zeros(n, np.float32), "top_k": np.ones(n, np.int32),
+                "top_p": np.ones(n, np.float32), "seed": np.zeros(n, np.uint32),
+                "prompt_key": np.zeros(n, np.uint32), "sample": np.zeros(n, np.uint32)}
+        i = 0
+        for t, (_, rows) in enumerate(taken):
+            for r in rows:
+                s = free[i]
+                owner[s] = r.out
+                dest["slot"][i], dest["source"][i] = s, t
+                dest["temperature"][i], dest["top_p"][i] = r.temperature, r.top_p
+                # greedy rows: a top-1 distribution, so their sampling log-prob is 0
+                dest["top_k"][i] = r.top_k if r.temperature > 0 else 1
+                dest["seed"][i], dest["prompt_key"][i], dest["sample"][i] = r.seed, r.prompt_key, r.sample
+                i += 1
+        pack = {"ids": packed.ids, "pos": packed.pos, "seg": packed.seg, "prefix": prefix,
+                "row": packed.row, "col": packed.col, "length": packed.length}
+        args = (self.state, d, self._store,
+                {k: self._put_replicated(v) for k, v in pack.items()},
+                {k: self._put_replicated(v) for k, v in dest.items()}, table)
+        d = self._compile("insert", self._insert_fn, args, dict(policy=self._policy), donate=DONATE_CARRY)(*args)
+        self.stats.inserts += 1
+        self.stats.prefill_tokens += packed.ids.size
+        self.stats.logit_rows += n
+        return d
 
-    @staticmethod
-    def _collect(d: Decoding, row_ids: np.ndarray, results: dict, which: np.ndarray) -> None:
-        tokens, logp, raw = (np.asarray(a) for a in (d.tokens, d.logp, d.raw_logp))
-        for r in np.flatnonzero(which):
-            if row_ids[r] >= 0 and row_ids[r] not in results:
-                results[int(row_ids[r])] = (tokens[r], logp[r], raw[r])
-
-    def _check_spanning_stops(self, d: Decoding, done: np.ndarray,
+    def _check_spanning_stops(self, d: Decoding, done: np.ndarray, owner: np.ndarray,
                               stop: tuple[str, ...]) -> tuple[Decoding, np.ndarray]:
-        """Mark rows whose text contains a stop string made of several tokens."""
+        """Mark slots whose text contains a stop string made of several tokens."""
         tokens = np.asarray(d.tokens)
-        hit = np.array([not done[r] and any(s in self._decode(tokens[r][tokens[r] >= 0]) for s in stop)
-                        for r in range(len(done))])
+        hit = np.array([owner[s] >= 0 and not done[s]
+                        and any(x in self._decode(tokens[s][tokens[s] >= 0]) for x in stop)
+                        for s in range(len(done))])
         if hit.any():
             done = done | hit
             d = dataclasses.replace(d, done=self._put(done))

@@ -1,15 +1,27 @@
-"""Device code: the forward passes, token choice and the programs the sampler compiles.
+"""Device code: token choice, the decode carry and the four programs the sampler compiles.
 
-The programs (`prefix_program`, `start_program`, `decode_program`, `gather_program`,
-`score_program`) are pure over their arguments; the sampler binds the model's graph
-definition (and its sharding constraint) and compiles them ahead of time per shape
-(`compile_cache`).
+Every program runs the model's own forward pass (`Transformer.__call__`); only masks,
+positions and where keys and values go are built here.
+
+- `prefill_program`: prefixes, `[prefill_rows, prefix_width]`, into rows of the prefix store.
+- `insert_program`: tails packed `[insert_rows, insert_width]` (one stored prefix per row)
+  prefilled against their prefixes, each tail's prefix and tail keys copied into the decode
+  slots that take it (one per sample), the slots' first tokens chosen.
+- `decode_program`: one token per slot per step until a step limit or until enough slots are
+  done to be worth refilling (continuous batching). Every slot writes its new keys at one
+  shared column of its generation region, used as a ring: a slot started k steps ago holds its
+  k tokens in k distinct columns (attention ignores their order), and the write is a plain
+  dynamic update (no scatter, so nothing moves between devices).
+- `score_program`: teacher-forced log-probs of sequences (tail + continuation) packed
+  `[score_rows, score_width]` against their stored prefixes.
+
+All take the model state first; the sampler binds the graph definition (and its mesh
+constraint) and compiles them once for its `packing.Shapes`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -17,129 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gradual_jax.models.transformer import KVCache, Transformer, apply_rope, as_dtype, rope_inv_freq
-
-# --------------------------------------------------------------------------------------------
-# Forward passes
-
-
-def packed_forward(model: Transformer, prefix: KVCache | None, ids: jax.Array, pos: jax.Array,
-                   seg: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-    """Final-normed hidden states `[R, W, D]` of packed sequences, and per layer the keys and
-    values `[R, P + W, K, H]` (the prefix's P slots first).
-
-    Each token attends causally to its own sequence (same `seg`) and to the prefix's real slots.
-    Uses the model's own blocks; only the mask and positions are built here.
-    """
-    cfg = model.config
-    rows, width = ids.shape
-    t = jnp.arange(width)
-    real = seg[:, :, None] >= 0
-    mask = (seg[:, :, None] == seg[:, None, :]) & (t[None, None, :] <= t[None, :, None]) & real
-    shape = (rows, width, cfg.num_kv_heads, cfg.head_dim)
-    dtype = as_dtype(cfg.dtype)
-    p = 0
-    if prefix is not None:
-        p = prefix.mask.shape[1]
-        mask = jnp.concatenate([jnp.broadcast_to(prefix.mask[:, None, :], (rows, width, p)) & real,
-                                mask], axis=-1)
-
-    def slots(layer: int, which: str) -> jax.Array:
-        """The layer's prefix keys or values for every row, then room for the packed tokens."""
-        fresh = jnp.zeros(shape, dtype)
-        if prefix is None:
-            return fresh
-        cached = getattr(prefix, which)[layer]
-        cached = jnp.broadcast_to(cached, (rows, *cached.shape[1:])).astype(dtype)
-        return jnp.concatenate([cached, fresh], axis=1)
-
-    x = model.embed[...][ids].astype(dtype)
-    inv_freq = rope_inv_freq(cfg)
-    end = jnp.asarray(p, jnp.int32)
-    keys, values = [], []
-    for i, layer in enumerate(model.layers):
-        x, (k, v) = layer(x, pos, inv_freq, mask, (slots(i, "keys"), slots(i, "values"), end))
-        keys.append(k)
-        values.append(v)
-    return model.final_norm(x), keys, values
-
-
-def decode_attention(attn: Any, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                     kv_mask: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-                     end: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One new token per row attending to the cache, written as broadcast multiply-reduce.
-
-    The model's general attention (an einsum batched over the cache's `[B, S, K, H]` layout)
-    makes XLA:CPU transpose every layer's whole cache on every step; this form reads the cache
-    in place and measured about twice as fast for a SmolLM2-sized decode step.
-    """
-    q, k, v = attn.q(x), attn.k(x), attn.v(x)
-    if attn.q_norm is not None:
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-    zero = jnp.zeros((), jnp.int32)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, end, zero, zero))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, end, zero, zero))
-    b, _, n, h = q.shape
-    kv_heads = cache_k.shape[2]
-    q = q.reshape(b, 1, kv_heads, n // kv_heads, h).astype(jnp.float32)
-    scores = jnp.sum(q * cache_k[:, :, :, None, :].astype(jnp.float32), axis=-1) / math.sqrt(h)
-    scores = jnp.where(kv_mask[:, :, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,S,K,G]
-    probs = jax.nn.softmax(scores, axis=1)
-    out = jnp.sum(probs[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), axis=1)
-    return attn.o(out.reshape(b, 1, n, h).astype(x.dtype)), cache_k, cache_v
-
-
-def decode_step(model: Transformer, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Logits `[R, V]` for one new token per row, and the cache with it written at `end`.
-
-    Same contract as `model(tokens[:, None], ones, cache=cache)`; tests check they agree.
-    """
-    cfg = model.config
-    x = model.embed[...][tokens[:, None]].astype(as_dtype(cfg.dtype))
-    positions = cache.lengths()[:, None]
-    kv_mask = jax.lax.dynamic_update_slice(cache.mask, jnp.ones((tokens.shape[0], 1), jnp.bool_),
-                                           (0, cache.end))
-    inv_freq = rope_inv_freq(cfg)
-    keys, values = [], []
-    for i, layer in enumerate(model.layers):
-        h, k, v = decode_attention(layer.attn, layer.attn_norm(x), positions, inv_freq, kv_mask,
-                                   cache.keys[i], cache.values[i], cache.end)
-        x = x + h
-        x = x + layer.mlp(layer.mlp_norm(x))
-        keys.append(k)
-        values.append(v)
-    logits = model.hidden_to_logits(model.final_norm(x))[:, 0]
-    return logits, KVCache(keys=keys, values=values, mask=kv_mask, end=cache.end + 1)
-
-
-def unpack_cache(prefix: KVCache | None, keys: list[jax.Array], values: list[jax.Array],
-                 row: jax.Array, col: jax.Array, length: jax.Array, span: int,
-                 new_tokens: int) -> KVCache:
-    """Per-sequence cache `[B, P + span + new_tokens]`: prefix slots, the sequence's own packed
-    slots left aligned in the next `span`, then room for generation. `end` = P + span."""
-    p = 0 if prefix is None else prefix.mask.shape[1]
-    b = row.shape[0]
-    j = jnp.arange(span)
-    valid = j[None, :] < length[:, None]  # [B, span]
-    r = jnp.broadcast_to(row[:, None], (b, span))
-    c = p + jnp.clip(col[:, None] + j[None, :], 0, keys[0].shape[1] - p - 1)
-
-    def rows(packed: jax.Array, cached: jax.Array | None) -> jax.Array:
-        own = jnp.where(valid[..., None, None], packed[r, c], 0)
-        parts = [own, jnp.zeros((b, new_tokens, *packed.shape[2:]), packed.dtype)]
-        if cached is not None:
-            parts.insert(0, jnp.broadcast_to(cached, (b, *cached.shape[1:])).astype(packed.dtype))
-        return jnp.concatenate(parts, axis=1)
-
-    none = [None] * len(keys)
-    mask = [valid, jnp.zeros((b, new_tokens), jnp.bool_)]
-    if prefix is not None:
-        mask.insert(0, jnp.broadcast_to(prefix.mask, (b, p)))
-    return KVCache(keys=[rows(k, pre) for k, pre in zip(keys, none if prefix is None else prefix.keys)],
-                   values=[rows(v, pre) for v, pre in zip(values, none if prefix is None else prefix.values)],
-                   mask=jnp.concatenate(mask, axis=1), end=jnp.asarray(p + span, jnp.int32))
-
+from gradual_jax.models.transformer import KVCache, as_dtype
 
 # --------------------------------------------------------------------------------------------
 # Choosing tokens
@@ -147,12 +37,11 @@ def unpack_cache(prefix: KVCache | None, keys: list[jax.Array], values: list[jax
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """Static sampling shape of a batch: `sampled` (any row samples), `k_cap` (largest top_k of
-    a sampled row, 0: none uses top-k), `top_p` 'off', 'topk' (every sampled row has top_k > 0,
-    so the nucleus is found among the k_cap best) or 'full' (sort the vocabulary)."""
+    """Static sampling shape of the engine: `k_cap` (the largest top-k a row may use) and
+    `top_p` 'off', 'topk' (every sampled row has top_k > 0, so the nucleus is found among the
+    k_cap best) or 'full' (sort the vocabulary). Greedy and sampled rows share one policy."""
 
-    sampled: bool = False
-    k_cap: int = 0
+    k_cap: int = 64
     top_p: str = "off"
 
 
@@ -162,11 +51,9 @@ def truncate(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p:
     top_k = 0 keep every token). Ordered as transformers: temperature, top-k, top-p."""
     x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     neg_inf = jnp.float32(-jnp.inf)
-    best = None
-    if policy.k_cap:
-        best = jax.lax.top_k(x, policy.k_cap)[0]  # [R, k_cap], descending
-        kth = jnp.take_along_axis(best, jnp.clip(top_k - 1, 0, policy.k_cap - 1)[:, None], axis=1)
-        x = jnp.where((top_k[:, None] > 0) & (x < kth), neg_inf, x)
+    best = jax.lax.top_k(x, policy.k_cap)[0]  # [R, k_cap], descending
+    kth = jnp.take_along_axis(best, jnp.clip(top_k - 1, 0, policy.k_cap - 1)[:, None], axis=1)
+    x = jnp.where((top_k[:, None] > 0) & (x < kth), neg_inf, x)
     if policy.top_p == "off":
         return x
     if policy.top_p == "topk":
@@ -182,23 +69,33 @@ def truncate(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Rows:
-    """Per-row sampling settings (temperature 0 = greedy; top_k 0 = all tokens)."""
+    """Per-row sampling settings (temperature 0 = greedy; top_k 0 = all tokens) and each row's
+    random key (`jax.random.key_data`)."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
+    key: jax.Array
 
 
-def choose(logits: jax.Array, rows: Rows, keys: jax.Array, step: jax.Array,
+def row_keys(seed: jax.Array, prompt_key: jax.Array, sample: jax.Array) -> jax.Array:
+    """Key data of rows (prompt key p, sample j): fold_in(fold_in(key(seed), p), j)."""
+    def one(s: jax.Array, p: jax.Array, j: jax.Array) -> jax.Array:
+        return jax.random.key_data(jax.random.fold_in(jax.random.fold_in(jax.random.key(s), p), j))
+
+    return jax.vmap(one)(seed, prompt_key, sample)
+
+
+def choose(logits: jax.Array, rows: Rows, step: jax.Array,
            policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Next token per row, its log-prob under the sampling distribution and under the model."""
+    """Next token per row (its `step`-th), its log-prob under the sampling distribution (0 for
+    greedy rows) and under the model. Row key k draws step t with fold_in(k, t)."""
     raw = jax.nn.log_softmax(logits, axis=-1)
     best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     pick = lambda a, tok: jnp.take_along_axis(a, tok[:, None], axis=1)[:, 0]  # noqa: E731
-    if not policy.sampled:
-        return best, jnp.zeros(best.shape, jnp.float32), pick(raw, best)
     x = truncate(logits, rows.temperature, rows.top_k, rows.top_p, policy)
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    keys = jax.random.wrap_key_data(rows.key)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, step)
     drawn = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
     greedy = rows.temperature <= 0
     token = jnp.where(greedy, best, drawn)
@@ -206,117 +103,194 @@ def choose(logits: jax.Array, rows: Rows, keys: jax.Array, step: jax.Array,
     return token, logp, pick(raw, token)
 
 
+# --------------------------------------------------------------------------------------------
+# Carries
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefixStore:
+    """Keys and values of stored prefixes: per layer `[store_rows, prefix_width, K, H]`, and
+    `mask[r, s]` true where row r's slot s holds a real token."""
+
+    keys: list[jax.Array]
+    values: list[jax.Array]
+    mask: jax.Array
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Decoding:
-    """The decode loop's carry. Every array but `cache.end` and `step` has rows first."""
+    """The decode slots. Every array has the slot first; slot s holds one (prompt, sample)
+    row from its insert until the host collects it once `done`."""
 
     cache: KVCache
     rows: Rows
-    keys: jax.Array        # [R] typed PRNG keys, one per (prompt, sample)
-    token: jax.Array       # [R] last chosen token (fed next)
-    done: jax.Array        # [R] row has stopped (or is padding)
-    step: jax.Array        # () tokens chosen so far
-    tokens: jax.Array      # [R, N] chosen tokens, -1 once the row has stopped
-    logp: jax.Array        # [R, N]
-    raw_logp: jax.Array    # [R, N]
+    token: jax.Array       # [B] last chosen token (fed next)
+    done: jax.Array        # [B] stopped, or empty
+    step: jax.Array        # [B] tokens chosen so far
+    tokens: jax.Array      # [B, N] chosen tokens, -1 past the row's end
+    logp: jax.Array        # [B, N]
+    raw_logp: jax.Array    # [B, N]
 
 
 def record(d: Decoding, token: jax.Array, logp: jax.Array, raw: jax.Array,
-           stop_table: jax.Array) -> Decoding:
-    """The carry after choosing `token` for every row: live rows record it (stopped rows -1 and
-    0.0), rows whose token is in `stop_table` become done, `step` advances."""
-    live = ~d.done
-    col = lambda buf, v: jax.lax.dynamic_update_slice(buf, v[:, None], (0, d.step))  # noqa: E731
+           stop_table: jax.Array, live: jax.Array) -> Decoding:
+    """The carry after choosing `token` for the `live` slots: they record it at their own
+    step, advance, and become done on a token of `stop_table` or at the last step."""
+    n = d.tokens.shape[1]
+    at = (jnp.arange(n)[None, :] == d.step[:, None]) & live[:, None]
+    step = d.step + live.astype(jnp.int32)
     return dataclasses.replace(
-        d, token=token, done=d.done | stop_table[token], step=d.step + 1,
-        tokens=col(d.tokens, jnp.where(live, token, -1)),
-        logp=col(d.logp, jnp.where(live, logp, 0.0)),
-        raw_logp=col(d.raw_logp, jnp.where(live, raw, 0.0)),
+        d, token=jnp.where(live, token, d.token),
+        done=d.done | (live & (stop_table[token] | (step >= n))), step=step,
+        tokens=jnp.where(at, token[:, None], d.tokens),
+        logp=jnp.where(at, logp[:, None], d.logp),
+        raw_logp=jnp.where(at, raw[:, None], d.raw_logp),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, ids: jax.Array,
+                      pos: jax.Array, seg: jax.Array) -> tuple[jax.Array, KVCache]:
+    """Packed rows `ids` `[R, W]` (segments `seg`, 0: padding; `pos` from each segment's start)
+    run after their stored prefixes `prefix_rows` `[R]`. Each token attends to its row's prefix
+    and causally to its own segment. Returns hidden states `[R, W, D]` and the rows' caches
+    `[R, P + W]` (prefix slots, then the packed tokens)."""
+    r, w = ids.shape
+    p = store.mask.shape[1]
+    dtype = as_dtype(model.config.dtype)
+    fresh = lambda a: jnp.concatenate(  # noqa: E731
+        [a[prefix_rows].astype(dtype), jnp.zeros((r, w, *a.shape[2:]), dtype)], axis=1)
+    prefix_mask = store.mask[prefix_rows]
+    cache = KVCache(keys=[fresh(a) for a in store.keys], values=[fresh(a) for a in store.values],
+                    mask=jnp.concatenate([prefix_mask, jnp.zeros((r, w), jnp.bool_)], axis=1),
+                    end=jnp.asarray(p, jnp.int32))
+    positions = prefix_mask.sum(-1).astype(jnp.int32)[:, None] + pos
+    h, cache = model(ids, seg > 0, segment_ids=seg, positions=positions, cache=cache, return_hidden=True)
+    return h, cache
 
 
 # --------------------------------------------------------------------------------------------
 # The programs (pure over the model state)
 
-# The decode program donates its carry (argument 1): the cache is updated in place.
-DECODE_DONATE = (1,)
+# Programs that update a carry donate it (argument 1): the buffers are reused in place.
+DONATE_CARRY = (1,)
 
 
-def prefix_program(graphdef: Any, state: Any, ids: jax.Array, pos: jax.Array,
-                   seg: jax.Array) -> KVCache:
-    """The cache of one packed row: the shared prefix, reused by every row of a batch."""
+def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
+                    ids: jax.Array, length: jax.Array, dest: jax.Array) -> PrefixStore:
+    """Prefixes `ids` `[R, P]` (`length` real tokens each) into store rows `dest` `[R]` (rows
+    out of range are dropped: padding)."""
     model = nnx.merge(graphdef, state)
-    _, keys, values = packed_forward(model, None, ids, pos, seg)
-    return KVCache(keys=keys, values=values, mask=seg >= 0,
-                   end=jnp.asarray(ids.shape[1], jnp.int32))
+    r, p = ids.shape
+    mask = jnp.arange(p)[None, :] < length[:, None]
+    empty = KVCache.init(model.config, r, p)
+    _, cache = model(ids, mask, cache=empty, return_hidden=True)
+    put = lambda buf, new: buf.at[dest].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
+    return constrain(PrefixStore(keys=[put(a, b) for a, b in zip(store.keys, cache.keys)],
+                                 values=[put(a, b) for a, b in zip(store.values, cache.values)],
+                                 mask=put(store.mask, mask)))
 
 
-def start_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any,
-                  prefix: KVCache | None, pack: dict, rows: Rows, keys: jax.Array,
-                  padding: jax.Array, stop_table: jax.Array, *, span: int, fanout: int,
-                  new_tokens: int, policy: Policy) -> Decoding:
-    """Prefill the packed prompts, give each its cache row `fanout` times, choose every
-    row's first token. `constrain` lays out the cache's rows (the sampler's mesh)."""
+def insert_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d: Decoding,
+                   store: PrefixStore, pack: dict, dest: dict, stop_table: jax.Array, *,
+                   policy: Policy) -> Decoding:
+    """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
+    col, length `[T]`) and start slots `dest` (slot `[D]`, out of range: none; source tail
+    `[D]`; temperature, top_k, top_p; key seed, prompt key and sample) on them: each slot gets
+    its tail's prefix and tail keys, its settings and its first token."""
     model = nnx.merge(graphdef, state)
-    h, k, v = packed_forward(model, prefix, pack["ids"], pack["pos"], pack["seg"])
-    row, col, length = pack["row"], pack["col"], pack["length"]
-    cache = unpack_cache(prefix, k, v, row, col, length, span, new_tokens)
-    last = h[row, jnp.clip(col + length - 1, 0, h.shape[1] - 1)]
+    h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
+    p, w = store.mask.shape[1], pack["ids"].shape[1]
+    src = dest["source"]
+    row, col, length = pack["row"][src], pack["col"][src], pack["length"][src]  # per dest
+    j = jnp.arange(w)
+    valid = j[None, :] < length[:, None]  # [D, W]
+    r_idx = jnp.broadcast_to(row[:, None], valid.shape)
+    c_idx = p + jnp.clip(col[:, None] + j[None, :], 0, w - 1)
+    slot = dest["slot"]
+
+    def copy(buf: jax.Array, part: jax.Array) -> jax.Array:
+        own = jnp.where(valid[..., None, None], part[r_idx, c_idx], 0)
+        rows = jnp.concatenate([part[row, :p], own], axis=1).astype(buf.dtype)  # [D, P + W, K, H]
+        return buf.at[slot, :p + w].set(rows, mode="drop")
+
+    new_mask = jnp.concatenate([mini.mask[row, :p], valid,
+                                jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.bool_)], axis=1)
+    cache = KVCache(keys=[copy(a, b) for a, b in zip(d.cache.keys, mini.keys)],
+                    values=[copy(a, b) for a, b in zip(d.cache.values, mini.values)],
+                    mask=d.cache.mask.at[slot].set(new_mask, mode="drop"), end=d.cache.end)
+    last = h[row, jnp.clip(col + length - 1, 0, w - 1)]  # [D, D_model]
     logits = model.hidden_to_logits(last[:, None])[:, 0]
-    if fanout > 1:
-        rep = lambda a: jnp.repeat(a, fanout, axis=0)  # noqa: E731
-        cache = KVCache([rep(a) for a in cache.keys], [rep(a) for a in cache.values],
-                        rep(cache.mask), cache.end)
-        logits = rep(logits)
-    r = logits.shape[0]
-    d = Decoding(
-        cache=constrain(cache), rows=rows, keys=keys,
-        token=jnp.zeros((r,), jnp.int32), done=padding, step=jnp.zeros((), jnp.int32),
-        tokens=jnp.full((r, new_tokens), -1, jnp.int32),
-        logp=jnp.zeros((r, new_tokens), jnp.float32),
-        raw_logp=jnp.zeros((r, new_tokens), jnp.float32),
-    )
-    token, logp, raw = choose(logits, rows, keys, d.step, policy)
-    return record(d, token, logp, raw, stop_table)
+    put = lambda buf, new: buf.at[slot].set(new, mode="drop")  # noqa: E731
+    keys = row_keys(dest["seed"], dest["prompt_key"], dest["sample"])
+    rows = Rows(temperature=put(d.rows.temperature, dest["temperature"]),
+                top_k=put(d.rows.top_k, dest["top_k"]), top_p=put(d.rows.top_p, dest["top_p"]),
+                key=put(d.rows.key, keys))
+    d = dataclasses.replace(
+        d, cache=cache, rows=rows, done=put(d.done, jnp.zeros(slot.shape, bool)),
+        step=put(d.step, jnp.zeros_like(slot)),
+        tokens=put(d.tokens, jnp.full((slot.shape[0], d.tokens.shape[1]), -1, jnp.int32)),
+        logp=put(d.logp, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.float32)),
+        raw_logp=put(d.raw_logp, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.float32)))
+    sub = Rows(dest["temperature"], dest["top_k"], dest["top_p"], keys)
+    token, logp, raw = choose(logits, sub, jnp.zeros(slot.shape, jnp.int32), policy)
+    # Scatter the first tokens into full-width rows, then record them for the started slots.
+    started = jnp.zeros(d.done.shape, bool).at[slot].set(True, mode="drop")
+    full = lambda v: jnp.zeros(d.done.shape, v.dtype).at[slot].set(v, mode="drop")  # noqa: E731
+    return constrain(record(d, full(token), full(logp), full(raw), stop_table, started))
 
 
-def decode_program(graphdef: Any, state: Any, d: Decoding, stop_table: jax.Array,
-                   limit: jax.Array, *, policy: Policy) -> Decoding:
-    """Decode steps until every row is done or `step` reaches `limit`."""
+def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d: Decoding,
+                   stop_table: jax.Array, limit: jax.Array, refill_at: jax.Array, *,
+                   policy: Policy) -> tuple[Decoding, jax.Array]:
+    """Decode steps until `limit` steps are taken, every slot is done, or at least `refill_at`
+    slots are done (the host then refills them). Returns the carry and the steps taken."""
     model = nnx.merge(graphdef, state)
 
-    def body(d: Decoding) -> Decoding:
-        logits, cache = decode_step(model, d.token, d.cache)
-        token, logp, raw = choose(logits, d.rows, d.keys, d.step, policy)
-        return record(dataclasses.replace(d, cache=cache), token, logp, raw, stop_table)
+    n = d.tokens.shape[1]
+    first = d.cache.size - n  # the generation region: a ring of n slots every row writes together
 
-    return jax.lax.while_loop(lambda d: (d.step < limit) & ~jnp.all(d.done), body, d)
+    def body(carry: tuple[jax.Array, Decoding]) -> tuple[jax.Array, Decoding]:
+        i, d = carry
+        live = ~d.done
+        logits, cache = model(d.token[:, None], live[:, None], cache=d.cache)
+        cache = dataclasses.replace(cache, end=first + (cache.end - first) % n)
+        token, logp, raw = choose(logits[:, 0], d.rows, d.step, policy)
+        return i + 1, record(dataclasses.replace(d, cache=cache), token, logp, raw, stop_table, live)
+
+    def cond(carry: tuple[jax.Array, Decoding]) -> jax.Array:
+        i, d = carry
+        done = d.done.sum()
+        return (i < limit) & (done < d.done.shape[0]) & (done < refill_at)
+
+    taken, d = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), d))
+    return constrain(d), taken
 
 
-def gather_program(d: Decoding, index: jax.Array, valid: jax.Array) -> Decoding:
-    """Rows `index` of the carry; rows where `valid` is false become done padding."""
-    d = jax.tree.map(lambda a: a if a.ndim == 0 else a[index], d)
-    return dataclasses.replace(d, done=d.done | ~valid)
-
-
-def score_program(graphdef: Any, state: Any, prefix: KVCache | None, pack: dict,
-                  prompt_len: jax.Array, cont: jax.Array, *, temperature: float,
-                  top_k: int) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs `[B, C]` of `cont` (packed after each prompt): raw, and
-    under softmax(logits / T) kept to the top-k."""
+def score_program(graphdef: Any, state: Any, store: PrefixStore, pack: dict, prompt_len: jax.Array,
+                  cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                  policy: Policy) -> tuple[jax.Array, jax.Array]:
+    """Teacher-forced log-probs `[T, C]` of continuations `cont` `[T, C]`, each packed after its
+    prompt tail (`prompt_len` tokens) as one sequence of `pack`: raw, and under
+    softmax(logits / temperature) kept to the top-k (temperature 0: 0 for the argmax, -inf
+    elsewhere)."""
     model = nnx.merge(graphdef, state)
-    h, _, _ = packed_forward(model, prefix, pack["ids"], pack["pos"], pack["seg"])
+    h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
     c = jnp.arange(cont.shape[1])
     at = pack["col"][:, None] + prompt_len[:, None] - 1 + c[None, :]
-    hidden = h[pack["row"][:, None], jnp.clip(at, 0, h.shape[1] - 1)]  # [B, C, D]
+    hidden = h[pack["row"][:, None], jnp.clip(at, 0, h.shape[1] - 1)]  # [T, C, D]
     logits = model.hidden_to_logits(hidden)
     pick = lambda a: jnp.take_along_axis(a, cont[..., None], axis=-1)[..., 0]  # noqa: E731
     raw = pick(jax.nn.log_softmax(logits, axis=-1))
-    if temperature == 0:
-        return raw, jnp.where(cont == jnp.argmax(logits, axis=-1), 0.0, -jnp.inf)
     b, n, v = logits.shape
     full = lambda value, dt: jnp.full((b * n,), value, dt)  # noqa: E731
-    x = truncate(logits.reshape(b * n, v), full(temperature, jnp.float32),
-                 full(top_k, jnp.int32), full(1.0, jnp.float32), Policy(True, top_k, "off"))
-    return raw, pick(jax.nn.log_softmax(x, axis=-1).reshape(b, n, v))
+    x = truncate(logits.reshape(b * n, v), full(temperature, jnp.float32), full(top_k, jnp.int32),
+                 full(1.0, jnp.float32), Policy(policy.k_cap, "off"))
+    sampled = pick(jax.nn.log_softmax(x, axis=-1).reshape(b, n, v))
+    greedy = jnp.where(cont == jnp.argmax(logits, axis=-1), 0.0, -jnp.inf)
+    return raw, jnp.where(temperature > 0, sampled, greedy)

@@ -1,11 +1,15 @@
-"""Host-side shapes, packing and planning: pure Python and numpy, no jax.
+"""Host-side shapes, prefix splitting and packing: pure Python and numpy, no jax.
 
-- `plan` orders a call's tokenized prompts, groups those sharing a long token prefix and cuts
-  the groups into batches (`Batch`: the shared prefix and each prompt's remaining tokens).
-- `pack` lays a batch's token sequences, without padding between them, into rows of a
-  power-of-two width (first-fit decreasing), with positions and segment ids for the mask.
-- `next_pow2`, `bucket_rows`, `batch_rows` and `compact_target` round sizes to the few buckets
-  the compiled programs are built for, so a dataset compiles a handful of times.
+The engine runs a fixed set of shapes (`Shapes`): a prefix store of `store_rows` prefixes of
+`prefix_width` tokens, tails packed into `insert_rows x insert_width` per insert, `slots` decode
+rows of `cache_len` slots, scoring packed into `score_rows x score_width`. `shapes_for` picks
+them from a call's prompts on fixed ladders, so two calls whose prompts fit the same rungs
+compile nothing new, whatever their number.
+
+- `split_prompts` cuts each tokenized prompt into a prefix (kept in the store, shared by every
+  prompt that begins with it) and a tail (prefilled per prompt).
+- `pack_rows` lays sequences of one prefix each end to end into rows of a fixed width
+  (first fit, rows never mixing prefixes), with positions and segment ids for the mask.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-MIN_BUCKET = 8
 MIN_SHARED_PREFIX = 16
-MIN_COMPACT_ROWS = 8  # below this a decode step costs about the same: not worth a compile
-
-
-# --------------------------------------------------------------------------------------------
-# Sizes
+PREFIX_LADDER_MIN = 64     # prefix widths: powers of two from 64
+INSERT_WIDTH_MIN = 64      # tail widths: powers of two from 64
+SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
+SCORE_SEQS = 32            # scored sequences per call
+SCORE_CONT_MIN = 16        # continuation tokens scored per sequence: powers of two from 16
+INSERT_TAILS = 8           # tails prefilled per insert
+STORE_ROWS_MIN = 8
 
 
 def next_pow2(n: int, minimum: int = 1) -> int:
@@ -33,24 +38,6 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 def round_up(n: int, multiple: int) -> int:
     """The smallest multiple of `multiple` >= n."""
     return -(-n // multiple) * multiple
-
-
-def bucket_rows(n: int, multiple: int = 1) -> int:
-    """Rows padded to 1, 2, 4, then multiples of 4 (and to a multiple of `multiple`)."""
-    rows = next_pow2(n) if n <= 4 else round_up(n, 4)
-    return round_up(rows, multiple)
-
-
-def batch_rows(count: int, per_batch: int, multiple: int = 1) -> int:
-    """Prompts a batch of `count` is padded to: `per_batch` when full, else a power of two; a
-    multiple of `multiple` (the data-parallel size)."""
-    return round_up(min(next_pow2(count), max(count, per_batch)), multiple)
-
-
-def compact_target(live: int, multiple: int = 1) -> int:
-    """Rows a decode batch with `live` unfinished rows is compacted to: a power of two of at
-    least MIN_COMPACT_ROWS, a multiple of `multiple` (the data-parallel size)."""
-    return round_up(next_pow2(live, MIN_COMPACT_ROWS), multiple)
 
 
 def common_prefix(rows: Sequence[Sequence[int]]) -> int:
@@ -65,13 +52,153 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """Every shape the engine's programs take. `slots` decode rows, each `cache_len` =
+    `prefix_width + insert_width + new_tokens` cache slots (prefix, tail, generation);
+    `insert_dests`: most slots one insert fills."""
+
+    slots: int
+    prefix_width: int
+    store_rows: int
+    prefill_rows: int
+    insert_rows: int
+    insert_width: int
+    insert_dests: int
+    insert_tails: int
+    new_tokens: int
+    score_rows: int
+    score_width: int
+    score_seqs: int
+    score_cont: int
+    k_cap: int
+
+    @property
+    def cache_len(self) -> int:
+        return self.prefix_width + self.insert_width + self.new_tokens
+
+    def covers(self, other: "Shapes") -> bool:
+        """Whether work planned for `other` runs in these shapes (every size at least as big,
+        the row counts equal)."""
+        same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "score_rows",
+                "score_seqs")
+        bigger = ("prefix_width", "store_rows", "insert_width", "new_tokens", "score_width",
+                  "score_cont", "k_cap")
+        return (all(getattr(self, f) == getattr(other, f) for f in same)
+                and all(getattr(self, f) >= getattr(other, f) for f in bigger))
+
+    def union(self, other: "Shapes") -> "Shapes":
+        """The smallest shapes covering both (row counts must agree)."""
+        fields = ("prefix_width", "store_rows", "insert_width", "new_tokens", "score_width",
+                  "score_cont", "k_cap")
+        return dataclasses.replace(self, **{f: max(getattr(self, f), getattr(other, f)) for f in fields})
+
+
+def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, new_tokens: int = 1,
+               longest_scored: int = 0, longest_continuation: int = 0, prefixes: int = 1,
+               k_cap: int = 64, multiple: int = 1) -> Shapes:
+    """The engine's shapes for work of these sizes, each rounded up a fixed ladder: `slots` to
+    a multiple of `multiple` (the data-parallel size), the prefix width to a power of two from
+    PREFIX_LADDER_MIN, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
+    of two from SCORE_WIDTH and their continuations from SCORE_CONT_MIN, the store to a power of
+    two of `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power
+    of two from 64. Rows that hold work the devices split (prefills, scoring, slots) are
+    multiples of `multiple`."""
+    slots = round_up(max(slots, 1), multiple)
+    return Shapes(
+        slots=slots,
+        prefix_width=next_pow2(longest_prefix, PREFIX_LADDER_MIN),
+        store_rows=next_pow2(prefixes, STORE_ROWS_MIN),
+        prefill_rows=round_up(2, multiple),
+        insert_rows=1,
+        insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
+        insert_dests=max(1, slots // 2),
+        insert_tails=INSERT_TAILS,
+        new_tokens=max(1, new_tokens),
+        score_rows=round_up(4, multiple),
+        score_width=next_pow2(longest_scored, SCORE_WIDTH),
+        score_seqs=SCORE_SEQS,
+        score_cont=next_pow2(longest_continuation, SCORE_CONT_MIN),
+        k_cap=next_pow2(k_cap, 64),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Prefixes and tails
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """A prompt cut in two: `prefix` (token ids kept in the store) and `tail` (>= 1 token)."""
+
+    prefix: tuple[int, ...]
+    tail: tuple[int, ...]
+
+
+def split_prompts(prompt_ids: Sequence[Sequence[int]],
+                  prefix_ids: Sequence[Sequence[int] | None] | None = None,
+                  share: bool | None = None) -> list[Split]:
+    """Each prompt cut into a stored prefix and a tail of at least one token.
+
+    `prefix_ids[i]`: the tokens of the text the caller declared prompt i's shared prefix (its
+    tokenization on its own); the stored prefix is the part of prompt i's own tokens that agrees
+    with it, less its last token (a BPE tokenizer may merge the last prefix token with the
+    tail's first), so every prompt declaring one text gets the same prefix whatever the other
+    prompts of the call. Without a declared prefix, prompts sharing at least MIN_SHARED_PREFIX
+    leading tokens (any, with share=True) share their common prefix; others (and all, with
+    share=False) keep all but their last token as a prefix of their own.
+    """
+    n = len(prompt_ids)
+    declared = list(prefix_ids) if prefix_ids is not None else [None] * n
+    cut: list[int | None] = [None] * n
+    for i, (ids, pre) in enumerate(zip(prompt_ids, declared)):
+        if pre and share is not False:
+            shared = common_prefix([list(ids), list(pre)[:-1]])
+            if shared >= 1:
+                cut[i] = min(shared, len(ids) - 1)
+    rest = [i for i in range(n) if cut[i] is None]
+    if share is not False:
+        for length, members in _groups([prompt_ids[i] for i in rest], share):
+            for m in members:
+                cut[rest[m]] = length
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        c = cut[i] if cut[i] else len(ids) - 1
+        out.append(Split(tuple(ids[:c]), tuple(ids[c:])))
+    return out
+
+
+def _groups(prompt_ids: Sequence[Sequence[int]], share: bool | None) -> list[tuple[int, list[int]]]:
+    """Prompts sharing a long common prefix: (prefix length, members) in token order; members
+    of a one-prompt group or with a prefix below the minimum get length 0."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: list(prompt_ids[i]))
+    least = 1 if share else MIN_SHARED_PREFIX
+    runs: list[tuple[int, list[int]]] = []
+    for i in order:
+        if runs:
+            n, members = runs[-1]
+            first = prompt_ids[members[0]]
+            shared = min(n, common_prefix([first, prompt_ids[i]]), len(prompt_ids[i]) - 1)
+            if shared >= least:
+                runs[-1] = (shared, members + [i])
+                continue
+        runs.append((len(prompt_ids[i]) - 1, [i]))
+    return [(n if len(m) > 1 and n >= least else 0, m) for n, m in runs]
+
+
+# --------------------------------------------------------------------------------------------
 # Packing
 
 
 @dataclasses.dataclass
-class Pack:
-    """Token sequences packed into `[rows, width]`: sequence b sits in row `row[b]` from column
-    `col[b]`, `length[b]` tokens; `seg` names each slot's sequence (-1: padding)."""
+class Packed:
+    """Sequences packed into `[rows, width]`, one prefix per row: sequence b sits in row
+    `row[b]` from column `col[b]`, `length[b]` tokens; `seg` numbers each row's sequences from 1
+    (0: padding); `pos` counts from the start of each sequence; `prefix[r]` is row r's prefix
+    key (None: an empty row)."""
 
     ids: np.ndarray
     pos: np.ndarray
@@ -79,102 +206,41 @@ class Pack:
     row: np.ndarray
     col: np.ndarray
     length: np.ndarray
-
-    @property
-    def tokens(self) -> int:
-        return self.ids.size
+    prefix: list
 
 
-def first_fit(lengths: Sequence[int], width: int) -> tuple[list[int], list[int], int]:
-    """Row and column of each length packed first-fit decreasing into rows of `width`."""
-    row, col, free = [0] * len(lengths), [0] * len(lengths), []
-    for b in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        r = next((i for i, f in enumerate(free) if f >= lengths[b]), None)
+def pack_rows(seqs: Sequence[Sequence[int]], prefixes: Sequence, rows: int, width: int,
+              limit: int) -> tuple[Packed, int]:
+    """Pack the leading sequences of `seqs` (in order; `prefixes[b]`: sequence b's prefix key)
+    into `rows x width`, first fit, a row holding sequences of one prefix only, at most `limit`
+    of them. Stops at the first sequence that does not fit; returns the packing (`row`, `col`,
+    `length` padded to `limit` with empty sequences) and how many sequences it holds."""
+    free = [width] * rows
+    owner: list = [None] * rows
+    row: list[int] = []
+    col: list[int] = []
+    for s, p in zip(seqs[:limit], prefixes[:limit]):
+        if len(s) > width:
+            raise ValueError(f"a sequence of {len(s)} tokens does not fit rows of {width}")
+        r = next((i for i in range(rows) if owner[i] in (None, p) and free[i] >= len(s)), None)
         if r is None:
-            r = len(free)
-            free.append(width)
-        row[b], col[b] = r, width - free[r]
-        free[r] -= lengths[b]
-    return row, col, len(free)
-
-
-def pack(seqs: Sequence[Sequence[int]], *, offset: int, count: int, row_multiple: int) -> Pack:
-    """Pack `seqs` (positions starting at `offset`) for `count` sequences (extra ones empty).
-
-    The width is a power of two >= the longest sequence; doubling it is tried when that packs
-    into fewer padded tokens.
-    """
-    lengths = [len(s) for s in seqs]
-    base = next_pow2(max(lengths), MIN_BUCKET)
-    plans = []
-    for width in (base, 2 * base, 4 * base):
-        row, col, used = first_fit(lengths, width)
-        rows = bucket_rows(used, row_multiple)
-        plans.append((rows * width, width, rows, row, col))
-    _, width, rows, row, col = min(plans, key=lambda p: (p[0], p[1]))
+            break
+        owner[r] = p
+        row.append(r)
+        col.append(width - free[r])
+        free[r] -= len(s)
+    count = len(row)
     ids = np.zeros((rows, width), np.int32)
     pos = np.zeros((rows, width), np.int32)
-    seg = np.full((rows, width), -1, np.int32)
-    for b, s in enumerate(seqs):
-        ids[row[b], col[b]:col[b] + len(s)] = s
-        pos[row[b], col[b]:col[b] + len(s)] = offset + np.arange(len(s))
-        seg[row[b], col[b]:col[b] + len(s)] = b
-    pad = count - len(seqs)
-    return Pack(ids, pos, seg, np.array(row + [0] * pad, np.int32),
-                np.array(col + [0] * pad, np.int32), np.array(lengths + [0] * pad, np.int32))
-
-
-# --------------------------------------------------------------------------------------------
-# Planning
-
-
-@dataclasses.dataclass
-class Batch:
-    """Prompts decoded together: indices into the call's prompts, the shared token prefix and
-    each prompt's remaining tokens."""
-
-    items: list[int]
-    prefix: tuple[int, ...]
-    suffixes: list[list[int]]
-
-
-def groups(prompt_ids: list[list[int]], share: bool | None) -> list[tuple[int, list[int]]]:
-    """Prompts in token order, grouped as (shared prefix length, members).
-
-    Consecutive prompts sharing at least MIN_SHARED_PREFIX tokens (any, with share=True) form a
-    group with their common prefix (each member keeps a token of its own); prompts that share
-    nothing long enough gather in prefix-less groups.
-    """
-    order = sorted(range(len(prompt_ids)), key=lambda i: prompt_ids[i])
-    least = 1 if share else MIN_SHARED_PREFIX
-    runs: list[tuple[int, list[int]]] = []
-    for i in order:
-        if runs and share is not False:
-            n, members = runs[-1]
-            first = prompt_ids[members[0]]
-            shared = min(n, common_prefix([first, prompt_ids[i]]), len(prompt_ids[i]) - 1)
-            if shared >= least:
-                members.append(i)
-                runs[-1] = (shared, members)
-                continue
-        runs.append((len(prompt_ids[i]) - 1, [i]))
-    out: list[tuple[int, list[int]]] = []
-    for n, members in runs:
-        if len(members) == 1 or n < least:
-            n = 0
-        if out and n == 0 and out[-1][0] == 0:
-            out[-1][1].extend(members)
-        else:
-            out.append((n, list(members)))
-    return out
-
-
-def plan(prompt_ids: list[list[int]], per_batch: int, share: bool | None) -> list[Batch]:
-    """Batches of at most `per_batch` prompts of one group each, with the group's prefix."""
-    batches = []
-    for n, members in groups(prompt_ids, share):
-        prefix = tuple(prompt_ids[members[0]][:n])
-        for start in range(0, len(members), per_batch):
-            items = members[start:start + per_batch]
-            batches.append(Batch(items, prefix, [prompt_ids[i][n:] for i in items]))
-    return batches
+    seg = np.zeros((rows, width), np.int32)
+    in_row = [0] * rows
+    for b in range(count):
+        s, r, c = seqs[b], row[b], col[b]
+        in_row[r] += 1
+        ids[r, c:c + len(s)] = s
+        pos[r, c:c + len(s)] = np.arange(len(s))
+        seg[r, c:c + len(s)] = in_row[r]
+    pad = limit - count
+    lengths = [len(seqs[b]) for b in range(count)]
+    return Packed(ids, pos, seg, np.array(row + [0] * pad, np.int32), np.array(col + [0] * pad, np.int32),
+                  np.array(lengths + [0] * pad, np.int32), owner), count

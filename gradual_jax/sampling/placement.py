@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradual_jax.models.transformer import as_dtype
-from gradual_jax.sharding import INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
+from gradual_jax.sharding import BATCH_AXES, INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
 
 
 class MeshPlacement:
@@ -61,9 +61,45 @@ class MeshPlacement:
     def _put_replicated(self, x: Any) -> jax.Array:
         return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self._replicated())
 
+    def _kv_sharding(self, rows: bool) -> Any:
+        """Keys or values `[rows, slots, kv_heads, head_dim]`: heads over the tensor axis (as
+        the projections that make them), rows over the data axes (`rows`) or replicated."""
+        spec = jax.sharding.PartitionSpec(BATCH_AXES if rows else None, None, "tensor", None)
+        return jax.sharding.NamedSharding(self.mesh, spec)
+
     def _constrain(self, tree: Any) -> Any:
-        """Rows of every array split over the mesh's data axes (no-op without a mesh)."""
+        """Rows of every array split over the mesh's data axes, keys and values (4-d) also over
+        heads (no-op without a mesh)."""
         if self.mesh is None:
             return tree
-        return jax.tree.map(
-            lambda x: jax.lax.with_sharding_constraint(x, self._rows_sharding(x.ndim)), tree)
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, self._kv_sharding(True) if x.ndim == 4 else self._rows_sharding(x.ndim)), tree)
+
+    def _constrain_replicated(self, tree: Any) -> Any:
+        """Every array replicated over the data axes, keys and values (4-d) split over heads
+        (no-op without a mesh)."""
+        if self.mesh is None:
+            return tree
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, self._kv_sharding(False) if x.ndim == 4 else self._replicated()), tree)
+
+    def _zeros(self, shape: tuple[int, ...], dtype: Any, *, rows: bool = True) -> Any:
+        """A zero array laid out as `_put` (`rows`) or `_put_replicated` would lay it out (4-d
+        keys and values also split over heads); for an abstract sampler (`Sampler.abstract`)
+        the ShapeDtypeStruct of one."""
+        sharding = None
+        if self.mesh is not None:
+            if len(shape) == 4:
+                sharding = self._kv_sharding(rows)
+            else:
+                sharding = self._rows_sharding(len(shape)) if rows else self._replicated()
+        if getattr(self, "_abstract", False):
+            return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
+        value = np.zeros(shape, dtype)
+        return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+
+    def _scalar(self, value: int) -> Any:
+        """An int32 scalar, replicated (its ShapeDtypeStruct for an abstract sampler)."""
+        if getattr(self, "_abstract", False):
+            return self._zeros((), np.int32, rows=False)
+        return self._put_replicated(np.int32(value))

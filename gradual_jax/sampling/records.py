@@ -36,7 +36,9 @@ class TokenScores:
 @dataclasses.dataclass
 class SamplerStats:
     """Work done by a `Sampler` since creation (or `reset_stats`). Token counts include padding,
-    so they measure what the hardware computed."""
+    so they measure what the hardware computed. `prefixes`: prefixes prefilled into the store;
+    `inserts`: insert calls (each prefills packed tails and starts slots); `warmup_*`: the
+    compiles `Sampler.warm_up` did ahead of time (also counted in `compiles`)."""
 
     compiles: int = 0
     compile_seconds: float = 0.0
@@ -44,5 +46,7 @@ class SamplerStats:
     decode_row_steps: int = 0
     decode_steps: int = 0
     logit_rows: int = 0
-    compactions: int = 0
+    inserts: int = 0
     prefixes: int = 0
+    warmup_compiles: int = 0
+    warmup_seconds: float = 0.0

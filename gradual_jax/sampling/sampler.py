@@ -1,54 +1,45 @@
-"""The `Sampler`: generation and scoring for one model and tokenizer.
+"""The `Sampler`: generation and scoring for one model and tokenizer, in fixed shapes.
 
-It plans a call's batches on the host (`packing`), runs the compiled programs (`kernels`,
-compiled once per shape through `compile_cache`), decodes to the end (`decoding`) and cuts the
-results into `Generation`s and `TokenScores` (`records`). See the package docstring for how a
-call runs.
+A call splits its prompts into stored prefixes and tails (`packing.split_prompts`), makes sure
+its engine's shapes (`packing.Shapes`) cover them, loads the prefixes it needs into the prefix
+store, and runs its rows through the decode slots (`decoding`) or the scoring program. The
+shapes only grow (up fixed ladders) and are the same for any number of prompts, so a probe
+compiles four programs once (`warm_up` compiles them ahead of time).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import collections
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gradual_jax.models.transformer import KVCache, Transformer
+from gradual_jax.models.transformer import Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
-from gradual_jax.sampling.decoding import DecodeLoop
+from gradual_jax.sampling.decoding import DecodeLoop, Job, Row
 from gradual_jax.sampling.kernels import (
-    Decoding,
+    DONATE_CARRY,
     Policy,
-    Rows,
+    PrefixStore,
     decode_program,
-    gather_program,
-    prefix_program,
+    insert_program,
+    prefill_program,
     score_program,
-    start_program,
 )
 from gradual_jax.sampling.lowering import Lowering
 from gradual_jax.sampling.methods import Greedy, Method, Sample, check_prompts, check_sampling, fanout
-from gradual_jax.sampling.packing import MIN_BUCKET, Batch, Pack, batch_rows, next_pow2, pack, plan
+from gradual_jax.sampling.packing import Shapes, Split, pack_rows, shapes_for, split_prompts
 from gradual_jax.sampling.placement import MeshPlacement
 from gradual_jax.sampling.records import Generation, SamplerStats, TokenScores
 
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_CHUNK = 2
-
-
-@dataclasses.dataclass
-class _StartCall:
-    """One batch's start program call: arguments, statics, which decode rows are padding, and
-    the packed prefill tokens."""
-
-    args: tuple
-    static: dict
-    padding: np.ndarray
-    tokens: int
+DEFAULT_CHUNK = 4
+TOP_P_MODES = ("off", "topk", "full")
+log = logging.getLogger("gradual_jax")
 
 
 class Sampler(Lowering, DecodeLoop, MeshPlacement):
@@ -56,18 +47,22 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
     shape. Call `refresh(model)` after the model's weights change."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, mesh: Any = None,
-                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None,
-                 compact: bool = True):
-        """`chunk`: decode steps between host checks (stop strings across tokens, compaction).
-        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS).
-        `compact`: drop finished rows from the decode batch (off only to measure its effect)."""
+                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None):
+        """`chunk`: decode steps between host checks when a stop string spans tokens.
+        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
         self.graphdef, state = nnx.split(model)
         self._graph_id = compile_cache.intern(self.graphdef)
         self.config = model.config
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.chunk = chunk
-        self.compact = compact
+        self.shapes: Shapes | None = None
+        self._policy = Policy()
+        self._store: PrefixStore | None = None
+        self._store_index: collections.OrderedDict[tuple[int, ...], int] = collections.OrderedDict()
+        self._slots = None
+        self._abstract = False
+        self._prefix_ids: dict[str, list[int]] = {}
         self.set_state(self._place(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
@@ -87,13 +82,15 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         return jax.tree.structure(state) == self._state_treedef
 
     def set_state(self, state: Any) -> None:
-        """Use this NNX state (already placed where the sampler runs) as the weights."""
+        """Use this NNX state (already placed where the sampler runs) as the weights. Stored
+        prefixes were computed with the old weights: they are dropped."""
         # Compiled functions take the state as its flat leaves: flattening NNX Variables on
         # every call was a tenth of the probe's host time.
         self.state = state
         self._state_leaves, self._state_treedef = jax.tree.flatten(state)
         self._state_key = compile_cache.intern(
             (self._state_treedef, tuple(compile_cache.spec(x) for x in self._state_leaves)))
+        self._store_index.clear()
 
     def reset_stats(self) -> None:
         """Zero `stats`."""
@@ -118,6 +115,13 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
+    def _declared(self, prefix: str) -> list[int] | None:
+        if not prefix:
+            return None
+        if prefix not in self._prefix_ids:
+            self._prefix_ids[prefix] = self.encode(prefix)
+        return self._prefix_ids[prefix]
+
     def stop_table(self, stop: Sequence[str]) -> np.ndarray:
         """`[V]` bool: EOS and every token whose text contains one of `stop`."""
         key = tuple(stop)
@@ -133,6 +137,98 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                         table[i] = True
             self._stop_tables[key] = table
         return self._stop_tables[key]
+
+    # ---- shapes
+
+    def prepare(self, *, batch_size: int = DEFAULT_BATCH_SIZE, longest_prefix: int = 1,
+                longest_tail: int = 1, new_tokens: int = 1, longest_scored: int = 0,
+                longest_continuation: int = 0, prefixes: int = 1, k_cap: int = 64,
+                top_p: str = "off") -> Shapes:
+        """Grow the engine's shapes to cover work of these sizes (token counts of prompts as the
+        sampler splits them; `prefixes`: distinct prefixes worth keeping stored at once) and
+        return them. The first call fixes the slot count (`batch_size` rows decoded together)."""
+        slots = self.shapes.slots if self.shapes is not None else batch_size
+        need = shapes_for(slots=slots, longest_prefix=longest_prefix, longest_tail=longest_tail,
+                          new_tokens=new_tokens, longest_scored=longest_scored,
+                          longest_continuation=longest_continuation, prefixes=prefixes,
+                          k_cap=k_cap, multiple=self._dp())
+        if self.shapes is None or not self.shapes.covers(need):
+            grown = need if self.shapes is None else self.shapes.union(need)
+            if self.shapes is not None:
+                log.info("sampler shapes grow: %s -> %s (new compiles)", self.shapes, grown)
+            self.shapes = grown
+            self._store, self._slots = None, None
+            self._store_index.clear()
+        mode = max(self._policy.top_p, top_p, key=TOP_P_MODES.index)
+        self._policy = Policy(self.shapes.k_cap, mode)
+        return self.shapes
+
+    def prepare_for(self, prompts: Sequence[str], *, prefix: str | Sequence[str] = "",
+                    max_new_tokens: int = 1, continuations: Sequence[str] = (),
+                    batch_size: int = DEFAULT_BATCH_SIZE, prefixes: int = 1,
+                    k_cap: int = 64) -> Shapes:
+        """`prepare` for every prompt (with its declared `prefix`, as `generate_batch` and
+        `score` take them) continued by up to `max_new_tokens` and by each of `continuations`."""
+        prompts = check_prompts(prompts)
+        splits = self._split(prompts, prefix, None)
+        conts = [self._encode_plain(c) for c in continuations]
+        longest_cont = max((len(c) for c in conts), default=0)
+        return self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
+                            longest_tail=max(len(s.tail) for s in splits), new_tokens=max_new_tokens,
+                            longest_scored=max(len(s.tail) for s in splits) + longest_cont,
+                            longest_continuation=longest_cont, prefixes=prefixes, k_cap=k_cap)
+
+    def warm_up(self) -> tuple[int, float]:
+        """Compile every program of the current shapes ahead of time; returns the compiles
+        this made and their seconds (also added to `stats`)."""
+        if self.shapes is None:
+            raise ValueError("warm_up needs shapes: call prepare first")
+        before, seconds = self.stats.compiles, self.stats.compile_seconds
+        table = self._put_replicated(self.stop_table(()))
+        for name, (fn, args, static, donate) in self._program_args(table).items():
+            self._compile(name, fn, args, static, donate)
+        made, spent = self.stats.compiles - before, self.stats.compile_seconds - seconds
+        self.stats.warmup_compiles += made
+        self.stats.warmup_seconds += spent
+        return made, spent
+
+    def _program_args(self, table: Any) -> dict[str, tuple[Callable, tuple, dict, tuple]]:
+        """Every program with arguments of the current shapes (empty work)."""
+        sh, z = self.shapes, self._zeros
+        store, carry = self._store_or_new(), self._carry()
+        prefill = (self.state, store, z((sh.prefill_rows, sh.prefix_width), np.int32),
+                   z((sh.prefill_rows,), np.int32), z((sh.prefill_rows,), np.int32))
+        insert = (self.state, carry, store, *self._empty_insert(), table)
+        scalar = z((), np.int32, rows=False)
+        decode = (self.state, carry, table, scalar, scalar)
+        score = (self.state, store, *self._empty_score())
+        policy = dict(policy=self._policy)
+        return {"prefill": (self._prefill_fn, prefill, {}, (1,)),
+                "insert": (self._insert_fn, insert, policy, DONATE_CARRY),
+                "decode": (self._decode_fn, decode, policy, DONATE_CARRY),
+                "score": (self._score_fn, score, policy, ())}
+
+    def _empty_insert(self) -> tuple[dict, dict]:
+        sh = self.shapes
+        r, w, t, n = sh.insert_rows, sh.insert_width, sh.insert_tails, sh.insert_dests
+        z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
+        pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
+                "prefix": z((r,), np.int32), "row": z((t,), np.int32), "col": z((t,), np.int32),
+                "length": z((t,), np.int32)}
+        dest = {"slot": z((n,), np.int32), "source": z((n,), np.int32),
+                "temperature": z((n,), np.float32), "top_k": z((n,), np.int32), "top_p": z((n,), np.float32),
+                "seed": z((n,), np.uint32), "prompt_key": z((n,), np.uint32), "sample": z((n,), np.uint32)}
+        return pack, dest
+
+    def _empty_score(self) -> tuple:
+        sh = self.shapes
+        r, w, t, c = sh.score_rows, sh.score_width, sh.score_seqs, sh.score_cont
+        z = self._zeros
+        rep = lambda shape, dt: z(shape, dt, rows=False)  # noqa: E731
+        pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
+                "prefix": z((r,), np.int32), "row": rep((t,), np.int32), "col": rep((t,), np.int32),
+                "length": rep((t,), np.int32)}
+        return pack, rep((t,), np.int32), rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
 
     # ---- compilation
 
@@ -163,76 +259,112 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- device programs, bound to this model's graph (see `kernels`)
 
-    def _prefix_fn(self, state: Any, *args: Any) -> KVCache:
-        return prefix_program(self.graphdef, state, *args)
+    def _prefill_fn(self, state: Any, *args: Any) -> PrefixStore:
+        return prefill_program(self.graphdef, self._constrain_replicated, state, *args)
 
-    def _start_fn(self, state: Any, *args: Any, **static: Any) -> Decoding:
-        return start_program(self.graphdef, self._constrain, state, *args, **static)
+    def _insert_fn(self, state: Any, *args: Any, **static: Any) -> Any:
+        return insert_program(self.graphdef, self._constrain, state, *args, **static)
 
-    def _decode_fn(self, state: Any, *args: Any, **static: Any) -> Decoding:
-        return decode_program(self.graphdef, state, *args, **static)
-
-    _gather_fn = staticmethod(gather_program)
+    def _decode_fn(self, state: Any, *args: Any, **static: Any) -> Any:
+        return decode_program(self.graphdef, self._constrain, state, *args, **static)
 
     def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
         return score_program(self.graphdef, state, *args, **static)
 
+    # ---- the prefix store
+
+    def _store_or_new(self) -> PrefixStore:
+        if self._store is None:
+            sh, cfg = self.shapes, self.config
+            dtype = np.dtype(as_dtype(cfg.dtype))
+            kv = (sh.store_rows, sh.prefix_width, cfg.num_kv_heads, cfg.head_dim)
+            z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
+            self._store = PrefixStore(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                                      values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                                      mask=z(kv[:2], bool))
+            self._store_index.clear()
+        return self._store
+
+    def _store_rows(self, prefixes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
+        """Store rows holding `prefixes`, prefilling the missing ones (least recently used rows
+        not among `prefixes` make room)."""
+        sh = self.shapes
+        store = self._store_or_new()
+        index = self._store_index
+        missing = list(dict.fromkeys(p for p in prefixes if p not in index))
+        keep = set(prefixes)
+        for start in range(0, len(missing), sh.prefill_rows):
+            part = missing[start:start + sh.prefill_rows]
+            rows = []
+            for p in part:
+                used = set(index.values())
+                row = next((r for r in range(sh.store_rows) if r not in used), None)
+                if row is None:
+                    victim = next(k for k in index if k not in keep)
+                    row = index.pop(victim)
+                index[p] = row
+                rows.append(row)
+            ids = np.zeros((sh.prefill_rows, sh.prefix_width), np.int32)
+            length = np.zeros(sh.prefill_rows, np.int32)
+            dest = np.full(sh.prefill_rows, sh.store_rows, np.int32)
+            for i, (p, row) in enumerate(zip(part, rows)):
+                ids[i, :len(p)] = p
+                length[i], dest[i] = len(p), row
+            args = (self.state, store, self._put(ids), self._put(length), self._put(dest))
+            store = self._compile("prefill", self._prefill_fn, args, {}, (1,))(*args)
+            self.stats.prefixes += len(part)
+            self.stats.prefill_tokens += ids.size
+        self._store = store
+        for p in prefixes:
+            index.move_to_end(p)
+        return {p: index[p] for p in prefixes}
+
     # ---- host orchestration: shared pieces
 
-    def _validate_lengths(self, prompt_ids: list[list[int]], extra: Sequence[int]) -> None:
+    def _split(self, prompts: list[str], prefix: str | Sequence[str],
+               share: bool | None) -> list[Split]:
+        pres = [prefix] * len(prompts) if isinstance(prefix, str) else list(prefix)
+        if len(pres) != len(prompts):
+            raise ValueError(f"prefix has {len(pres)} entries for {len(prompts)} prompts")
+        ids = [self.encode(pre + p) for pre, p in zip(pres, prompts)]
+        return split_prompts(ids, [self._declared(pre) for pre in pres], share)
+
+    def _validate_lengths(self, splits: list[Split], extra: Sequence[int]) -> None:
         limit = self.config.max_position_embeddings
-        for i, (ids, more) in enumerate(zip(prompt_ids, extra)):
-            if not ids:
+        for i, (s, more) in enumerate(zip(splits, extra)):
+            n = len(s.prefix) + len(s.tail)
+            if not s.tail:
                 raise ValueError(f"prompt {i} is empty after tokenization: nothing to continue")
-            if len(ids) + more > limit:
+            if n + more > limit:
                 raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; with {more} more it exceeds the model's "
+                    f"prompt {i} has {n} tokens; with {more} more it exceeds the model's "
                     f"context of {limit} tokens (max_position_embeddings)")
 
-    def _prefix_cache(self, prefix: tuple[int, ...], memo: dict) -> KVCache | None:
-        """The prefix's cache, computed once while consecutive batches share it."""
-        if not prefix:
-            return None
-        if prefix not in memo:
-            packed, args = self._prefix_args(prefix)
-            memo.clear()
-            memo[prefix] = self._compile("prefix", self._prefix_fn, args, {})(*args)
-            self.stats.prefill_tokens += packed.tokens
-            self.stats.prefixes += 1
-        return memo[prefix]
-
-    def _prefix_args(self, prefix: Sequence[int]) -> tuple[Pack, tuple]:
-        """The prefix program's arguments: the prefix packed into one replicated row."""
-        packed = pack([list(prefix)], offset=0, count=1, row_multiple=1)
-        return packed, (self.state, *(self._put_replicated(a) for a in (packed.ids, packed.pos, packed.seg)))
-
-    def _pack_args(self, seqs: list[list[int]], offset: int, count: int) -> tuple[Pack, dict]:
-        packed = pack(seqs, offset=offset, count=count, row_multiple=self._dp())
-        arrays = {"ids": packed.ids, "pos": packed.pos, "seg": packed.seg, "row": packed.row,
-                  "col": packed.col, "length": packed.length}
-        return packed, {k: self._put(v) for k, v in arrays.items()}
-
-    def _batch_rows(self, count: int, per_batch: int) -> int:
-        """Prompts a batch is padded to (see `packing.batch_rows`)."""
-        return batch_rows(count, per_batch, self._dp())
+    @staticmethod
+    def _top_p_mode(settings: list[Sample]) -> str:
+        sampled = [s for s in settings if s.temperature > 0]
+        if not sampled or all(s.top_p >= 1 for s in sampled):
+            return "off"
+        return "topk" if all(s.top_k > 0 for s in sampled) else "full"
 
     # ---- generation
 
     def generate_batch(self, prompts: Sequence[str], *, max_new_tokens: int,
                        methods: Method | Sequence[Method] = Greedy(), n: int = 1,
                        stop: Sequence[str] = (), seed: int = 0,
-                       batch_size: int = DEFAULT_BATCH_SIZE, prefix: str = "",
+                       batch_size: int = DEFAULT_BATCH_SIZE, prefix: str | Sequence[str] = "",
                        share_prefix: bool | None = None,
                        prompt_keys: Sequence[int] | None = None) -> list[list[Generation]]:
         """For each prompt, one `Generation` per sample, in order.
 
         `methods`: one method used for `n` samples, or a list of methods, one sample each (e.g.
-        `[Greedy()] + [Sample(0.5, 40)] * 16`). `prefix` is prepended to every prompt (the
-        few-shot part common to all; see the package docstring for how sharing tokenizes).
-        `share_prefix`: None shares a common token prefix of >= MIN_SHARED_PREFIX tokens, True
-        any, False none. `prompt_keys`: integers seeding each prompt's samples (default: its
-        index), so a subset of prompts can be re-run on the same random stream.
-        `batch_size`: most rows (prompts x samples) decoded together. Bad arguments raise
+        `[Greedy()] + [Sample(0.5, 40)] * 16`). `prefix` is prepended to every prompt (or one
+        per prompt): the few-shot part the prompts share, kept in the prefix store (see the
+        package docstring for how it is tokenized). `share_prefix` (no declared prefix): None
+        shares a common token prefix of >= MIN_SHARED_PREFIX tokens, True any, False none.
+        `prompt_keys`: integers seeding each prompt's samples (default: its index), so a subset
+        of prompts can be re-run on the same random stream. `batch_size`: decode slots (rows
+        decoded together), fixed by the sampler's first call or `prepare`. Bad arguments raise
         ValueError before anything is compiled.
         """
         prompts = check_prompts(prompts)
@@ -246,90 +378,39 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
-        prompt_ids = [self.encode(prefix + p) for p in prompts]
-        self._validate_lengths(prompt_ids, [max_new_tokens] * len(prompts))
+        splits = self._split(prompts, prefix, share_prefix)
+        self._validate_lengths(splits, [max_new_tokens] * len(prompts))
         keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
-        table = self._put_replicated(self.stop_table(stop))
-        out: list[list[Generation]] = [[] for _ in prompts]
-        memo: dict = {}
-        per_batch = max(1, batch_size // len(fan))
-        for batch in plan(prompt_ids, per_batch, share_prefix):
-            gens = self._run_batch(batch, prompt_ids, keys, fan, max_new_tokens, stop, table, seed,
-                                   memo, per_batch)
-            for i, g in zip(batch.items, gens):
-                out[i] = g
-        return out
-
-    def _rows(self, fan: list[Method], prompts: int) -> tuple[Rows, Policy]:
-        """Per-row settings for `prompts` x `fan` rows, and the batch's static policy."""
         settings = [m if isinstance(m, Sample) else Sample(0.0) for m in fan]
-        sampled = [s for s in settings if s.temperature > 0]
-        k_cap = max((s.top_k for s in sampled), default=0)
-        if not sampled or all(s.top_p >= 1 for s in sampled):
-            top_p = "off"
-        elif all(s.top_k > 0 for s in sampled):
-            top_p = "topk"
-        else:
-            top_p = "full"
-        tile = lambda v, dt: self._put(np.tile(np.asarray(v, dt), prompts))  # noqa: E731
-        rows = Rows(temperature=tile([s.temperature for s in settings], np.float32),
-                    # greedy rows: a top-1 distribution, so their sampling log-prob is 0
-                    top_k=tile([s.top_k if s.temperature > 0 else 1 for s in settings], np.int32),
-                    top_p=tile([s.top_p for s in settings], np.float32))
-        return rows, Policy(bool(sampled), k_cap, top_p)
-
-    def _row_keys(self, seed: int, prompt_keys: list[int], fan: int) -> jax.Array:
-        base = jax.random.key(seed)
-        p = jnp.repeat(jnp.asarray(prompt_keys, jnp.uint32), fan)
-        j = jnp.tile(jnp.arange(fan, dtype=jnp.uint32), len(prompt_keys))
-        per_prompt = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, p)
-        keys = jax.vmap(jax.random.fold_in)(per_prompt, j)
-        return keys if self.mesh is None else jax.device_put(keys, self._rows_sharding(1))
-
-    def _run_batch(self, batch: Batch, prompt_ids: list[list[int]], prompt_keys: list[int],
-                   fan: list[Method], new_tokens: int, stop: tuple[str, ...], table: jax.Array,
-                   seed: int, memo: dict, per_batch: int) -> list[list[Generation]]:
+        k_cap = max((s.top_k for s in settings if s.temperature > 0), default=0)
+        self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
+                     longest_tail=max(len(s.tail) for s in splits), new_tokens=max_new_tokens,
+                     k_cap=k_cap, top_p=self._top_p_mode(settings))
+        table = self._put_replicated(self.stop_table(stop))
         m = len(fan)
-        prefix = self._prefix_cache(batch.prefix, memo)
-        start = self._start_args(batch, prefix, prompt_keys, fan, new_tokens, table, seed, per_batch)
-        d = self._compile("start", self._start_fn, start.args, start.static)(*start.args)
-        self.stats.prefill_tokens += start.tokens
-        self.stats.logit_rows += len(start.padding) // m
-        results = self._decode_loop(d, np.where(start.padding, -1, np.arange(len(start.padding))),
-                                    new_tokens, stop, table, start.static["policy"])
+        order = sorted(range(len(prompts)), key=lambda i: (splits[i].prefix, splits[i].tail))
+        jobs = [Job(splits[i].prefix, splits[i].tail,
+                    [Row(i * m + j, s.temperature, s.top_k, s.top_p, seed, keys[i], j)
+                     for j, s in enumerate(settings)]) for i in order]
+        results = self._run_jobs(jobs, stop, table)
         out = []
-        for p, item in enumerate(batch.items):
-            prompt = prompt_ids[item]
+        for i, s in enumerate(splits):
+            prompt = list(s.prefix + s.tail)
             head = self._decode(prompt)
-            out.append([self._finish(head, prompt, *results[p * m + j], stop) for j in range(m)])
+            out.append([self._finish(head, prompt, *results[i * m + j], stop) for j in range(m)])
         return out
-
-    def _start_args(self, batch: Batch, prefix: KVCache | None, prompt_keys: list[int],
-                    fan: list[Method], new_tokens: int, table: jax.Array, seed: int,
-                    per_batch: int) -> _StartCall:
-        """The start program's arguments and statics for one batch (padded to `_batch_rows`
-        prompts, each repeated once per method)."""
-        count, m = len(batch.items), len(fan)
-        b = self._batch_rows(count, per_batch)
-        packed, arrays = self._pack_args(batch.suffixes, len(batch.prefix), b)
-        rows, policy = self._rows(fan, b)
-        keys = [prompt_keys[i] for i in batch.items] + [0] * (b - count)
-        padding = np.repeat(np.arange(b) >= count, m)
-        args = (self.state, prefix, arrays, rows, self._row_keys(seed, keys, m), self._put(padding), table)
-        span = next_pow2(max(len(s) for s in batch.suffixes), MIN_BUCKET)
-        static = dict(span=span, fanout=m, new_tokens=new_tokens, policy=policy)
-        return _StartCall(args, static, padding, packed.tokens)
 
     # ---- scoring
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
-              temperature: float = 1.0, top_k: int = 0,
-              batch_size: int = DEFAULT_BATCH_SIZE) -> list[TokenScores]:
+              temperature: float = 1.0, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+              prefix: str | Sequence[str] = "") -> list[TokenScores]:
         """Teacher-forced log-probs of each continuation after its prompt (see `TokenScores`).
 
         A string continuation is tokenized on its own without special tokens (as the sampler
         appends generated tokens to a prompt); pass `Generation.token_ids` to score exactly
         what was generated. Temperature 0 scores 0 for the argmax token and -inf elsewhere.
+        `prefix`: as in `generate_batch`.
         """
         prompts = check_prompts(prompts)
         if isinstance(continuations, str) or len(continuations) != len(prompts):
@@ -337,36 +418,45 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         check_sampling(temperature, top_k, 1.0)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        prompt_ids = [self.encode(p) for p in prompts]
+        splits = self._split(prompts, prefix, None)
         conts = [self._encode_plain(c) if isinstance(c, str) else [int(t) for t in c]
                  for c in continuations]
-        self._validate_lengths(prompt_ids, [len(c) for c in conts])
+        self._validate_lengths(splits, [len(c) for c in conts])
         out: list[TokenScores] = [TokenScores((), (), ())] * len(prompts)
-        memo: dict = {}
-        for batch in plan(prompt_ids, batch_size, None):
-            scored = self._score_batch(batch, conts, temperature, top_k, memo, batch_size)
-            for i, s in zip(batch.items, scored):
-                out[i] = s
+        todo = [i for i in range(len(prompts)) if conts[i]]
+        if not todo:
+            return out
+        sh = self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
+                          longest_tail=1, new_tokens=1,
+                          longest_scored=max(len(splits[i].tail) + len(conts[i]) for i in todo),
+                          longest_continuation=max(len(conts[i]) for i in todo), k_cap=top_k)
+        todo.sort(key=lambda i: splits[i].prefix)
+        seqs = [splits[i].tail + tuple(conts[i]) for i in todo]
+        keys = [splits[i].prefix for i in todo]
+        start = 0
+        while start < len(todo):
+            packed, count = pack_rows(seqs[start:], keys[start:], sh.score_rows, sh.score_width, sh.score_seqs)
+            items = todo[start:start + count]
+            store_rows = self._store_rows([p for p in packed.prefix if p is not None])
+            prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
+            cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
+            prompt_len = np.ones(sh.score_seqs, np.int32)
+            for b, i in enumerate(items):
+                cont[b, :len(conts[i])] = conts[i]
+                prompt_len[b] = len(splits[i].tail)
+            pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
+                    "prefix": self._put(prefix_rows), "row": self._put_replicated(packed.row),
+                    "col": self._put_replicated(packed.col), "length": self._put_replicated(packed.length)}
+            args = (self.state, self._store, pack, self._put_replicated(prompt_len),
+                    self._put_replicated(cont), self._put_replicated(np.float32(temperature)),
+                    self._put_replicated(np.int32(top_k)))
+            raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
+            self.stats.prefill_tokens += packed.ids.size
+            self.stats.logit_rows += cont.size
+            raw, lp = np.asarray(raw), np.asarray(lp)
+            for b, i in enumerate(items):
+                c = conts[i]
+                out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
+                                     tuple(float(x) for x in lp[b, :len(c)]))
+            start += count
         return out
-
-    def _score_batch(self, batch: Batch, conts: list[list[int]], temperature: float, top_k: int,
-                     memo: dict, batch_size: int) -> list[TokenScores]:
-        count = len(batch.items)
-        b = self._batch_rows(count, batch_size)
-        prefix = self._prefix_cache(batch.prefix, memo)
-        rows = [conts[i] for i in batch.items]
-        seqs = [s + c for s, c in zip(batch.suffixes, rows)]
-        packed, arrays = self._pack_args(seqs, len(batch.prefix), b)
-        self.stats.prefill_tokens += packed.tokens
-        width = next_pow2(max(1, max(len(c) for c in rows)), MIN_BUCKET)
-        cont = np.zeros((b, width), np.int32)
-        for i, c in enumerate(rows):
-            cont[i, :len(c)] = c
-        prompt_len = np.array([len(s) for s in batch.suffixes] + [1] * (b - count), np.int32)
-        args = (self.state, prefix, arrays, self._put(prompt_len), self._put(cont))
-        static = dict(temperature=float(temperature), top_k=int(top_k))
-        raw, lp = self._compile("score", self._score_fn, args, static)(*args)
-        self.stats.logit_rows += b * width
-        raw, lp = np.asarray(raw), np.asarray(lp)
-        return [TokenScores(tuple(c), tuple(float(x) for x in raw[i, :len(c)]),
-                            tuple(float(x) for x in lp[i, :len(c)])) for i, c in enumerate(rows)]

@@ -39,13 +39,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from gradual_jax.checkpoint import CheckpointManager, abstract_like, model_description, model_fingerprint
 from gradual_jax.distributed import device_copy, host_copy
 from gradual_jax.training.config import model_runtime
-from gradual_jax.models.transformer import Transformer, apply_blocks, as_dtype, rope_inv_freq
+from gradual_jax.models.transformer import Transformer
 from gradual_jax.training import data as data_lib
 from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.sharding import (
-    bytes_per_device, check_batch_divisible, constrain_batch, global_batch, make_mesh, process_rows,
+    bytes_per_device, check_batch_divisible, global_batch, make_mesh, process_rows,
     shard_state, state_shardings)
 
 log = logging.getLogger(__name__)
@@ -112,23 +112,10 @@ def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
 def packed_forward(model: Transformer, input_ids: jax.Array, segment_ids: jax.Array, positions: jax.Array,
                    dropout_key: jax.Array | None = None, *, return_hidden: bool = False) -> jax.Array:
     """Logits ``[B, T, V]`` (final-normed hidden states ``[B, T, D]`` with ``return_hidden``) for
-    rows holding several sequences end to end.
-
-    Token t attends to token s only when both are in the same non-zero segment and s <= t;
-    ``positions`` restart at 0 for every segment. Each segment's logits equal the model's
-    logits for that sequence alone.
-    """
-    cfg = model.config
-    t = input_ids.shape[1]
-    x = constrain_batch(model.embed[...][input_ids].astype(as_dtype(cfg.dtype)))
-    inv_freq = rope_inv_freq(cfg)
-    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    mask = causal[None] & same & (segment_ids[:, None, :] > 0)
-    x = apply_blocks(model.layers, x, positions, inv_freq, mask, dropout_key,
-                     remat=cfg.remat, scan=cfg.scan_layers)
-    h = model.final_norm(x)
-    return h if return_hidden else model.hidden_to_logits(h)
+    rows holding several sequences end to end: the model's own forward pass with
+    ``segment_ids`` (0: padding) and ``positions`` restarting at 0 for every segment."""
+    return model(input_ids, segment_ids=segment_ids, positions=positions, dropout_key=dropout_key,
+                 return_hidden=return_hidden)
 
 
 def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: bool,

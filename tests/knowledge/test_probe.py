@@ -137,14 +137,14 @@ def test_answer_probability_matches_sampled_frequency(setup):
     best = None
     for ex in examples:
         prefix, suffix = split_prompt(prompts[ex.relation][0], ex.question)
-        q = engine.answer_probability(prefix, [suffix], [[f" {ex.answers[0]}\n"]], temperature=0.5, top_k=40)[0][0]
+        q = engine.answer_probability([(prefix, suffix)], [[f" {ex.answers[0]}\n"]], temperature=0.5, top_k=40)[0][0]
         if 0.05 < q < 0.95:
             best = (prefix, suffix, ex, q)
             break
     if best is None:
         pytest.skip("no question with a moderate answer probability in this world")
     prefix, suffix, ex, q = best
-    samples = engine.sample(prefix, [suffix], n, [row_seed(0, ex.id, 0)], temperature=0.5,
+    samples = engine.sample([(prefix, suffix)], n, [row_seed(0, ex.id, 0)], temperature=0.5,
                             top_k=40, max_new_tokens=8)[0]
     hits = sum(s == f" {ex.answers[0]}" for s in samples)
     sd = math.sqrt(q * (1 - q) / n)
@@ -182,9 +182,9 @@ class _CountingEngine:
     def sample(self, *args, **kw):
         return self.inner.sample(*args, **kw)
 
-    def answer_probability(self, prefix, suffixes, continuations, **kw):
-        self.scored += len(suffixes)
-        return self.inner.answer_probability(prefix, suffixes, continuations, **kw)
+    def answer_probability(self, prompts, continuations, **kw):
+        self.scored += len(prompts)
+        return self.inner.answer_probability(prompts, continuations, **kw)
 
 
 def test_every_mode_records_the_gold_probability_once(setup):
