@@ -603,4 +603,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gradual_jax.xla_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     sys.exit(main())

@@ -97,6 +97,8 @@ def start(cfg: RunConfig, *, shipped_config: str | None = None, lock: Any = None
         if multi:
             distributed.on_main(lambda: lock.acquire())
         lock.confirm(jax.process_index(), jax.process_count())
+        from gradual_jax.xla_cache import enable_compilation_cache
+
         enable_compilation_cache()
         return run(cfg, shipped_config=shipped_config)
     finally:
@@ -262,27 +264,6 @@ def load_splits(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[st
     splits["dev"] = qa.first_per_relation(splits["dev"], d.dev_limit_per_relation)
     splits["test"] = qa.first_per_relation(splits["test"], d.test_limit_per_relation)
     return splits
-
-
-def enable_compilation_cache() -> Path | None:
-    """Keep XLA executables on disk across runs (resumes and repeated runs compile nothing).
-
-    Under `$GRADUAL_JAX_CACHE/xla` (default `~/.cache/gradual_jax/xla`); `GRADUAL_JAX_CACHE=off`
-    disables it.
-    """
-    import os
-
-    import jax
-
-    root = os.environ.get("GRADUAL_JAX_CACHE")
-    if root == "off":
-        return None
-    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradual_jax"
-    path = base / "xla"
-    path.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-    return path
 
 
 def run(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, Any]:

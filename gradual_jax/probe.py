@@ -102,8 +102,8 @@ def run(ns: argparse.Namespace) -> list[dict]:
     ns.model = resolve_model_source(ns.model)
     model = load_model(ns.model)
     tokenizer = load_tokenizer(ns.model)
-    probe = Probe(JaxEngine(model, tokenizer, batch_size=settings.batch_size), prompt_sets, settings,
-                  model_id=str(ns.model))
+    engine = JaxEngine(model, tokenizer, batch_size=settings.batch_size)
+    probe = Probe(engine, prompt_sets, settings, model_id=str(ns.model))
     with CompileCounter() as compiles:
         t0 = time.perf_counter()
         records = probe.run(examples, ns.out)
@@ -112,21 +112,23 @@ def run(ns: argparse.Namespace) -> list[dict]:
     print(f"{len(records)} questions in {seconds:.1f} s ({compiles.count} compiles, "
           f"{compiles.seconds:.1f} s compiling) -> {ns.out}")
     if ns.stats_json:
-        write_json(ns.stats_json, probe_stats(records, seconds, compiles))
+        write_json(ns.stats_json, probe_stats(records, seconds, compiles,
+                                              engine.sampler.stats.warmup_seconds))
     return records
 
 
-def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter") -> dict:
-    """The `--stats-json` figures of one probe. The engine has no ahead-of-time warm-up yet, so
-    warmup_seconds is 0 and every compile falls inside `seconds`."""
-    warmup = 0.0
+def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter",
+                warmup_seconds: float = 0.0) -> dict:
+    """The `--stats-json` figures of one probe: `seconds` its wall time, `compiles` every XLA
+    compilation inside it (as JAX reports them), `warmup_seconds` the part of `seconds` spent
+    compiling the engine's programs ahead of time before the first question."""
     return {
         "questions": len(records),
         "seconds": round(seconds, 3),
         "compiles": compiles.count,
         "compile_seconds": round(compiles.seconds, 3),
-        "warmup_seconds": warmup,
-        "questions_per_s_after_warmup": round(len(records) / max(seconds - warmup, 1e-9), 4),
+        "warmup_seconds": round(warmup_seconds, 3),
+        "questions_per_s_after_warmup": round(len(records) / max(seconds - warmup_seconds, 1e-9), 4),
         "samples_drawn": sum(r.get("n_sampled", 0) for r in records),
         "peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
     }
@@ -145,4 +147,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from gradual_jax.xla_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     sys.exit(main())

@@ -390,6 +390,22 @@ def test_scores_equal_log_softmax_of_full_forward(llama, tok):
         np.testing.assert_allclose(s.logprobs, want, atol=1e-4)
 
 
+def test_continuations_branching_off_one_prompt_score_as_alone(llama, tok):
+    """Several continuations of one prompt are scored after a single prefill of its tail (each a
+    branch that sees the tail and itself only): each equals the full forward of prompt + it."""
+    _, ours = llama
+    prompt = PREFIX + QUESTIONS[0]
+    conts = [" France", " Germany\n", " the cat sat on the mat", " France"]
+    scores = Sampler(ours, tok).score([QUESTIONS[0]] * len(conts), conts, temperature=1.0, prefix=PREFIX)
+    p_ids = tok(prompt)["input_ids"]
+    for c, s in zip(conts, scores):
+        c_ids = tok(c, add_special_tokens=False)["input_ids"]
+        logits = forward(ours, [p_ids + c_ids])[0][len(p_ids) - 1:-1]
+        want = log_softmax(logits)[np.arange(len(c_ids)), c_ids]
+        np.testing.assert_allclose(s.raw_logprobs, want, atol=1e-4)
+        np.testing.assert_allclose(s.logprobs, want, atol=1e-4)
+
+
 def test_scores_of_generated_tokens_equal_generation_logprobs(llama, tok):
     _, ours = llama
     gens = generate_batch(ours, tok, PROMPTS, max_new_tokens=NEW, methods=MIXED, seed=7)

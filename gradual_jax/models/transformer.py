@@ -498,8 +498,8 @@ class Transformer(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: KVCache | None = None, dropout_key: jax.Array | None = None,
-                 return_hidden: bool = False):
+                 branch_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 dropout_key: jax.Array | None = None, return_hidden: bool = False):
         """Logits `[B, T, V]` float32 (final-normed hidden states `[B, T, D]` with
         `return_hidden`); with `cache`, `(logits or hidden, updated_cache)`.
 
@@ -511,6 +511,9 @@ class Transformer(nnx.Module):
         one per row) and attend to every real cached slot, wherever it sits (so a cache may be
         written as a ring), and causally among themselves (with `segment_ids`: within their own
         segment only); `end` advances by T. The block must fit: `end + T <= size`.
+        `branch_ids` (with a cache and `segment_ids`) lets a segment branch: a token of branch
+        j > 0 sees its segment's branch-0 tokens (the trunk, e.g. a prompt tail) and its own
+        branch only (e.g. one of several continuations scored after one tail).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -543,6 +546,10 @@ class Transformer(nnx.Module):
         if segment_ids is not None:
             seg_slots = write_at(jnp.zeros(cache.mask.shape, jnp.int32), segment_ids, end)
             block = block & (seg_slots[:, None, :] == segment_ids[:, :, None])
+            if branch_ids is not None:
+                branch_slots = write_at(jnp.zeros(cache.mask.shape, jnp.int32), branch_ids, end)
+                block = block & ((branch_slots[:, None, :] == 0)
+                                 | (branch_slots[:, None, :] == branch_ids[:, :, None]))
         mask = jnp.where(in_block, block, cache.mask[:, None, :])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):

@@ -26,7 +26,7 @@ from gradual_jax.sampling.packing import pack_rows
 from gradual_jax.sampling.records import Generation
 
 # A decode call returns to the host once this share of the slots is done and rows wait.
-REFILL_SHARE = 4
+REFILL_SHARE = 2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,8 +12,8 @@ positions and where keys and values go are built here.
   shared column of its generation region, used as a ring: a slot started k steps ago holds its
   k tokens in k distinct columns (attention ignores their order), and the write is a plain
   dynamic update (no scatter, so nothing moves between devices).
-- `score_program`: teacher-forced log-probs of sequences (tail + continuation) packed
-  `[score_rows, score_width]` against their stored prefixes.
+- `score_program`: teacher-forced log-probs of continuations packed `[score_rows, score_width]`
+  against their stored prefixes, each prompt tail once with its continuations branching off it.
 
 All take the model state first; the sampler binds the graph definition (and its mesh
 constraint) and compiles them once for its `packing.Shapes`.
@@ -155,10 +155,12 @@ def record(d: Decoding, token: jax.Array, logp: jax.Array, raw: jax.Array,
 
 
 def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, ids: jax.Array,
-                      pos: jax.Array, seg: jax.Array) -> tuple[jax.Array, KVCache]:
+                      pos: jax.Array, seg: jax.Array,
+                      branch: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """Packed rows `ids` `[R, W]` (segments `seg`, 0: padding; `pos` from each segment's start)
     run after their stored prefixes `prefix_rows` `[R]`. Each token attends to its row's prefix
-    and causally to its own segment. Returns hidden states `[R, W, D]` and the rows' caches
+    and causally to its own segment (`branch`: to its segment's trunk and own branch, see
+    `Transformer.__call__`). Returns hidden states `[R, W, D]` and the rows' caches
     `[R, P + W]` (prefix slots, then the packed tokens)."""
     r, w = ids.shape
     p = store.mask.shape[1]
@@ -170,7 +172,8 @@ def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, id
                     mask=jnp.concatenate([prefix_mask, jnp.zeros((r, w), jnp.bool_)], axis=1),
                     end=jnp.asarray(p, jnp.int32))
     positions = prefix_mask.sum(-1).astype(jnp.int32)[:, None] + pos
-    h, cache = model(ids, seg > 0, segment_ids=seg, positions=positions, cache=cache, return_hidden=True)
+    h, cache = model(ids, seg > 0, segment_ids=seg, positions=positions, branch_ids=branch, cache=cache,
+                     return_hidden=True)
     return h, cache
 
 
@@ -272,18 +275,19 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
     return constrain(d), taken
 
 
-def score_program(graphdef: Any, state: Any, store: PrefixStore, pack: dict, prompt_len: jax.Array,
-                  cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+def score_program(graphdef: Any, state: Any, store: PrefixStore, pack: dict, cont: jax.Array,
+                  temperature: jax.Array, top_k: jax.Array, *,
                   policy: Policy) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs `[T, C]` of continuations `cont` `[T, C]`, each packed after its
-    prompt tail (`prompt_len` tokens) as one sequence of `pack`: raw, and under
-    softmax(logits / temperature) kept to the top-k (temperature 0: 0 for the argmax, -inf
-    elsewhere)."""
+    """Teacher-forced log-probs `[T, C]` of continuations `cont` `[T, C]`. `pack` holds packed
+    rows (ids, pos, seg, branch `[R, W]`, prefix `[R]`) where each prompt tail is a segment's
+    trunk and each of its continuations a branch after it; continuation t's token c is
+    predicted by the hidden state at row `row[t]`, column `at[t, c]`. Returns raw log-probs and
+    those under softmax(logits / temperature) kept to the top-k (temperature 0: 0 for the
+    argmax, -inf elsewhere)."""
     model = nnx.merge(graphdef, state)
-    h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
-    c = jnp.arange(cont.shape[1])
-    at = pack["col"][:, None] + prompt_len[:, None] - 1 + c[None, :]
-    hidden = h[pack["row"][:, None], jnp.clip(at, 0, h.shape[1] - 1)]  # [T, C, D]
+    h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"],
+                             pack["branch"])
+    hidden = h[pack["row"][:, None], pack["at"]]  # [T, C, D]
     logits = model.hidden_to_logits(hidden)
     pick = lambda a: jnp.take_along_axis(a, cont[..., None], axis=-1)[..., 0]  # noqa: E731
     raw = pick(jax.nn.log_softmax(logits, axis=-1))

@@ -20,11 +20,11 @@ from collections.abc import Sequence
 import numpy as np
 
 MIN_SHARED_PREFIX = 16
-PREFIX_LADDER_MIN = 64     # prefix widths: powers of two from 64
+PREFIX_STEP = 32           # prefix widths: multiples of 32
 INSERT_WIDTH_MIN = 64      # tail widths: powers of two from 64
 SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
-SCORE_SEQS = 32            # scored sequences per call
-SCORE_CONT_MIN = 16        # continuation tokens scored per sequence: powers of two from 16
+SCORE_SEQS = 48            # continuations scored per call
+SCORE_CONT_MIN = 8         # continuation tokens scored per sequence: powers of two from 8
 INSERT_TAILS = 8           # tails prefilled per insert
 STORE_ROWS_MIN = 8
 
@@ -101,8 +101,8 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
                longest_scored: int = 0, longest_continuation: int = 0, prefixes: int = 1,
                k_cap: int = 64, multiple: int = 1) -> Shapes:
     """The engine's shapes for work of these sizes, each rounded up a fixed ladder: `slots` to
-    a multiple of `multiple` (the data-parallel size), the prefix width to a power of two from
-    PREFIX_LADDER_MIN, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
+    a multiple of `multiple` (the data-parallel size), the prefix width to a multiple of
+    PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
     of two from SCORE_WIDTH and their continuations from SCORE_CONT_MIN, the store to a power of
     two of `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power
     of two from 64. Rows that hold work the devices split (prefills, scoring, slots) are
@@ -110,7 +110,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     slots = round_up(max(slots, 1), multiple)
     return Shapes(
         slots=slots,
-        prefix_width=next_pow2(longest_prefix, PREFIX_LADDER_MIN),
+        prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
         store_rows=next_pow2(prefixes, STORE_ROWS_MIN),
         prefill_rows=round_up(2, multiple),
         insert_rows=1,
@@ -198,7 +198,7 @@ class Packed:
     """Sequences packed into `[rows, width]`, one prefix per row: sequence b sits in row
     `row[b]` from column `col[b]`, `length[b]` tokens; `seg` numbers each row's sequences from 1
     (0: padding); `pos` counts from the start of each sequence; `prefix[r]` is row r's prefix
-    key (None: an empty row)."""
+    key (None: an empty row); `branch` each token's branch id (0: a sequence's trunk)."""
 
     ids: np.ndarray
     pos: np.ndarray
@@ -207,14 +207,18 @@ class Packed:
     col: np.ndarray
     length: np.ndarray
     prefix: list
+    branch: np.ndarray
 
 
 def pack_rows(seqs: Sequence[Sequence[int]], prefixes: Sequence, rows: int, width: int,
-              limit: int) -> tuple[Packed, int]:
+              limit: int, positions: Sequence[Sequence[int]] | None = None,
+              branches: Sequence[Sequence[int]] | None = None) -> tuple[Packed, int]:
     """Pack the leading sequences of `seqs` (in order; `prefixes[b]`: sequence b's prefix key)
     into `rows x width`, first fit, a row holding sequences of one prefix only, at most `limit`
     of them. Stops at the first sequence that does not fit; returns the packing (`row`, `col`,
-    `length` padded to `limit` with empty sequences) and how many sequences it holds."""
+    `length` padded to `limit` with empty sequences) and how many sequences it holds.
+    `positions[b]` / `branches[b]`: per-token positions (default 0, 1, ...) and branch ids
+    (default 0) of sequence b."""
     free = [width] * rows
     owner: list = [None] * rows
     row: list[int] = []
@@ -233,14 +237,17 @@ def pack_rows(seqs: Sequence[Sequence[int]], prefixes: Sequence, rows: int, widt
     ids = np.zeros((rows, width), np.int32)
     pos = np.zeros((rows, width), np.int32)
     seg = np.zeros((rows, width), np.int32)
+    branch = np.zeros((rows, width), np.int32)
     in_row = [0] * rows
     for b in range(count):
         s, r, c = seqs[b], row[b], col[b]
         in_row[r] += 1
         ids[r, c:c + len(s)] = s
-        pos[r, c:c + len(s)] = np.arange(len(s))
+        pos[r, c:c + len(s)] = np.arange(len(s)) if positions is None else positions[b]
         seg[r, c:c + len(s)] = in_row[r]
+        if branches is not None:
+            branch[r, c:c + len(s)] = branches[b]
     pad = limit - count
     lengths = [len(seqs[b]) for b in range(count)]
     return Packed(ids, pos, seg, np.array(row + [0] * pad, np.int32), np.array(col + [0] * pad, np.int32),
-                  np.array(lengths + [0] * pad, np.int32), owner), count
+                  np.array(lengths + [0] * pad, np.int32), owner, branch), count

@@ -1,7 +1,7 @@
 """Where the sampler's arrays live: weights by the inference rules, rows over the data axes.
 
 `MeshPlacement` is a mixin of `Sampler`: it reads the sampler's `mesh` (None: one device, every
-method a no-op or a plain `jnp.asarray`) and `config`.
+method a no-op or a plain `jax.device_put`) and `config`.
 """
 
 from __future__ import annotations
@@ -55,11 +55,11 @@ class MeshPlacement:
     def _put(self, x: Any) -> jax.Array:
         """Host rows to the device, split over the mesh's data axes when there is one."""
         if self.mesh is None:
-            return jnp.asarray(x)
+            return jax.device_put(x)
         return jax.device_put(x, self._rows_sharding(np.ndim(x)))
 
     def _put_replicated(self, x: Any) -> jax.Array:
-        return jnp.asarray(x) if self.mesh is None else jax.device_put(x, self._replicated())
+        return jax.device_put(x) if self.mesh is None else jax.device_put(x, self._replicated())
 
     def _kv_sharding(self, rows: bool) -> Any:
         """Keys or values `[rows, slots, kv_heads, head_dim]`: heads over the tensor axis (as
@@ -96,7 +96,7 @@ class MeshPlacement:
         if getattr(self, "_abstract", False):
             return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
         value = np.zeros(shape, dtype)
-        return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+        return jax.device_put(value, sharding)
 
     def _scalar(self, value: int) -> Any:
         """An int32 scalar, replicated (its ShapeDtypeStruct for an abstract sampler)."""

@@ -226,9 +226,9 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         z = self._zeros
         rep = lambda shape, dt: z(shape, dt, rows=False)  # noqa: E731
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
-                "prefix": z((r,), np.int32), "row": rep((t,), np.int32), "col": rep((t,), np.int32),
-                "length": rep((t,), np.int32)}
-        return pack, rep((t,), np.int32), rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
+                "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((t,), np.int32),
+                "at": rep((t, c), np.int32)}
+        return pack, rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
 
     # ---- compilation
 
@@ -430,33 +430,85 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                           longest_tail=1, new_tokens=1,
                           longest_scored=max(len(splits[i].tail) + len(conts[i]) for i in todo),
                           longest_continuation=max(len(conts[i]) for i in todo), k_cap=top_k)
-        todo.sort(key=lambda i: splits[i].prefix)
-        seqs = [splits[i].tail + tuple(conts[i]) for i in todo]
-        keys = [splits[i].prefix for i in todo]
-        start = 0
-        while start < len(todo):
-            packed, count = pack_rows(seqs[start:], keys[start:], sh.score_rows, sh.score_width, sh.score_seqs)
-            items = todo[start:start + count]
-            store_rows = self._store_rows([p for p in packed.prefix if p is not None])
-            prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
-            cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
-            prompt_len = np.ones(sh.score_seqs, np.int32)
-            for b, i in enumerate(items):
-                cont[b, :len(conts[i])] = conts[i]
-                prompt_len[b] = len(splits[i].tail)
-            pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
-                    "prefix": self._put(prefix_rows), "row": self._put_replicated(packed.row),
-                    "col": self._put_replicated(packed.col), "length": self._put_replicated(packed.length)}
-            args = (self.state, self._store, pack, self._put_replicated(prompt_len),
-                    self._put_replicated(cont), self._put_replicated(np.float32(temperature)),
-                    self._put_replicated(np.int32(top_k)))
-            raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
-            self.stats.prefill_tokens += packed.ids.size
-            self.stats.logit_rows += cont.size
-            raw, lp = np.asarray(raw), np.asarray(lp)
-            for b, i in enumerate(items):
-                c = conts[i]
-                out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
-                                     tuple(float(x) for x in lp[b, :len(c)]))
-            start += count
+        if sh.score_width < max(len(splits[i].tail) + len(conts[i]) for i in todo):
+            raise AssertionError("score shapes do not cover the work")
+        # One trunk per (prefix, tail), every continuation after it a branch of its own.
+        groups: dict[tuple, list[int]] = {}
+        for i in sorted(todo, key=lambda i: (splits[i].prefix, splits[i].tail)):
+            groups.setdefault((splits[i].prefix, splits[i].tail), []).append(i)
+        pending = list(groups.items())
+        while pending:
+            take, items = [], 0
+            for key, members in pending:
+                room, fit = sh.score_width - len(key[1]), []
+                for i in members[:sh.score_seqs - items]:
+                    if len(conts[i]) > room:
+                        break
+                    fit.append(i)
+                    room -= len(conts[i])
+                if not fit:
+                    break
+                take.append((key, fit))
+                items += len(fit)
+                if items >= sh.score_seqs:
+                    break
+            seqs, pos, branch = [], [], []
+            for (_, tail), members in take:
+                seq, p, b = list(tail), list(range(len(tail))), [0] * len(tail)
+                for j, i in enumerate(members, start=1):
+                    seq += conts[i]
+                    p += range(len(tail), len(tail) + len(conts[i]))
+                    b += [j] * len(conts[i])
+                seqs.append(seq)
+                pos.append(p)
+                branch.append(b)
+            packed, count = pack_rows(seqs, [k[0] for k, _ in take], sh.score_rows, sh.score_width,
+                                      len(take), pos, branch)
+            take = take[:count]
+            done_keys = {k for k, _ in take}
+            rest = []
+            for key, members in pending:
+                if key in done_keys:
+                    left = members[len(dict(take)[key]):]
+                    if left:
+                        rest.append((key, left))
+                else:
+                    rest.append((key, members))
+            pending = rest
+            self._score_packed(packed, take, conts, temperature, top_k, out)
         return out
+
+    def _score_packed(self, packed: Any, take: list, conts: list[list[int]], temperature: float,
+                      top_k: int, out: list[TokenScores]) -> None:
+        """Score one packing of trunks (prompt tails) with their branches (continuations)."""
+        sh = self.shapes
+        store_rows = self._store_rows([p for p in packed.prefix if p is not None])
+        prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
+        cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
+        row = np.zeros(sh.score_seqs, np.int32)
+        at = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
+        t, order = 0, []
+        for g, ((_, tail), members) in enumerate(take):
+            start, offset = int(packed.col[g]), len(tail)
+            for i in members:
+                c = conts[i]
+                cont[t, :len(c)] = c
+                row[t] = packed.row[g]
+                # token 0 is predicted by the tail's last token, token k by the branch's token k-1
+                at[t, :len(c)] = [start + len(tail) - 1] + [start + offset + k for k in range(len(c) - 1)]
+                offset += len(c)
+                order.append(i)
+                t += 1
+        pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
+                "branch": self._put(packed.branch), "prefix": self._put(prefix_rows),
+                "row": self._put_replicated(row), "at": self._put_replicated(at)}
+        args = (self.state, self._store, pack, self._put_replicated(cont),
+                self._put_replicated(np.float32(temperature)), self._put_replicated(np.int32(top_k)))
+        raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
+        self.stats.prefill_tokens += packed.ids.size
+        self.stats.logit_rows += cont.size
+        raw, lp = np.asarray(raw), np.asarray(lp)
+        for b, i in enumerate(order):
+            c = conts[i]
+            out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
+                                 tuple(float(x) for x in lp[b, :len(c)]))

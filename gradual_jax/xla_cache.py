@@ -1,0 +1,36 @@
+"""JAX's persistent compilation cache, turned on the same way by every entry point (the
+launcher, the probe CLI, the benchmarks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_location(environ: dict[str, str] | None = None) -> str | None:
+    """Where XLA executables are kept: `$GRADUAL_JAX_CACHE/xla` (default
+    `~/.cache/gradual_jax/xla`); None when `GRADUAL_JAX_CACHE=off`. A location that is not a
+    local path (`gs://bucket/dir`, any `scheme://`) is passed through as written."""
+    env = os.environ if environ is None else environ
+    root = env.get("GRADUAL_JAX_CACHE")
+    if root == "off":
+        return None
+    if root and "://" in root:
+        return root.rstrip("/") + "/xla"
+    base = Path(root) if root else Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradual_jax"
+    return str(base / "xla")
+
+
+def enable_compilation_cache() -> str | None:
+    """Keep XLA executables across runs (resumes and repeated runs compile nothing); returns
+    the location (see `cache_location`), created when it is a local path."""
+    import jax
+
+    where = cache_location()
+    if where is None:
+        return None
+    if "://" not in where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", where)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    return where
