@@ -1,9 +1,10 @@
-"""The sampler's host-side planning and packing on their own (no model): bucket sizes, first-fit
-packing, prefix groups and batches, against examples worked out by hand."""
+"""The sampler's host-side shapes, prefix splitting and packing on their own (no model), against
+examples worked out by hand."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +13,13 @@ import pytest
 from gradual_jax.sampling import packing
 from gradual_jax.sampling.packing import (
     MIN_SHARED_PREFIX,
-    batch_rows,
-    bucket_rows,
+    Split,
     common_prefix,
-    compact_target,
-    first_fit,
-    groups,
     next_pow2,
-    pack,
-    plan,
+    pack_rows,
     round_up,
+    shapes_for,
+    split_prompts,
 )
 
 
@@ -46,91 +44,39 @@ def test_round_up():
     assert [round_up(n, 4) for n in (0, 1, 4, 5, 12)] == [0, 4, 4, 8, 12]
 
 
-def test_bucket_rows_are_1_2_4_then_multiples_of_4():
-    assert [bucket_rows(n) for n in range(1, 11)] == [1, 2, 4, 4, 8, 8, 8, 8, 12, 12]
-    # and a multiple of the data-parallel size: 3 -> 4 -> 8; 5 -> 8 -> 9
-    assert bucket_rows(3, 8) == 8 and bucket_rows(5, 3) == 9
-
-
-def test_batch_rows_full_batches_keep_their_size_partial_ones_round_to_a_power_of_two():
-    assert batch_rows(8, 8) == 8
-    assert batch_rows(3, 8) == 4       # partial: next power of two
-    assert batch_rows(5, 6) == 6       # but never past a full batch
-    assert batch_rows(1, 64) == 1
-    assert batch_rows(1, 8, 2) == 2    # a multiple of the data-parallel size
-    assert batch_rows(5, 6, 4) == 8
-
-
-def test_compact_target_is_a_power_of_two_of_at_least_min_compact_rows():
-    assert packing.MIN_COMPACT_ROWS == 8
-    assert [compact_target(n) for n in (1, 3, 8, 9, 17)] == [8, 8, 8, 16, 32]
-    assert compact_target(3, 3) == 9
-
-
 def test_common_prefix():
     assert common_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 2
     assert common_prefix([[5], [6]]) == 0
-    assert common_prefix([[1, 2, 3]]) == 3
     assert common_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 3
 
 
-# ----------------------------------------------------------------------------- packing
+def test_shapes_round_up_fixed_ladders():
+    sh = shapes_for(slots=60, longest_prefix=97, longest_tail=14, new_tokens=16, longest_scored=30,
+                    longest_continuation=5, prefixes=30, k_cap=40, multiple=8)
+    assert (sh.slots, sh.prefix_width, sh.store_rows) == (64, 128, 32)
+    assert (sh.insert_width, sh.insert_dests, sh.score_width, sh.score_cont, sh.k_cap) == (64, 32, 128, 8, 64)
+    assert sh.prefill_rows == 8 and sh.score_rows == 8  # rows the data axes split: multiples of 8
+    assert sh.cache_len == 128 + 64 + 16
+    # sizes anywhere on the same rungs give the same shapes: no new compile
+    same = shapes_for(slots=60, longest_prefix=120, longest_tail=40, new_tokens=16, longest_scored=100,
+                      longest_continuation=8, prefixes=17, k_cap=64, multiple=8)
+    assert same == sh
 
 
-def test_first_fit_decreasing_by_hand():
-    # Longest first: 5 opens row 0 (3 left); 4 does not fit there, opens row 1 (4 left);
-    # 3 fills row 0 from column 5; 2 goes to row 1 at column 4.
-    row, col, used = first_fit([3, 5, 2, 4], width=8)
-    assert (row, col, used) == ([0, 0, 1, 1], [5, 0, 4, 0], 2)
+def test_shapes_cover_and_union():
+    a = shapes_for(slots=8, longest_prefix=40, longest_tail=10, new_tokens=4)
+    b = shapes_for(slots=8, longest_prefix=200, longest_tail=10, new_tokens=8, longest_continuation=20)
+    assert not a.covers(b) and b.covers(a)  # b is a with wider prefixes, more tokens
+    c = shapes_for(slots=8, longest_prefix=40, longest_tail=100, new_tokens=4)
+    assert not b.covers(c) and not c.covers(b)
+    u = b.union(c)
+    assert (u.insert_width, u.prefix_width) == (128, 224)
+    assert u.covers(a) and u.covers(b) and u.covers(c)
+    assert (u.prefix_width, u.new_tokens, u.score_cont) == (224, 8, 32)
+    assert not dataclasses.replace(u, slots=16).covers(a)  # slot counts must agree
 
 
-def test_first_fit_one_sequence_per_row_when_none_fit_together():
-    assert first_fit([6, 6, 6], width=8) == ([0, 1, 2], [0, 0, 0], 3)
-
-
-def test_pack_by_hand():
-    # Widths tried: 8 (2 rows, 16 slots), 16 (1 row, 16 slots), 32 (32 slots): the tie in
-    # slots goes to the narrower width.
-    seqs = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    p = pack(seqs, offset=10, count=6, row_multiple=1)
-    np.testing.assert_array_equal(p.ids, [[4, 5, 6, 7, 8, 1, 2, 3],
-                                          [11, 12, 13, 14, 9, 10, 0, 0]])
-    np.testing.assert_array_equal(p.pos, [[10, 11, 12, 13, 14, 10, 11, 12],
-                                          [10, 11, 12, 13, 10, 11, 0, 0]])
-    np.testing.assert_array_equal(p.seg, [[1, 1, 1, 1, 1, 0, 0, 0],
-                                          [3, 3, 3, 3, 2, 2, -1, -1]])
-    # two extra (empty) sequences pad the per-sequence arrays to `count`
-    assert p.row.tolist() == [0, 0, 1, 1, 0, 0]
-    assert p.col.tolist() == [5, 0, 4, 0, 0, 0]
-    assert p.length.tolist() == [3, 5, 2, 4, 0, 0]
-    assert p.tokens == 16
-    assert all(a.dtype == np.int32 for a in (p.ids, p.pos, p.seg, p.row, p.col, p.length))
-
-
-def test_pack_rows_are_a_multiple_of_the_data_parallel_size():
-    seqs = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
-    p = pack(seqs, offset=0, count=4, row_multiple=4)
-    assert p.ids.shape == (4, 8)
-    assert (p.seg[2:] == -1).all() and (p.ids[2:] == 0).all()
-
-
-def test_pack_doubles_the_width_when_that_pads_less():
-    # Three 9-token sequences: width 16 holds one per row (3 rows -> 4, 64 slots); width 32
-    # holds all three in one row (32 slots); width 64 would be 64 slots.
-    p = pack([[7] * 9] * 3, offset=0, count=3, row_multiple=1)
-    assert p.ids.shape == (1, 32)
-    assert p.col.tolist() == [0, 9, 18] and p.row.tolist() == [0, 0, 0]
-    assert p.seg[0].tolist() == [0] * 9 + [1] * 9 + [2] * 9 + [-1] * 5
-    assert p.pos[0, :27].tolist() == list(range(9)) * 3
-
-
-def test_pack_width_is_at_least_min_bucket():
-    p = pack([[1]], offset=3, count=1, row_multiple=1)
-    assert p.ids.shape == (1, packing.MIN_BUCKET)
-    assert p.pos[0, 0] == 3 and p.seg[0].tolist() == [0] + [-1] * (packing.MIN_BUCKET - 1)
-
-
-# ----------------------------------------------------------------------------- planning
+# ----------------------------------------------------------------------------- prefixes and tails
 
 FEW_SHOT = list(range(100, 100 + MIN_SHARED_PREFIX + 4))  # 20 tokens shared by three prompts
 PROMPTS = [
@@ -142,37 +88,60 @@ PROMPTS = [
 ]
 
 
-def test_groups_by_hand():
-    # Token order: 1, 4, 0, 3, 2. Prompts 1 and 4 share 2 tokens (< MIN_SHARED_PREFIX): a
-    # prefix-less group. 0 and 3 share FEW_SHOT + [1]; with 2 the group's prefix is FEW_SHOT.
-    assert groups(PROMPTS, share=None) == [(0, [1, 4]), (len(FEW_SHOT), [0, 3, 2])]
+def test_split_by_hand():
+    # 0, 2 and 3 share FEW_SHOT (0 and 3 share one more token, but 2 does not); 1 and 4 share
+    # 2 tokens (< MIN_SHARED_PREFIX): each keeps all but its last token as its own prefix.
+    got = split_prompts(PROMPTS)
+    assert got == [Split(tuple(FEW_SHOT), (1, 2)), Split((5, 6), (7,)), Split(tuple(FEW_SHOT), (3,)),
+                   Split(tuple(FEW_SHOT), (1, 9)), Split((5, 6), (8,))]
+    assert split_prompts(PROMPTS, share=True)[1] == Split((5, 6), (7,))
 
 
-def test_groups_share_true_shares_any_common_prefix_and_false_none():
-    assert groups(PROMPTS, share=True) == [(2, [1, 4]), (len(FEW_SHOT), [0, 3, 2])]
-    assert groups(PROMPTS, share=False) == [(0, [1, 4, 0, 3, 2])]
+def test_split_keeps_every_prompt_a_tail_token():
+    assert split_prompts([FEW_SHOT, FEW_SHOT + [1]]) == [Split(tuple(FEW_SHOT[:-1]), (FEW_SHOT[-1],)),
+                                                          Split(tuple(FEW_SHOT[:-1]), (FEW_SHOT[-1], 1))]
 
 
-def test_groups_leave_every_member_a_token_of_its_own():
-    # A prompt that is exactly the shared part still keeps its last token.
-    assert groups([FEW_SHOT, FEW_SHOT + [1]], share=None) == [(len(FEW_SHOT) - 1, [0, 1])]
+def test_declared_prefix_drops_its_last_token_and_ignores_the_other_prompts():
+    # The declared text tokenizes on its own as FEW_SHOT + [99] (a merge the prompts do not
+    # have): the stored prefix is what agrees, less the declared last token.
+    declared = FEW_SHOT + [99]
+    alone = split_prompts([FEW_SHOT + [1, 2]], [declared])
+    together = split_prompts([FEW_SHOT + [1, 2], FEW_SHOT + [1, 9]], [declared, declared])
+    assert alone[0] == together[0] == Split(tuple(FEW_SHOT), (1, 2))
 
 
-def test_plan_by_hand():
-    batches = plan(PROMPTS, per_batch=2, share=None)
-    assert [(b.items, b.prefix, b.suffixes) for b in batches] == [
-        ([1, 4], (), [[5, 6, 7], [5, 6, 8]]),
-        ([0, 3], tuple(FEW_SHOT), [[1, 2], [1, 9]]),
-        ([2], tuple(FEW_SHOT), [[3]]),
-    ]
-
-
-def test_plan_covers_every_prompt_once_and_prefix_plus_suffix_is_the_prompt():
+def test_split_covers_every_prompt():
     for share in (None, True, False):
-        for per_batch in (1, 2, 3, 8):
-            batches = plan(PROMPTS, per_batch=per_batch, share=share)
-            assert sorted(i for b in batches for i in b.items) == list(range(len(PROMPTS)))
-            for b in batches:
-                assert len(b.items) <= per_batch
-                for i, suffix in zip(b.items, b.suffixes):
-                    assert suffix and list(b.prefix) + suffix == PROMPTS[i]
+        for s, p in zip(split_prompts(PROMPTS, share=share), PROMPTS):
+            assert s.tail and list(s.prefix + s.tail) == p
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_pack_rows_by_hand():
+    # Rows of 8 never mix prefixes: a (3) and c (2) share row 0; b (5) has prefix 'y' and opens
+    # row 1; d (4) has prefix 'x' but does not fit row 0's 3 free slots: the packing stops.
+    seqs = [[1, 2, 3], [4, 5, 6, 7, 8], [9, 10], [11, 12, 13, 14]]
+    p, count = pack_rows(seqs, ["x", "y", "x", "x"], rows=2, width=8, limit=6)
+    assert count == 3
+    np.testing.assert_array_equal(p.ids, [[1, 2, 3, 9, 10, 0, 0, 0], [4, 5, 6, 7, 8, 0, 0, 0]])
+    np.testing.assert_array_equal(p.seg, [[1, 1, 1, 2, 2, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(p.pos[0], [0, 1, 2, 0, 1, 0, 0, 0])
+    assert p.prefix == ["x", "y"]
+    assert p.row.tolist() == [0, 1, 0, 0, 0, 0] and p.col.tolist() == [0, 0, 3, 0, 0, 0]
+    assert p.length.tolist() == [3, 5, 2, 0, 0, 0]  # padded to `limit`
+    assert all(a.dtype == np.int32 for a in (p.ids, p.pos, p.seg, p.row, p.col, p.length, p.branch))
+
+
+def test_pack_rows_takes_positions_and_branches():
+    p, count = pack_rows([[1, 2, 3, 4]], ["x"], rows=1, width=6, limit=1,
+                         positions=[[0, 1, 2, 2]], branches=[[0, 0, 1, 2]])
+    assert count == 1
+    assert p.pos[0].tolist() == [0, 1, 2, 2, 0, 0] and p.branch[0].tolist() == [0, 0, 1, 2, 0, 0]
+
+
+def test_pack_rows_refuses_a_sequence_wider_than_a_row():
+    with pytest.raises(ValueError, match="does not fit"):
+        pack_rows([[1] * 9], ["x"], rows=2, width=8, limit=1)

@@ -10,7 +10,9 @@ compiles four programs once (`warm_up` compiles them ahead of time).
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +44,17 @@ TOP_P_MODES = ("off", "topk", "full")
 log = logging.getLogger("gradual_jax")
 
 
+def _serialized(method: Callable) -> Callable:
+    """One call at a time per sampler: its decode slots and prefix store are donated buffers,
+    so two threads sharing a sampler (parallel seeds on one model) must not interleave."""
+    @functools.wraps(method)
+    def call(self: "Sampler", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return call
+
+
 class Sampler(Lowering, DecodeLoop, MeshPlacement):
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
     shape. Call `refresh(model)` after the model's weights change."""
@@ -61,6 +74,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         self._store: PrefixStore | None = None
         self._store_index: collections.OrderedDict[tuple[int, ...], int] = collections.OrderedDict()
         self._slots = None
+        self._lock = threading.RLock()
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
         self.set_state(self._place(state))
@@ -178,6 +192,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                             longest_scored=max(len(s.tail) for s in splits) + longest_cont,
                             longest_continuation=longest_cont, prefixes=prefixes, k_cap=k_cap)
 
+    @_serialized
     def warm_up(self) -> tuple[int, float]:
         """Compile every program of the current shapes ahead of time; returns the compiles
         this made and their seconds (also added to `stats`)."""
@@ -349,6 +364,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- generation
 
+    @_serialized
     def generate_batch(self, prompts: Sequence[str], *, max_new_tokens: int,
                        methods: Method | Sequence[Method] = Greedy(), n: int = 1,
                        stop: Sequence[str] = (), seed: int = 0,
@@ -402,6 +418,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- scoring
 
+    @_serialized
     def score(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
               temperature: float = 1.0, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
               prefix: str | Sequence[str] = "") -> list[TokenScores]:
