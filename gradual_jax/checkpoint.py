@@ -60,7 +60,9 @@ class CheckpointError(_ModelCheckpointError):
 # Orbax numbers its save operations per process and coordinates them through shared signal
 # keys: two saves in flight from different threads (the pipeline's parallel seeds) time out
 # waiting on each other's keys. Every Orbax call here holds this lock; threads that share the
-# process also save synchronously (`async_save=False`), so no save outlives its call.
+# process also save synchronously (`async_save=False`), so no save outlives its call. For the
+# same reason a manager's step and best-epoch saves never overlap: with
+# several processes their finalize threads would enter the same barrier twice at once.
 ORBAX_LOCK = threading.RLock()
 
 
@@ -236,6 +238,9 @@ class CheckpointManager:
         if step in self._steps.all_steps():
             warnings.warn(f"{self.directory}: step {step} already saved; keeping the existing checkpoint")
             return
+        # The best-epoch params this step's meta names reach disk before the step starts: a
+        # run killed once the step is complete must find them on resume.
+        self._best.wait_until_finished()
         self._steps.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(dict(meta))), force=True)
 
@@ -291,6 +296,7 @@ class CheckpointManager:
         self._best.reload()
         if epoch in self._best.all_steps():
             return
+        self._steps.wait_until_finished()  # never two saves in flight (see ORBAX_LOCK)
         self._best.save(epoch, args=ocp.args.StandardSave(params), force=True)
 
     @_orbax_serialized

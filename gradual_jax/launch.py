@@ -294,6 +294,7 @@ def _run(cfg: RunConfig, root: Path, t0: float, *, shipped_config: str | None) -
     from gradual_jax import distributed, report
     from gradual_jax.pipeline import SeedRun, write_json
     from gradual_jax.runtime import make_runtime
+    from gradual_jax.sharding import one_program_at_a_time
 
     res = load_resources(cfg, shipped_config=shipped_config)
     workers = min(cfg.seed_workers, len(cfg.seeds))
@@ -312,7 +313,8 @@ def _run(cfg: RunConfig, root: Path, t0: float, *, shipped_config: str | None) -
         if workers == 1:
             results = [run_seed(seed) for seed in cfg.seeds]
         else:
-            with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="seed") as pool:
+            with one_program_at_a_time(), \
+                    concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="seed") as pool:
                 results = list(pool.map(run_seed, cfg.seeds))
     finally:
         if wandb_run is not None:

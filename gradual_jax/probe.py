@@ -121,7 +121,8 @@ def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter",
                 warmup_seconds: float = 0.0) -> dict:
     """The `--stats-json` figures of one probe: `seconds` its wall time, `compiles` every XLA
     compilation inside it (as JAX reports them), `warmup_seconds` the part of `seconds` spent
-    compiling the engine's programs ahead of time before the first question."""
+    tracing, lowering and compiling the engine's programs ahead of time before the first
+    question (wall time, so it can exceed the backend compile seconds in `compile_seconds`)."""
     return {
         "questions": len(records),
         "seconds": round(seconds, 3),

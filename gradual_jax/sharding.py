@@ -14,9 +14,11 @@ optimizer state and batches and XLA's propagation lays out everything in between
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +27,39 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gradual_jax.configlib import require
+
+# ---------------------------------------------------------------------------------------------
+# Threads sharing devices
+
+_PROGRAMS_LOCK = threading.RLock()
+_one_at_a_time = 0
+
+
+@contextlib.contextmanager
+def one_program_at_a_time() -> Iterator[None]:
+    """While active (in any thread), `run_program` runs programs one at a time in this
+    process, each to completion. Threads that share devices need it (parallel seeds): two
+    multi-device programs with collectives, started from two threads, can be queued in
+    different orders on different devices and then wait on each other forever (XLA:CPU
+    aborts after 40 s; a GPU hangs). Host work between programs still overlaps."""
+    global _one_at_a_time
+    with _PROGRAMS_LOCK:
+        _one_at_a_time += 1
+    try:
+        yield
+    finally:
+        with _PROGRAMS_LOCK:
+            _one_at_a_time -= 1
+
+
+def run_program(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)`: a compiled program's call, exclusive and waited for while
+    `one_program_at_a_time` is active, plain (asynchronous) otherwise."""
+    if not _one_at_a_time:
+        return fn(*args)
+    with _PROGRAMS_LOCK:
+        return jax.block_until_ready(fn(*args))
+
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 # Mesh axes that split the batch (FSDP is data parallelism whose weights are also sharded); the

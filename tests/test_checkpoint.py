@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +54,21 @@ def test_save_restore_keep_n_and_shardings(tmp_path):
     assert state["w"].sharding == target["w"].sharding
     np.testing.assert_array_equal(state["w"], np.full((8, 4), 3.0))
     assert int(state["n"][0]) == 3
+
+
+def test_step_starts_after_the_best_params_it_names_are_on_disk(tmp_path):
+    """A run killed as soon as a step is complete must find the best-epoch params its meta names:
+    when the step's directory appears, the (much larger) best save begun before it is final."""
+    big = {"w": jnp.ones((16384, 2048), jnp.float32)}  # 128 MiB
+    mngr = CheckpointManager(tmp_path)
+    mngr.bind("abc", "test")
+    mngr.save_best(1, big)
+    mngr.save(1, {"x": jnp.ones(3)}, {"epoch": 1, "best_epoch": 1})
+    while not (tmp_path / "steps" / "1").exists():
+        time.sleep(0.001)
+    best = sorted(p.name for p in (tmp_path / "best").iterdir())
+    mngr.close()
+    assert best == ["1"]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, after the aborted read

@@ -62,8 +62,6 @@ def test_second_invocation_resumes_everything(smoke_run, capsys):
     assert time.time() - t0 < first_seconds
 
 
-@pytest.mark.skip(reason="seed_workers=2 segfaults inside the fixed-shape engine's decode loop "
-                  "(decoding._run_jobs, two samplers in two threads); open in issue 20")
 def test_seeds_in_parallel_threads_give_the_sequential_report(smoke_run, tmp_path):
     root, _ = smoke_run
     assert main([SMOKE, f"run_dir={tmp_path}", "seed_workers=2"]) == 0

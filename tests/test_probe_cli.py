@@ -65,7 +65,10 @@ def test_cli_stats_json_counts_compiles_samples_and_memory(smoke_world, tmp_path
     assert stats["questions"] == len(records) > 0
     assert stats["samples_drawn"] == sum(r["n_sampled"] for r in records)
     assert stats["compiles"] > 0 and 0 < stats["compile_seconds"] < stats["seconds"]
-    assert 0 < stats["warmup_seconds"] <= stats["compile_seconds"] + 1e-3
+    # The warm-up traces, lowers and compiles the engine's programs this process has not
+    # compiled yet: wall time, so it may exceed the backend compile seconds JAX reports, but it
+    # is a part of the probe's time.
+    assert 0 < stats["warmup_seconds"] < stats["seconds"]
     after = stats["seconds"] - stats["warmup_seconds"]
     assert stats["questions_per_s_after_warmup"] == pytest.approx(len(records) / after, rel=1e-3)
     assert 100e6 < stats["peak_host_bytes"] < 100e9

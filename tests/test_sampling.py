@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -166,6 +167,38 @@ def test_refreshed_sampler_uses_the_new_weights(tok):
     after = generate_batch(again, tok, PROMPTS, max_new_tokens=NEW)
     assert [list(g[0].token_ids) for g in after] == hf_greedy(hf_b, tok, PROMPTS, NEW)
     assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
+
+
+def test_threads_sharing_a_sampler_get_what_one_thread_gets(llama, tok):
+    """Parallel seeds probe one base model through one cached sampler: one thread generating
+    while another asks `sampler_for` for it (a refresh) gets the answers a lone call gets, and
+    an unchanged model keeps its stored prefixes."""
+    _, ours = llama
+    kw = dict(max_new_tokens=NEW, methods=Sample(1.0), n=4, prefix=PREFIX, seed=3)
+    alone = Sampler(ours, tok).generate_batch(QUESTIONS, **kw)
+    shared = sampling.sampler_for(ours, tok)
+    results, errors = [], []
+
+    def generate() -> None:
+        try:
+            for _ in range(3):
+                results.append(shared.generate_batch(QUESTIONS, **kw))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def refresh() -> None:
+        for _ in range(200):
+            assert sampling.sampler_for(ours, tok) is shared
+
+    threads = [threading.Thread(target=generate), threading.Thread(target=refresh)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3
+    for got in results:
+        assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in alone]
+    assert shared.stats.prefixes == 1  # stored once, kept across the refreshes
 
 
 def test_sampler_follows_lora_added_and_merged_in_place(tok, tmp_path):

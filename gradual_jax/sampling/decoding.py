@@ -25,6 +25,13 @@ from gradual_jax.sampling.kernels import DONATE_CARRY, Decoding, Rows
 from gradual_jax.sampling.packing import pack_rows
 from gradual_jax.sampling.records import Generation
 
+
+def _host(*arrays: jax.Array) -> tuple[np.ndarray, ...]:
+    """Host copies of carry arrays. Never views: `np.asarray` of a CPU array is zero-copy, and a
+    live view pins the buffer that the next decode call donates (the donation then copies, and
+    a view kept in the results would outlive the slot it reads)."""
+    return tuple(np.array(a, copy=True) for a in arrays)
+
 # A decode call returns to the host once this share of the slots is done and rows wait.
 REFILL_SHARE = 2
 
@@ -112,12 +119,12 @@ class DecodeLoop:
             self.stats.decode_steps += taken
             self.stats.decode_row_steps += taken * sh.slots
             self.stats.logit_rows += taken * sh.slots
-            done = np.asarray(d.done)
+            (done,) = _host(d.done)
             if spanning:
                 d, done = self._check_spanning_stops(d, done, owner, stop)
             finished = np.flatnonzero(done & (owner >= 0))
             if len(finished):
-                tokens, logp, raw = (np.asarray(a) for a in (d.tokens, d.logp, d.raw_logp))
+                tokens, logp, raw = _host(d.tokens, d.logp, d.raw_logp)
                 for s in finished:
                     results[int(owner[s])] = (tokens[s], logp[s], raw[s])
                 owner[finished] = -1
@@ -184,7 +191,7 @@ class DecodeLoop:
     def _check_spanning_stops(self, d: Decoding, done: np.ndarray, owner: np.ndarray,
                               stop: tuple[str, ...]) -> tuple[Decoding, np.ndarray]:
         """Mark slots whose text contains a stop string made of several tokens."""
-        tokens = np.asarray(d.tokens)
+        (tokens,) = _host(d.tokens)
         hit = np.array([owner[s] >= 0 and not done[s]
                         and any(x in self._decode(tokens[s][tokens[s] >= 0]) for x in stop)
                         for s in range(len(done))])

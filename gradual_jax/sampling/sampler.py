@@ -37,6 +37,7 @@ from gradual_jax.sampling.methods import Greedy, Method, Sample, check_prompts, 
 from gradual_jax.sampling.packing import Shapes, Split, pack_rows, shapes_for, split_prompts
 from gradual_jax.sampling.placement import MeshPlacement
 from gradual_jax.sampling.records import Generation, SamplerStats, TokenScores
+from gradual_jax.sharding import run_program
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK = 4
@@ -85,6 +86,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- setup
 
+    @_serialized
     def refresh(self, model: Transformer, state: Any = None) -> None:
         """Use `model`'s current weights (same architecture) from now on; `state`: its
         `nnx.state`, when the caller has it already."""
@@ -95,16 +97,23 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         merging LoRA adapters in place changes them, and then a new sampler is needed)."""
         return jax.tree.structure(state) == self._state_treedef
 
+    @_serialized
     def set_state(self, state: Any) -> None:
         """Use this NNX state (already placed where the sampler runs) as the weights. Stored
-        prefixes were computed with the old weights: they are dropped."""
+        prefixes were computed with the old weights: they are dropped unless every array is
+        the one already in use. Waits for a call in progress on another thread."""
         # Compiled functions take the state as its flat leaves: flattening NNX Variables on
         # every call was a tenth of the probe's host time.
+        leaves, treedef = jax.tree.flatten(state)
+        old = getattr(self, "_state_leaves", None)
+        unchanged = (old is not None and treedef == self._state_treedef and len(leaves) == len(old)
+                     and all(a is b for a, b in zip(leaves, old)))
         self.state = state
-        self._state_leaves, self._state_treedef = jax.tree.flatten(state)
+        self._state_leaves, self._state_treedef = leaves, treedef
         self._state_key = compile_cache.intern(
             (self._state_treedef, tuple(compile_cache.spec(x) for x in self._state_leaves)))
-        self._store_index.clear()
+        if not unchanged:
+            self._store_index.clear()
 
     def reset_stats(self) -> None:
         """Zero `stats`."""
@@ -262,8 +271,8 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
             self.stats.compiles += 1
         if with_state:
             leaves = self._state_leaves
-            return lambda *a: compiled(leaves, *a[1:])
-        return compiled
+            return lambda *a: run_program(compiled, leaves, *a[1:])
+        return lambda *a: run_program(compiled, *a)
 
     def _lower(self, fn: Callable, args: tuple, static: dict, donate: tuple = ()) -> jax.stages.Lowered:
         """`fn` lowered for `args` as `_compile` compiles it: when `args[0]` is the sampler's

@@ -45,7 +45,7 @@ from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.sharding import (
-    bytes_per_device, check_batch_divisible, global_batch, make_mesh, process_rows,
+    bytes_per_device, check_batch_divisible, global_batch, make_mesh, process_rows, run_program,
     shard_state, state_shardings)
 
 log = logging.getLogger(__name__)
@@ -461,8 +461,8 @@ class Trainer:
             raise TrainingError("Trainer.setup(cfg, total_steps) must run before step()")
         arrays = self._device_batch(batch)
         with jax.set_mesh(self.mesh):  # the model pins activations to the batch axes under it
-            self._trainable, self._opt_state, metrics = self._step_fn(
-                self._trainable, self._opt_state, self._frozen, arrays)
+            self._trainable, self._opt_state, metrics = run_program(
+                self._step_fn, self._trainable, self._opt_state, self._frozen, arrays)
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def sync(self) -> Transformer:
