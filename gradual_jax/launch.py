@@ -222,7 +222,7 @@ def _local_data_path(cfg: RunConfig, shipped_config: str | None) -> Path:
 
 def load_splits(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[str, list]:
     """The train, dev and test QA examples named by ``cfg.data`` (any kind but world), after
-    relation filters and per-relation limits."""
+    relation filters, the train/test overlap filter and per-relation limits."""
     from gradual_jax.knowledge import data as qa
 
     d = cfg.data
@@ -242,7 +242,7 @@ def load_splits(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[st
                                      columns=d.columns, relation=d.relation)
     elif d.kind == "entityquestions" and d.gekhman:
         # filter the whole splits first (overlap with test), then take the first N
-        splits = qa.gekhman_setup(_local_data_path(cfg, shipped_config))
+        splits = qa.gekhman_setup(_local_data_path(cfg, shipped_config), overlap=d.overlap_mode)
     elif d.kind == "entityquestions":
         root = _local_data_path(cfg, shipped_config)
         rels = d.train_relations
@@ -260,6 +260,9 @@ def load_splits(cfg: RunConfig, *, shipped_config: str | None = None) -> dict[st
         if relations:
             keep = set(relations)
             splits[split] = [e for e in splits[split] if e.relation in keep]
+    # against the whole test set (before its limit): a smaller test set keeps the same train set
+    if not (d.kind == "entityquestions" and d.gekhman):  # gekhman_setup has filtered already
+        splits["train"] = qa.drop_overlapping(splits["train"], splits["test"], d.overlap_mode)
     splits["train"] = qa.first_per_relation(splits["train"], d.limit_per_relation)
     splits["dev"] = qa.first_per_relation(splits["dev"], d.dev_limit_per_relation)
     splits["test"] = qa.first_per_relation(splits["test"], d.test_limit_per_relation)

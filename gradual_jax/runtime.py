@@ -5,6 +5,7 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import shutil
@@ -17,7 +18,7 @@ from flax import nnx
 
 from gradual_jax.config import RunConfig, TrainConfig
 from gradual_jax.knowledge.data import QAExample
-from gradual_jax.knowledge.match import exact_match
+from gradual_jax.knowledge.match import can_still_match, exact_match
 from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
 from gradual_jax.sampling import Greedy, Sample, sampler_for
 
@@ -60,11 +61,18 @@ class JaxEngine:
         return [row[0].text for row in gens]
 
     def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
-               temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]:
+               temperature: float, top_k: int, max_new_tokens: int,
+               answers: Sequence[Sequence[str]] | None = None,
+               first_answer_only: bool = False) -> list[list[str]]:
+        alive = None
+        if answers is not None:
+            alive = [functools.partial(can_still_match, golds=tuple(a), first_only=first_answer_only)
+                     for a in answers]
         gens = self.sampler.generate_batch([q for _, q in prompts], prefix=[p for p, _ in prompts],
                                            methods=Sample(temperature, top_k), n=n,
                                            max_new_tokens=max_new_tokens, stop=STOP, seed=0,
-                                           prompt_keys=list(seeds), batch_size=self.batch_size)
+                                           prompt_keys=list(seeds), batch_size=self.batch_size,
+                                           alive=alive)
         return [[g.text for g in row] for row in gens]
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],

@@ -134,6 +134,25 @@ def test_semantic_validation():
     assert error(None, ["seed_workers=0"]) == "config key 'seed_workers': must be >= 1, got 0"
 
 
+def test_data_overlap_setting():
+    # the default keeps what each source did before: Gekhman's filter with gekhman, none without
+    assert load_config(None, ["data.kind=entityquestions"]).data.overlap_mode == "subject_or_answer"
+    assert load_config(None, ["data.kind=entityquestions", "data.gekhman=false"]).data.overlap_mode == "none"
+    assert load_config(None, ["data.kind=jsonl", "data.path=x"]).data.overlap_mode == "none"
+    assert load_config(None, []).data.overlap_mode == "none"  # world
+    cfg = load_config(None, ["data.kind=entityquestions", "data.gekhman=false", "data.overlap=subject"])
+    assert cfg.data.overlap_mode == "subject"
+    assert load_config(None, ["data.kind=entityquestions", "data.overlap=none"]).data.overlap_mode == "none"
+    assert error(None, ["data.kind=entityquestions", "data.overlap=answer"]) == (
+        "config key 'data.overlap': expected one of 'none', 'subject', 'subject_or_answer' or null, "
+        "got 'answer'"
+    )
+    assert error(None, ["data.overlap=subject"]) == (
+        "config key 'data.overlap': applies to QA sets read from data.path, not to kind 'world'; "
+        "got 'subject'"
+    )
+
+
 def test_stage_select_and_train_overrides_are_validated(tmp_path):
     msg = error(None, ["stages.1.train.lrr=1e-6"])
     assert msg.startswith("unknown key 'stages.1.train.lrr'; valid keys: batch_size,")

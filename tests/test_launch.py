@@ -179,3 +179,62 @@ def test_gekhman_probes_get_exemplars_for_test_relations_and_select_on_train_rel
     run = SeedRun(cfg, Resources(None, None, splits, "m"), 0, tmp_path, None, None, None, (None, None))
     assert {e.relation for e in run.selection_dev} == set(qa.TRAIN_RELATIONS)
     assert len(run.selection_dev) == 40 * len(qa.TRAIN_RELATIONS)
+
+
+def _write_jsonl(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    path.write_text("".join(json.dumps({"relation": r, "question": q, "answers": [a]}) + "\n"
+                            for r, q, a in rows))
+
+
+def test_overlap_filter_on_any_relation_set(tmp_path, caplog):
+    """data.overlap drops train examples by their subjects (and answers) in the whole test set,
+    before the test limit; the default for a non-Gekhman source keeps every example."""
+    from gradual_jax.config import load_config
+    from gradual_jax.launch import load_splits
+
+    _write_jsonl(tmp_path / "train.jsonl", [
+        ("P36", "What is the capital of France?", "Paris"),  # 0: subject France, a test answer
+        ("P36", "What is the capital of Italy?", "Rome"),  # 1: nothing shared
+        ("P17", "Which country is Lyon located in?", "France"),  # 2: answer France only
+        ("P17", "Which country is Ulm located in?", "Germany"),  # 3: Ulm, a test subject past the limit
+        ("P36", "What is the capital of Peru?", "Lima"),  # 4: nothing shared
+    ])
+    _write_jsonl(tmp_path / "dev.jsonl", [("P36", "What is the capital of Spain?", "Madrid"),
+                                          ("P17", "Which country is Porto located in?", "Portugal")])
+    _write_jsonl(tmp_path / "test.jsonl", [
+        ("P17", "Which country is Nice located in?", "France"),
+        ("P17", "Which country is Ulm located in?", "Germany"),  # past test_limit_per_relation=1
+        ("P36", "What is the capital of Chile?", "Santiago"),
+    ])
+    base = ["data.kind=jsonl", f"data.path={tmp_path}", "data.test_limit_per_relation=1"]
+
+    def train_ids(*overrides):
+        return [e.id for e in load_splits(load_config(None, [*base, *overrides]))["train"]]
+
+    every = [f"{r}.train.{i}" for i, r in enumerate(["P36", "P36", "P17", "P17", "P36"])]
+    assert train_ids() == every  # default: no filter, as before
+    assert train_ids("data.overlap=none") == every
+    with caplog.at_level("INFO", logger="gradual_jax"):
+        assert train_ids("data.overlap=subject") == ["P36.train.1", "P17.train.2", "P36.train.4"]
+    assert "overlap filter (subject): dropped 2 of 5 train examples (P36 1, P17 1)" in caplog.text
+    assert train_ids("data.overlap=subject_or_answer") == ["P36.train.1", "P36.train.4"]
+    # test relations narrow the test set compared against: P36's test mentions none of them
+    assert train_ids("data.overlap=subject", "data.test_relations=[P36]") == every
+    # the filter comes before the train limit
+    assert train_ids("data.overlap=subject", "data.limit_per_relation=1") == ["P36.train.1", "P17.train.2"]
+
+
+def test_entityquestions_without_gekhman_is_unfiltered_by_default(eq_dir):
+    from gradual_jax.config import load_config
+    from gradual_jax.knowledge import data as qa
+    from gradual_jax.launch import load_splits
+
+    base = ["data.kind=entityquestions", f"data.path={eq_dir}", "data.gekhman=false",
+            "data.train_relations=[P36, P17]"]
+    splits = load_splits(load_config(None, base))
+    assert splits["train"] == qa.load_entityquestions(eq_dir, "train", ["P36", "P17"])
+    assert splits["test"] == qa.load_entityquestions(eq_dir, "test", ["P36", "P17"])
+    subject = load_splits(load_config(None, [*base, "data.overlap=subject"]))
+    assert subject["train"] == qa.drop_overlapping(splits["train"], splits["test"], "subject")
+    assert 0 < len(splits["train"]) - len(subject["train"]) < len(splits["train"]) // 10
+    assert subject["test"] == splits["test"] and subject["dev"] == splits["dev"]

@@ -70,5 +70,7 @@ def test_cli_stats_json_counts_compiles_samples_and_memory(smoke_world, tmp_path
     # is a part of the probe's time.
     assert 0 < stats["warmup_seconds"] < stats["seconds"]
     after = stats["seconds"] - stats["warmup_seconds"]
-    assert stats["questions_per_s_after_warmup"] == pytest.approx(len(records) / after, rel=1e-3)
+    # seconds are written to the millisecond: a fast probe's rate is known to about 1 ms / after
+    assert stats["questions_per_s_after_warmup"] == pytest.approx(len(records) / after,
+                                                                  rel=max(1e-3, 2e-3 / after))
     assert 100e6 < stats["peak_host_bytes"] < 100e9

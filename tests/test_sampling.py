@@ -378,6 +378,33 @@ def test_continuous_batching_keeps_results(llama, tok):
     assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in many]
 
 
+def test_rows_rejected_by_alive_stop_there_and_the_rest_are_unchanged(llama, tok):
+    """A row whose text the caller's `alive` test rejects stops at the first token that makes
+    it so (finish_reason 'abandoned', its tokens a prefix of the unpruned row's); every other
+    row equals the unpruned call's, and the freed slots serve waiting rows."""
+    _, ours = llama
+    kw = dict(max_new_tokens=NEW, methods=Sample(1.5, 20), n=8, batch_size=8)
+    full_sampler, pruned_sampler = Sampler(ours, tok), Sampler(ours, tok)
+    full = full_sampler.generate_batch(PROMPTS, **kw)
+    no_o = lambda text: "o" not in text  # noqa: E731  (once an "o" is read, it stays)
+    pruned = pruned_sampler.generate_batch(PROMPTS, alive=[no_o, None, no_o], **kw)
+    abandoned = 0
+    for p, (whole_row, cut_row) in enumerate(zip(full, pruned)):
+        for whole, cut in zip(whole_row, cut_row):
+            ids = list(whole.token_ids)
+            first_o = next((k for k in range(1, len(ids) + 1)
+                            if "o" in tok.decode(ids[:k], skip_special_tokens=True)), None)
+            if p == 1 or first_o is None or first_o == len(ids):  # ended at that token anyway
+                assert cut.token_ids == whole.token_ids and cut.text == whole.text
+            else:
+                abandoned += 1
+                assert cut.finish_reason == "abandoned"
+                assert cut.token_ids == tuple(ids[:first_o])
+                assert not no_o(cut.text)
+    assert abandoned == pruned_sampler.stats.abandoned > 0
+    assert pruned_sampler.stats.decode_steps < full_sampler.stats.decode_steps
+
+
 # --------------------------------------------------------------------------------------------
 # Shared prefix
 

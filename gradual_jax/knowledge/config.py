@@ -98,7 +98,15 @@ class DataConfig:
     test_relations: list[str] | None = None
     """Relations to test on (default: the train relations, or Gekhman's 7 with ``gekhman``)."""
     gekhman: bool = True
-    """entityquestions: Gekhman et al.'s filters (single answer, no train/test overlap)."""
+    """entityquestions: Gekhman et al.'s setup (their 12 train relations' train split, their 7
+    test relations' test split, single answer, the ``overlap`` filter against both those test
+    sets and the train relations' own test split)."""
+    overlap: Literal["none", "subject", "subject_or_answer"] | None = None
+    """Drop train examples that overlap the test set: subject drops those whose subject equals a
+    test example's subject or answer, subject_or_answer also those whose answer does; none keeps
+    all. Compared against the whole test split of the test relations, before
+    ``test_limit_per_relation``, so a smaller test set leaves the train set as it is. Default:
+    subject_or_answer with ``gekhman`` (kind entityquestions), none otherwise."""
     limit_per_relation: int | None = None
     """Keep the first N train examples of each relation (after the filters)."""
     dev_limit_per_relation: int | None = None
@@ -121,3 +129,12 @@ class DataConfig:
         for key in ("limit_per_relation", "dev_limit_per_relation", "test_limit_per_relation"):
             v = getattr(self, key)
             require(v is None or v >= 1, key, f"must be >= 1, got {v}")
+        require(self.kind != "world" or self.overlap in (None, "none"), "overlap",
+                f"applies to QA sets read from data.path, not to kind 'world'; got {self.overlap!r}")
+
+    @property
+    def overlap_mode(self) -> str:
+        """The overlap filter in effect: ``overlap``, or its default for this kind."""
+        if self.overlap is not None:
+            return self.overlap
+        return "subject_or_answer" if self.kind == "entityquestions" and self.gekhman else "none"

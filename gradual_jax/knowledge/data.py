@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 import shutil
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,8 @@ from typing import Any
 
 from gradual_jax.errors import UserError
 from gradual_jax.knowledge.match import normalize_answer
+
+log = logging.getLogger(__name__)
 
 
 class DataError(UserError):
@@ -589,6 +593,39 @@ def overlaps(ex: QAExample, entities: set[str], mode: str = "subject_or_answer")
     return any(text and normalize_answer(text) in entities for text in texts)
 
 
+def drop_overlapping(
+    train: Sequence[QAExample],
+    test: Iterable[QAExample],
+    overlap: str = "subject_or_answer",
+) -> list[QAExample]:
+    """``train`` without the examples that overlap ``test``, in order.
+
+    ``"subject"`` drops a train example whose normalised subject equals the normalised subject
+    or answer of any test example; ``"subject_or_answer"`` also one whose answer does; ``"none"``
+    keeps every example. Examples without a known subject (no template for their relation) are
+    compared by their answers only. Logs how many were dropped, per relation.
+    """
+    if overlap not in OVERLAP_MODES:
+        raise ValueError(f"overlap must be one of {OVERLAP_MODES}, got {overlap!r}")
+    if overlap == "none":
+        return list(train)
+    entities = entity_keys(test)
+    kept: list[QAExample] = []
+    dropped: Counter[str] = Counter()
+    for ex in train:
+        if overlaps(ex, entities, overlap):
+            dropped[ex.relation] += 1
+        else:
+            kept.append(ex)
+    per_relation = ", ".join(f"{rel} {n}" for rel, n in dropped.items())
+    log.info("overlap filter (%s): dropped %d of %d train examples%s", overlap, sum(dropped.values()),
+             len(train), f" ({per_relation})" if per_relation else "")
+    if train and not any(ex.subject for ex in train):
+        log.warning("overlap filter (%s): no train example has a known subject (no question "
+                    "template for its relation); subjects were not compared", overlap)
+    return kept
+
+
 def gekhman_setup(
     root: str | Path,
     *,
@@ -617,12 +654,9 @@ def gekhman_setup(
     _check_limit(limit_per_relation)
     test = _single_answer(load_entityquestions(root, "test", TEST_RELATIONS))
     in_dist_test = _single_answer(load_entityquestions(root, "test", TRAIN_RELATIONS))
-    entities = entity_keys(test + in_dist_test)
-    train = [
-        ex
-        for ex in _single_answer(load_entityquestions(root, "train", TRAIN_RELATIONS))
-        if not overlaps(ex, entities, overlap)
-    ]
+    train = drop_overlapping(
+        _single_answer(load_entityquestions(root, "train", TRAIN_RELATIONS)), test + in_dist_test, overlap
+    )
     dev = _single_answer(load_entityquestions(root, "dev", TRAIN_RELATIONS + TEST_RELATIONS))
     return {
         "train": first_per_relation(train, limit_per_relation),

@@ -37,3 +37,42 @@ def exact_match(prediction: str, golds: str | Sequence[str], *, first_only: bool
         golds = golds[:1]
     pred = normalize_answer(prediction)
     return any(pred == normalize_answer(gold) for gold in golds)
+
+
+_ARTICLE_WORDS = frozenset({"a", "an", "the"})
+_ARTICLE_PREFIXES = frozenset({"a", "an", "t", "th", "the"})
+
+
+def can_still_match(partial: str, golds: str | Sequence[str], *, first_only: bool = False) -> bool:
+    """False only if no completion of `partial` can be an exact match: for every string s,
+    `exact_match(clean_answer(partial + s), golds)` is False (`clean_answer`: the text up to its
+    first newline). A sampler may then stop generating it: its answer is wrong whatever comes.
+
+    Sound, not complete: where the normalisation is not a function of the text read so far
+    (non-ASCII characters, whose case mapping and word boundaries depend on context, or an
+    apostrophe, next to which a tokenizer's decode may delete spaces), it answers True.
+    """
+    if isinstance(golds, str):
+        golds = (golds,)
+    if first_only:
+        golds = golds[:1]
+    if "\n" in partial:
+        return exact_match(partial.split("\n", 1)[0], golds)
+    if not partial.isascii() or "'" in partial:
+        return True
+    kept = "".join(ch for ch in partial.lower() if ch not in _PUNCTUATION)
+    if not all(ch.isalnum() or ch.isspace() for ch in kept):
+        return True
+    words = kept.split()
+    partial_word = words.pop() if kept and not kept[-1].isspace() else ""
+    done = [w for w in words if w not in _ARTICLE_WORDS]
+    for gold in golds:
+        target = normalize_answer(gold).split()
+        if target[:len(done)] != done:
+            continue
+        rest = target[len(done):]
+        if not partial_word or partial_word in _ARTICLE_PREFIXES:
+            return True
+        if rest and rest[0].startswith(partial_word):
+            return True
+    return False

@@ -57,7 +57,10 @@ class AnswerEngine(Protocol):
 
     `prompts` are (prefix, suffix) pairs: the full prompt is `prefix + suffix`, where the prefix
     is an exemplar block that many prompts of a call share (an engine may keep its prefill) and
-    the suffix the question tail. Completions are raw text after the prompt. An engine may
+    the suffix the question tail. Completions are raw text after the prompt. `sample` gets each
+    prompt's gold `answers`: the probe only counts right samples, so an engine may stop a sample
+    as soon as no completion of it can match (`match.can_still_match`) and return its text so
+    far, which is then wrong as any completion would be. An engine may
     also offer `warm_up(prompts, continuations, *, max_new_tokens, n_samples, top_k)`, which the
     probe calls once with all its work before the first question (to compile ahead of time).
     """
@@ -65,7 +68,9 @@ class AnswerEngine(Protocol):
     def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]: ...
 
     def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
-               temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]: ...
+               temperature: float, top_k: int, max_new_tokens: int,
+               answers: Sequence[Sequence[str]] | None = None,
+               first_answer_only: bool = False) -> list[list[str]]: ...
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
@@ -315,7 +320,9 @@ class Probe:
             seeds = [row_seed(s.seed, w.example.id, i) for w in active]
             samples = self.engine.sample([self._prompt(w, i) for w in active], s.n_samples, seeds,
                                          temperature=s.temperature, top_k=s.top_k,
-                                         max_new_tokens=s.max_new_tokens)
+                                         max_new_tokens=s.max_new_tokens,
+                                         answers=[list(w.example.answers) for w in active],
+                                         first_answer_only=self.first_only)
             for w, outs in zip(active, samples):
                 w.n_sampled += len(outs)
                 w.sampled_prompts += 1

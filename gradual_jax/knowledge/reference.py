@@ -43,7 +43,10 @@ class TransformersEngine:
         return answers
 
     def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
-               temperature: float, top_k: int, max_new_tokens: int) -> list[list[str]]:
+               temperature: float, top_k: int, max_new_tokens: int,
+               answers: Sequence[Sequence[str]] | None = None,
+               first_answer_only: bool = False) -> list[list[str]]:
+        """Every sample generated to its end (`answers` is not used to stop early)."""
         results = []
         with self.torch.no_grad():
             for (prefix, suffix), seed in zip(prompts, seeds):

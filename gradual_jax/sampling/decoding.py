@@ -6,6 +6,11 @@ each waiting row in a free slot; then decode steps run until enough slots are do
 refilling, the finished rows are read back and their slots freed. Every program keeps its
 shapes whatever the rows, so nothing compiles once the engine's shapes are set.
 
+A job may carry an `alive` test on its rows' text so far: after every insert and every decode
+step the host reads the started rows' tokens and abandons those the test rejects (the probe's
+samples of an answer that can no longer match: most die at their first token), freeing their
+slots for waiting rows.
+
 `DecodeLoop` is a mixin of `Sampler`: it uses the sampler's shapes, compiled programs, prefix
 store (`_store_rows`), placement (`_put`, `_put_replicated`), tokenizer (`_decode`), `_eos`,
 `chunk` and `stats`.
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -56,6 +62,12 @@ class Job:
     prefix: tuple[int, ...]
     tail: tuple[int, ...]
     rows: list[Row]
+    alive: Callable[[str], bool] | None = None
+    head: str | None = None  # the prompt's decoded text, once a row of it is tested
+
+
+# Rows come back as (tokens, logp, raw_logp, abandoned).
+RowResult = tuple[np.ndarray, np.ndarray, np.ndarray, bool]
 
 
 class DecodeLoop:
@@ -91,26 +103,34 @@ class DecodeLoop:
         return self._slots
 
     def _run_jobs(self, jobs: list[Job], stop: tuple[str, ...],
-                  table: jax.Array) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Every row of `jobs` decoded to its end; (tokens, logp, raw_logp) per row `out`."""
+                  table: jax.Array) -> dict[int, RowResult]:
+        """Every row of `jobs` decoded to its end (or abandoned); a `RowResult` per row `out`."""
         sh = self.shapes
         d = self._carry()
         self._slots = None  # donated below; restored when the call ends
         owner = np.full(sh.slots, -1)
+        slot_job: list[Job | None] = [None] * sh.slots
         pending = collections.deque(jobs)
-        results: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        results: dict[int, RowResult] = {}
         spanning = any(len(s.encode()) > 1 for s in stop)
+        testing = any(j.alive is not None for j in jobs)
         while True:
             free = np.flatnonzero(owner < 0)
             while pending and len(free):
-                d = self._insert(d, pending, free, owner, table)
+                d = self._insert(d, pending, free, owner, table, slot_job)
                 free = np.flatnonzero(owner < 0)
+            if testing:
+                d = self._abandon(d, owner, slot_job, results)
+                free = np.flatnonzero(owner < 0)
+                if pending and len(free):
+                    continue
             live = sh.slots - len(free)
             if live == 0:
                 break
             waiting = sum(len(j.rows) for j in pending)
             refill_at = sh.slots if not waiting else len(free) + min(max(1, sh.slots // REFILL_SHARE), waiting)
-            limit = self.chunk if spanning else sh.new_tokens
+            # tested rows are read after every step: most are abandoned within one or two
+            limit = 1 if testing else self.chunk if spanning else sh.new_tokens
             args = (self.state, d, table, self._put_replicated(np.int32(limit)),
                     self._put_replicated(np.int32(refill_at)))
             d, taken = self._compile("decode", self._decode_fn, args, dict(policy=self._policy),
@@ -126,13 +146,56 @@ class DecodeLoop:
             if len(finished):
                 tokens, logp, raw = _host(d.tokens, d.logp, d.raw_logp)
                 for s in finished:
-                    results[int(owner[s])] = (tokens[s], logp[s], raw[s])
+                    results[int(owner[s])] = (tokens[s], logp[s], raw[s], False)
                 owner[finished] = -1
         self._slots = d
         return results
 
+    def _abandon(self, d: Decoding, owner: np.ndarray, slot_job: list[Job | None],
+                 results: dict[int, RowResult]) -> Decoding:
+        """Stop the running rows whose job's `alive` test rejects their text so far: their
+        results are recorded as abandoned and their slots freed."""
+        watched = [s for s in np.flatnonzero(owner >= 0)
+                   if slot_job[s] is not None and slot_job[s].alive is not None]
+        if not watched:
+            return d
+        tokens, logp, raw, done = _host(d.tokens, d.logp, d.raw_logp, d.done)
+        dead = []
+        for s in watched:
+            job = slot_job[s]
+            ids = [int(t) for t in tokens[s] if t >= 0]
+            if done[s] or any(t in self._eos for t in ids):
+                continue  # ended on its own: collected as usual
+            prompt = list(job.prefix + job.tail)
+            if job.head is None:
+                job.head = self._decode(prompt)
+            if not any(job.alive(text) for text in self._readings(self._text(job.head, prompt, ids))):
+                dead.append(s)
+        if not dead:
+            return d
+        for s in dead:
+            results[int(owner[s])] = (tokens[s], logp[s], raw[s], True)
+            owner[s] = -1
+            slot_job[s] = None
+        done[dead] = True
+        self.stats.abandoned += len(dead)
+        return dataclasses.replace(d, done=self._put(done))
+
+    def _readings(self, text: str) -> tuple[str, ...]:
+        """What the final text may begin with, given `text` so far: itself, and where the
+        tokenizer's decode cleans up spaces before punctuation and contractions (a space at the
+        end may vanish once the next token comes, as may the one before a final 'n' of "n't")."""
+        if not getattr(self.tokenizer, "clean_up_tokenization_spaces", False):
+            return (text,)
+        out = [text]
+        if text.endswith(" "):
+            out.append(text[:-1])
+        if text.endswith(" n"):
+            out.append(text[:-2] + "n")
+        return tuple(out)
+
     def _insert(self, d: Decoding, pending: collections.deque, free: np.ndarray, owner: np.ndarray,
-                table: jax.Array) -> Decoding:
+                table: jax.Array, slot_job: list[Job | None]) -> Decoding:
         """Start waiting rows in free slots: the next jobs' tails, as many as one insert packs,
         each row of theirs taking a free slot (a job whose rows do not all fit stays first in
         line with the rest)."""
@@ -167,10 +230,11 @@ class DecodeLoop:
                 "top_p": np.ones(n, np.float32), "seed": np.zeros(n, np.uint32),
                 "prompt_key": np.zeros(n, np.uint32), "sample": np.zeros(n, np.uint32)}
         i = 0
-        for t, (_, rows) in enumerate(taken):
+        for t, (job, rows) in enumerate(taken):
             for r in rows:
                 s = free[i]
                 owner[s] = r.out
+                slot_job[s] = job
                 dest["slot"][i], dest["source"][i] = s, t
                 dest["temperature"][i], dest["top_p"][i] = r.temperature, r.top_p
                 # greedy rows: a top-1 distribution, so their sampling log-prob is 0
@@ -201,11 +265,11 @@ class DecodeLoop:
         return d, done
 
     def _finish(self, head: str, prompt: list[int], tokens: np.ndarray, logp: np.ndarray,
-                raw: np.ndarray, stop: tuple[str, ...]) -> Generation:
+                raw: np.ndarray, abandoned: bool, stop: tuple[str, ...]) -> Generation:
         """Cut a row's record after its stopping token and its text before the stop string
         (`head`: the prompt's decoded text)."""
         ids = [int(t) for t in tokens if t >= 0]
-        reason, end = "length", len(ids)
+        reason, end = "abandoned" if abandoned else "length", len(ids)
         eos = next((i for i, t in enumerate(ids) if t in self._eos), None)
         if eos is not None:
             reason, end = "eos", eos + 1

@@ -13,7 +13,8 @@ class Generation:
     token completing a stop string). `logprobs[i]`: log-probability of `token_ids[i]` under the
     distribution it was drawn from (0.0 for greedy); `raw_logprobs[i]`: under the raw model
     (softmax of the logits). `text`: the generation as it reads after the prompt, cut before the
-    first stop string, without EOS. `finish_reason`: 'stop', 'eos' or 'length'.
+    first stop string, without EOS. `finish_reason`: 'stop', 'eos', 'length', or 'abandoned'
+    (the caller's `alive` test rejected the text so far, and generation stopped there).
     """
 
     text: str
@@ -37,7 +38,8 @@ class TokenScores:
 class SamplerStats:
     """Work done by a `Sampler` since creation (or `reset_stats`). Token counts include padding,
     so they measure what the hardware computed. `prefixes`: prefixes prefilled into the store;
-    `inserts`: insert calls (each prefills packed tails and starts slots); `warmup_*`: the
+    `inserts`: insert calls (each prefills packed tails and starts slots); `abandoned`: rows
+    stopped by an `alive` test; `warmup_*`: the
     compiles `Sampler.warm_up` did ahead of time (also counted in `compiles`)."""
 
     compiles: int = 0
@@ -48,5 +50,6 @@ class SamplerStats:
     logit_rows: int = 0
     inserts: int = 0
     prefixes: int = 0
+    abandoned: int = 0
     warmup_compiles: int = 0
     warmup_seconds: float = 0.0

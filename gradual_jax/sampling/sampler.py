@@ -379,7 +379,9 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                        stop: Sequence[str] = (), seed: int = 0,
                        batch_size: int = DEFAULT_BATCH_SIZE, prefix: str | Sequence[str] = "",
                        share_prefix: bool | None = None,
-                       prompt_keys: Sequence[int] | None = None) -> list[list[Generation]]:
+                       prompt_keys: Sequence[int] | None = None,
+                       alive: Sequence[Callable[[str], bool] | None] | None = None,
+                       ) -> list[list[Generation]]:
         """For each prompt, one `Generation` per sample, in order.
 
         `methods`: one method used for `n` samples, or a list of methods, one sample each (e.g.
@@ -389,8 +391,14 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         shares a common token prefix of >= MIN_SHARED_PREFIX tokens, True any, False none.
         `prompt_keys`: integers seeding each prompt's samples (default: its index), so a subset
         of prompts can be re-run on the same random stream. `batch_size`: decode slots (rows
-        decoded together), fixed by the sampler's first call or `prepare`. Bad arguments raise
-        ValueError before anything is compiled.
+        decoded together), fixed by the sampler's first call or `prepare`. `alive`: per prompt,
+        None or a test of a row's text so far (as `Generation.text` would read if it ended
+        there); once it returns False the row stops with finish_reason 'abandoned' and its
+        slot goes to a waiting row. For callers that only need to know whether a sample can
+        still be accepted (the probe: `knowledge.match.can_still_match`); the test must be
+        False only for texts no continuation of which the caller would accept. It is
+        never applied to rows that already ended. Bad arguments raise ValueError before
+        anything is compiled.
         """
         prompts = check_prompts(prompts)
         fan = fanout(methods, n)
@@ -400,6 +408,8 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if prompt_keys is not None and len(prompt_keys) != len(prompts):
             raise ValueError(f"prompt_keys has {len(prompt_keys)} entries for {len(prompts)} prompts")
+        if alive is not None and len(alive) != len(prompts):
+            raise ValueError(f"alive has {len(alive)} entries for {len(prompts)} prompts")
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
@@ -416,7 +426,8 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         order = sorted(range(len(prompts)), key=lambda i: (splits[i].prefix, splits[i].tail))
         jobs = [Job(splits[i].prefix, splits[i].tail,
                     [Row(i * m + j, s.temperature, s.top_k, s.top_p, seed, keys[i], j)
-                     for j, s in enumerate(settings)]) for i in order]
+                     for j, s in enumerate(settings)], None if alive is None else alive[i])
+                for i in order]
         results = self._run_jobs(jobs, stop, table)
         out = []
         for i, s in enumerate(splits):

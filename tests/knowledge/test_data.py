@@ -21,6 +21,7 @@ from gradual_jax.knowledge.data import (
     DataError,
     QAExample,
     download_entityquestions,
+    drop_overlapping,
     entity_keys,
     extract_subject,
     from_hf_dataset,
@@ -417,3 +418,34 @@ def test_overlap_modes_hand_worked():
     assert [overlaps(ex, entities) for ex in examples] == [True, True, False]
     assert [overlaps(ex, entities, "subject") for ex in (same_answer, same_subject)] == [False, True]
     assert not overlaps(same_subject, entities, "none")
+
+
+def test_drop_overlapping_hand_worked(caplog):
+    def ex(ex_id, relation, answer, subject):
+        return QAExample(ex_id, relation, f"q {ex_id}", (answer,), ex_id.split(".")[1], subject)
+
+    test = [
+        ex("P36.test.0", "P36", "Paris", "France"),  # entities: paris, france
+        ex("P17.test.0", "P17", "Germany", "Lake Constance"),  # germany, lake constance
+    ]
+    train = [
+        ex("P17.train.0", "P17", "France", "Lyon"),  # answer France: a test subject
+        ex("P36.train.0", "P36", "Berlin", "Germany"),  # subject Germany: a test answer
+        ex("P20.train.0", "P20", "London", "The Lake Constance"),  # subject, after normalising
+        ex("P36.train.1", "P36", "Rome", "Italy"),  # nothing in common
+        ex("P20.train.1", "P20", "Paris", None),  # no subject; answer Paris: a test answer
+    ]
+    ids = lambda examples: [e.id for e in examples]  # noqa: E731
+    assert ids(drop_overlapping(train, test, "none")) == ids(train)
+    with caplog.at_level("INFO", logger="gradual_jax.knowledge.data"):
+        kept = drop_overlapping(train, test, "subject")
+    assert ids(kept) == ["P17.train.0", "P36.train.1", "P20.train.1"]
+    assert "overlap filter (subject): dropped 2 of 5 train examples (P36 1, P20 1)" in caplog.text
+    assert ids(drop_overlapping(train, test, "subject_or_answer")) == ["P36.train.1"]
+    assert ids(drop_overlapping(train, test)) == ["P36.train.1"]  # Gekhman's default
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gradual_jax.knowledge.data"):
+        assert ids(drop_overlapping(train[-1:], test, "subject")) == ["P20.train.1"]
+    assert "no train example has a known subject" in caplog.text
+    with pytest.raises(ValueError, match="overlap"):
+        drop_overlapping(train, test, "answer")
