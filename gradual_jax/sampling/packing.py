@@ -21,7 +21,8 @@ import numpy as np
 
 MIN_SHARED_PREFIX = 16
 PREFIX_STEP = 32           # prefix widths: multiples of 32
-INSERT_WIDTH_MIN = 64      # tail widths: powers of two from 64
+INSERT_WIDTH_MIN = 32      # tail widths: powers of two from 32
+INSERT_ROWS = 4            # packed rows per insert, each of its own stored prefix
 SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
 SCORE_SEQS = 48            # continuations scored per call
 SCORE_CONT_MIN = 8         # continuation tokens scored per sequence: powers of two from 8
@@ -113,9 +114,9 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
         store_rows=next_pow2(prefixes, STORE_ROWS_MIN),
         prefill_rows=round_up(2, multiple),
-        insert_rows=1,
+        insert_rows=INSERT_ROWS,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
-        insert_dests=max(1, slots // 2),
+        insert_dests=slots,
         insert_tails=INSERT_TAILS,
         new_tokens=max(1, new_tokens),
         score_rows=round_up(4, multiple),
