@@ -153,7 +153,7 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     # The probe's default mesh: the largest tensor degree dividing 8 devices, 4 and 2 heads.
     assert result["probe_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
     assert result["hbm_bytes"] == 1000 * P.GIB
-    assert set(result["programs"]) == {"train", "prefill", "insert", "decode", "score"}
+    assert set(result["programs"]) == {"train", "prefill", "first", "admit", "decode", "score"}
     assert result["fits_train"] is result["fits_probe"] is True
     n = mc.num_params()
     assert result["params"] == result["trainable_params"] == n
@@ -173,7 +173,7 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     shapes = result["probe_shapes"]
     # The tiny byte-level prompts' shared prefix fits one 32-token step; probe.batch_size slots.
     assert shapes["prefix_width"] == 32 and shapes["slots"] == 16
-    assert shapes["cache_len"] == 32 + 64 + 4  # prefix + tail width + new tokens
+    assert shapes["cache_len"] == 32 + 32 + 4  # prefix + tail width + new tokens
     assert result["decode_collective_bytes"] > 0
     assert result["model_flops_per_step"] == 6 * n * 16 * 32
     assert result["flops_per_step"] > 0
@@ -322,7 +322,7 @@ def _tiny_model_config():
 
 def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
     """`Sampler.abstract` holds the layout the sampler gives real weights (inference rules,
-    compute dtype), so its lowered prefill, insert, decode and score programs are the real
+    compute dtype), so its lowered prefill, first, admit, decode and score programs are the real
     sampler's."""
     import jax
     from flax import nnx
@@ -341,9 +341,9 @@ def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
         s.prepare(batch_size=16, longest_prefix=40, longest_tail=10, new_tokens=4, longest_scored=14,
                   longest_continuation=4, k_cap=5)
         lowered = s.lower_programs()
-        texts.append([lowered[name].as_text() for name in ("prefill", "insert", "decode", "score")])
+        texts.append([lowered[name].as_text() for name in ("prefill", "first", "admit", "decode", "score")])
         carry = lowered["decode"].compile().out_info[0]
-        assert carry.cache.mask.shape == (16, 64 + 64 + 4)  # 16 slots: prefix + tail + new tokens
+        assert carry.cache.mask.shape == (16, 64 + 32 + 4)  # 16 slots: prefix + tail + new tokens
     assert texts[0] == texts[1]
 
 

@@ -1,7 +1,7 @@
 """The probe engine's compile count does not grow with the data: SmolLM2's real tokenizer on
 real EntityQuestions prompts (12 relations, the committed prompt sets) gives the same engine
 shapes for 24 and for 240 questions, and a whole probe compiles only its ahead-of-time warm-up
-(four programs), in lazy and in screened mode."""
+(five programs), in lazy and in screened mode."""
 
 from __future__ import annotations
 
@@ -68,5 +68,5 @@ def test_a_whole_probe_compiles_only_its_warm_up(tokenizer, eq_dir, mode, most):
         records = probe.run(examples)
     assert len(records) == 24
     stats = engine.sampler.stats
-    assert stats.warmup_compiles == 4  # prefill, insert, decode, score
+    assert stats.warmup_compiles == 5  # prefill, first, admit, decode, score
     assert compiles.count == stats.compiles == stats.warmup_compiles <= most

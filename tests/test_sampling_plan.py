@@ -54,7 +54,7 @@ def test_shapes_round_up_fixed_ladders():
     sh = shapes_for(slots=60, longest_prefix=97, longest_tail=14, new_tokens=16, longest_scored=30,
                     longest_continuation=5, prefixes=30, k_cap=40, multiple=8)
     assert (sh.slots, sh.prefix_width, sh.store_rows) == (64, 128, 32)
-    assert (sh.insert_rows, sh.insert_width, sh.insert_dests) == (4, 32, 64)
+    assert (sh.insert_rows, sh.insert_width, sh.insert_dests) == (4, 32, 128)
     assert (sh.score_width, sh.score_cont, sh.k_cap) == (128, 8, 64)
     assert sh.prefill_rows == 8 and sh.score_rows == 8  # rows the data axes split: multiples of 8
     assert sh.cache_len == 128 + 32 + 16

@@ -34,12 +34,12 @@ batch composition, slot or order. Per-row temperature/top-k/top-p let greedy row
 ones share the decode slots and one executable.
 
 Shapes (`packing.Shapes`) grow only, up fixed ladders, so a probe of any size compiles the
-same four programs (prefill, insert, decode, score); `Sampler.warm_up` compiles them ahead of
+same five programs (prefill, first, admit, decode, score); `Sampler.warm_up` compiles them ahead of
 time. Executables are cached by graph, mesh and shapes, shared by every `Sampler`.
 
 Modules: `methods` (Greedy, Sample), `records` (Generation, TokenScores, SamplerStats),
 `packing` (shapes, prefix splitting and packing on the host: no jax), `kernels` (token choice,
-the carries and the four programs), `compile_cache`, `placement` (mesh layout), `decoding` (the
+the carries and the five programs), `compile_cache`, `placement` (mesh layout), `decoding` (the
 host's continuous batching), `lowering` (the programs on abstract inputs), `sampler`
 (`Sampler`) and `api` (`sampler_for`, `generate`, `generate_batch`, `score_continuations`).
 """

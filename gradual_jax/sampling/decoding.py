@@ -6,10 +6,12 @@ each waiting row in a free slot; then decode steps run until enough slots are do
 refilling, the finished rows are read back and their slots freed. Every program keeps its
 shapes whatever the rows, so nothing compiles once the engine's shapes are set.
 
-A job may carry an `alive` test on its rows' text so far: after every insert and every decode
-step the host reads the started rows' tokens and abandons those the test rejects (the probe's
-samples of an answer that can no longer match: most die at their first token), freeing their
-slots for waiting rows.
+An insert is two programs: `first` prefills the tails and draws every taken row's first token,
+then the host finishes the rows that ended at it and `admit` copies the rest into free slots. A
+job may carry an `alive` test on its rows' text so far: the host applies it to each first token
+and after every decode step, and abandons the rows it rejects (the probe's samples of an answer
+that can no longer match: most die at their first token, before any copy), freeing their slots
+for waiting rows.
 
 `DecodeLoop` is a mixin of `Sampler`: it uses the sampler's shapes, compiled programs, prefix
 store (`_store_rows`), placement (`_put`, `_put_replicated`), tokenizer (`_decode`), `_eos`,
@@ -27,7 +29,7 @@ import jax
 import numpy as np
 
 from gradual_jax.models.transformer import KVCache, as_dtype
-from gradual_jax.sampling.kernels import DONATE_CARRY, Decoding, Rows
+from gradual_jax.sampling.kernels import ADMIT_DONATES, DONATE_CARRY, Decoding, Rows
 from gradual_jax.sampling.packing import pack_rows
 from gradual_jax.sampling.records import Generation
 
@@ -117,13 +119,8 @@ class DecodeLoop:
         while True:
             free = np.flatnonzero(owner < 0)
             while pending and len(free):
-                d = self._insert(d, pending, free, owner, table, slot_job)
+                d = self._insert(d, pending, free, owner, table, slot_job, results, stop)
                 free = np.flatnonzero(owner < 0)
-            if testing:
-                d = self._abandon(d, owner, slot_job, results)
-                free = np.flatnonzero(owner < 0)
-                if pending and len(free):
-                    continue
             live = sh.slots - len(free)
             if live == 0:
                 break
@@ -139,6 +136,8 @@ class DecodeLoop:
             self.stats.decode_steps += taken
             self.stats.decode_row_steps += taken * sh.slots
             self.stats.logit_rows += taken * sh.slots
+            if testing:
+                d = self._abandon(d, owner, slot_job, results)
             (done,) = _host(d.done)
             if spanning:
                 d, done = self._check_spanning_stops(d, done, owner, stop)
@@ -166,10 +165,7 @@ class DecodeLoop:
             ids = [int(t) for t in tokens[s] if t >= 0]
             if done[s] or any(t in self._eos for t in ids):
                 continue  # ended on its own: collected as usual
-            prompt = list(job.prefix + job.tail)
-            if job.head is None:
-                job.head = self._decode(prompt)
-            if not any(job.alive(text) for text in self._readings(self._text(job.head, prompt, ids))):
+            if not self._still_alive(job, ids):
                 dead.append(s)
         if not dead:
             return d
@@ -180,6 +176,13 @@ class DecodeLoop:
         done[dead] = True
         self.stats.abandoned += len(dead)
         return dataclasses.replace(d, done=self._put(done))
+
+    def _still_alive(self, job: Job, ids: list[int]) -> bool:
+        """Whether `job.alive` accepts the text of generated tokens `ids` (in any reading)."""
+        prompt = list(job.prefix + job.tail)
+        if job.head is None:
+            job.head = self._decode(prompt)
+        return any(job.alive(text) for text in self._readings(self._text(job.head, prompt, ids)))
 
     def _readings(self, text: str) -> tuple[str, ...]:
         """What the final text may begin with, given `text` so far: itself, and where the
@@ -195,27 +198,36 @@ class DecodeLoop:
         return tuple(out)
 
     def _insert(self, d: Decoding, pending: collections.deque, free: np.ndarray, owner: np.ndarray,
-                table: jax.Array, slot_job: list[Job | None]) -> Decoding:
-        """Start waiting rows in free slots: the next jobs' tails, as many as one insert packs,
-        each row of theirs taking a free slot (a job whose rows do not all fit stays first in
-        line with the rest)."""
+                table: jax.Array, slot_job: list[Job | None], results: dict[int, RowResult],
+                stop: tuple[str, ...]) -> Decoding:
+        """Start waiting rows: the next jobs' tails, as many as one packing holds, are prefilled
+        and every row taken draws its first token (`first_program`); the host then finishes the
+        rows that ended there, abandons those their job's `alive` test rejects, and admits the
+        rest into free slots (`admit_program`). Rows of untested jobs are taken only as far as
+        slots are free; tested rows up to `insert_dests`, and any that find no free slot go back
+        to the front of the line (redrawn later from the same key, so the same token)."""
         sh = self.shapes
-        room = min(len(free), sh.insert_dests)
         taken: list[tuple[Job, list[Row]]] = []
         seqs: list[tuple[int, ...]] = []
         keys: list[tuple[int, ...]] = []
-        used = 0
-        while pending and used < room and len(seqs) < sh.insert_tails:
+        used = untested = 0
+        while pending and used < sh.insert_dests and len(seqs) < sh.insert_tails:
             job = pending[0]
+            room = sh.insert_dests - used
+            if job.alive is None:
+                room = min(room, len(free) - untested)
+            if room <= 0:
+                break
             _, fits = pack_rows(seqs + [job.tail], keys + [job.prefix], sh.insert_rows, sh.insert_width,
                                 len(seqs) + 1)
             if fits <= len(seqs):
                 break
-            k = min(len(job.rows), room - used)
+            k = min(len(job.rows), room)
             taken.append((job, job.rows[:k]))
             seqs.append(job.tail)
             keys.append(job.prefix)
             used += k
+            untested += k if job.alive is None else 0
             if k == len(job.rows):
                 pending.popleft()
             else:
@@ -224,33 +236,65 @@ class DecodeLoop:
         assert count == len(seqs)
         store_rows = self._store_rows([p for p in packed.prefix if p is not None])
         prefix = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
-        n = sh.insert_dests
-        dest = {"slot": np.full(n, sh.slots, np.int32), "source": np.zeros(n, np.int32),
-                "temperature": np.zeros(n, np.float32), "top_k": np.ones(n, np.int32),
-                "top_p": np.ones(n, np.float32), "seed": np.zeros(n, np.uint32),
-                "prompt_key": np.zeros(n, np.uint32), "sample": np.zeros(n, np.uint32)}
-        i = 0
-        for t, (job, rows) in enumerate(taken):
-            for r in rows:
-                s = free[i]
-                owner[s] = r.out
-                slot_job[s] = job
-                dest["slot"][i], dest["source"][i] = s, t
-                dest["temperature"][i], dest["top_p"][i] = r.temperature, r.top_p
-                # greedy rows: a top-1 distribution, so their sampling log-prob is 0
-                dest["top_k"][i] = r.top_k if r.temperature > 0 else 1
-                dest["seed"][i], dest["prompt_key"][i], dest["sample"][i] = r.seed, r.prompt_key, r.sample
-                i += 1
-        pack = {"ids": packed.ids, "pos": packed.pos, "seg": packed.seg, "prefix": prefix,
-                "row": packed.row, "col": packed.col, "length": packed.length}
-        args = (self.state, d, self._store,
-                {k: self._put_replicated(v) for k, v in pack.items()},
-                {k: self._put_replicated(v) for k, v in dest.items()}, table)
-        d = self._compile("insert", self._insert_fn, args, dict(policy=self._policy), donate=DONATE_CARRY)(*args)
+        drawn = [(job, r, t) for t, (job, rows) in enumerate(taken) for r in rows]
+        draw = self._settings(sh.insert_dests, [(r, t) for _, r, t in drawn])
+        pack = {k: self._put_replicated(v) for k, v in
+                {"ids": packed.ids, "pos": packed.pos, "seg": packed.seg, "prefix": prefix,
+                 "row": packed.row, "col": packed.col, "length": packed.length}.items()}
+        args = (self.state, self._store, pack, {k: self._put_replicated(v) for k, v in draw.items()})
+        mini, token, logp, raw = self._compile("first", self._first_fn, args,
+                                               dict(policy=self._policy))(*args)
         self.stats.inserts += 1
         self.stats.prefill_tokens += packed.ids.size
-        self.stats.logit_rows += n
-        return d
+        self.stats.logit_rows += sh.insert_tails
+        token, logp, raw = _host(token, logp, raw)
+        ends = self.stop_table(stop)
+        n = sh.new_tokens
+        admit: list[tuple[int, Row, int, int]] = []  # (slot, row, tail, draw index)
+        back: dict[int, tuple[Job, list[Row]]] = {}
+        spare = list(free)
+        for i, (job, r, t) in enumerate(drawn):
+            first = int(token[i])
+            if ends[first] or n == 1 or (job.alive is not None and not self._still_alive(job, [first])):
+                row = np.full(n, -1, np.int32)
+                row[0] = first
+                results[r.out] = (row, np.pad(logp[i:i + 1], (0, n - 1)), np.pad(raw[i:i + 1], (0, n - 1)),
+                                  not (ends[first] or n == 1))
+                self.stats.abandoned += not (ends[first] or n == 1)
+            elif spare:
+                s = spare.pop(0)
+                owner[s], slot_job[s] = r.out, job
+                admit.append((s, r, t, i))
+            else:
+                back.setdefault(id(job), (job, []))[1].append(r)
+        for job, rows in reversed(list(back.values())):
+            pending.appendleft(Job(job.prefix, job.tail, rows, job.alive, job.head))
+        if not admit:
+            return d
+        place = self._settings(sh.slots, [(r, t) for _, r, t, _ in admit])
+        place["slot"] = np.full(sh.slots, sh.slots, np.int32)
+        for name, source in (("token", token), ("logp", logp), ("raw", raw)):
+            place[name] = np.zeros(sh.slots, source.dtype)
+        for a, (s, _, _, i) in enumerate(admit):
+            place["slot"][a] = s
+            place["token"][a], place["logp"][a], place["raw"][a] = token[i], logp[i], raw[i]
+        args = (d, mini, pack, {k: self._put_replicated(v) for k, v in place.items()}, table)
+        return self._compile("admit", self._admit_fn, args, {}, donate=ADMIT_DONATES)(*args)
+
+    @staticmethod
+    def _settings(size: int, rows: list[tuple[Row, int]]) -> dict[str, np.ndarray]:
+        """Per-row sampling settings and keys, padded to `size`, with each row's source tail."""
+        out = {"source": np.zeros(size, np.int32), "temperature": np.zeros(size, np.float32),
+               "top_k": np.ones(size, np.int32), "top_p": np.ones(size, np.float32),
+               "seed": np.zeros(size, np.uint32), "prompt_key": np.zeros(size, np.uint32),
+               "sample": np.zeros(size, np.uint32)}
+        for i, (r, t) in enumerate(rows):
+            out["source"][i] = t
+            out["temperature"][i], out["top_p"][i] = r.temperature, r.top_p
+            # greedy rows: a top-1 distribution, so their sampling log-prob is 0
+            out["top_k"][i] = r.top_k if r.temperature > 0 else 1
+            out["seed"][i], out["prompt_key"][i], out["sample"][i] = r.seed, r.prompt_key, r.sample
+        return out
 
     def _check_spanning_stops(self, d: Decoding, done: np.ndarray, owner: np.ndarray,
                               stop: tuple[str, ...]) -> tuple[Decoding, np.ndarray]:

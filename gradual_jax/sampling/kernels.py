@@ -1,12 +1,16 @@
-"""Device code: token choice, the decode carry and the four programs the sampler compiles.
+"""Device code: token choice, the decode carry and the five programs the sampler compiles.
 
 Every program runs the model's own forward pass (`Transformer.__call__`); only masks,
 positions and where keys and values go are built here.
 
 - `prefill_program`: prefixes, `[prefill_rows, prefix_width]`, into rows of the prefix store.
-- `insert_program`: tails packed `[insert_rows, insert_width]` (one stored prefix per row)
-  prefilled against their prefixes, each tail's prefix and tail keys copied into the decode
-  slots that take it (one per sample), the slots' first tokens chosen.
+- `first_program`: tails packed `[insert_rows, insert_width]` (one stored prefix per row)
+  prefilled against their prefixes, the first token of every row (prompt x sample) that will
+  continue them chosen; the tails' cache stays on the device.
+- `admit_program`: the rows the host admits (those that did not end at their first token and
+  that the caller still wants) started in decode slots: each gets its tail's prefix and tail
+  keys copied in, its settings and its first token. The host reads the first tokens between
+  the two, so rows that end or are abandoned at once never cost a copy.
 - `decode_program`: one token per slot per step until a step limit or until enough slots are
   done to be worth refilling (continuous batching). Every slot writes its new keys at one
   shared column of its generation region, used as a ring: a slot started k steps ago holds its
@@ -15,7 +19,7 @@ positions and where keys and values go are built here.
 - `score_program`: teacher-forced log-probs of continuations packed `[score_rows, score_width]`
   against their stored prefixes, each prompt tail once with its continuations branching off it.
 
-All take the model state first; the sampler binds the graph definition (and its mesh
+All but `admit_program` take the model state first; the sampler binds the graph definition (and its mesh
 constraint) and compiles them once for its `packing.Shapes`.
 """
 
@@ -182,6 +186,8 @@ def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, id
 
 # Programs that update a carry donate it (argument 1): the buffers are reused in place.
 DONATE_CARRY = (1,)
+# admit_program takes no model state: the decode slots are its first argument.
+ADMIT_DONATES = (0,)
 
 
 def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
@@ -199,27 +205,46 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
                                  mask=put(store.mask, mask)))
 
 
-def insert_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d: Decoding,
-                   store: PrefixStore, pack: dict, dest: dict, stop_table: jax.Array, *,
-                   policy: Policy) -> Decoding:
+def first_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
+                  pack: dict, draw: dict, *,
+                  policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
     """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
-    col, length `[T]`) and start slots `dest` (slot `[D]`, out of range: none; source tail
-    `[D]`; temperature, top_k, top_p; key seed, prompt key and sample) on them: each slot gets
-    its tail's prefix and tail keys, its settings and its first token."""
+    col, length `[T]`) against their stored prefixes and choose the first token of each row
+    `draw` asks for (source tail `[D]`; temperature, top_k, top_p; key seed, prompt key and
+    sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`)
+    and per row its first token, log-prob under its sampling distribution and under the
+    model. The logits are computed once per tail, however many rows draw from it."""
     model = nnx.merge(graphdef, state)
     h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
-    p, w = store.mask.shape[1], pack["ids"].shape[1]
-    src = dest["source"]
-    row, col, length = pack["row"][src], pack["col"][src], pack["length"][src]  # per dest
+    w = pack["ids"].shape[1]
+    last = h[pack["row"], jnp.clip(pack["col"] + pack["length"] - 1, 0, w - 1)]  # [T, D_model]
+    logits = model.hidden_to_logits(last[:, None])[:, 0]
+    keys = row_keys(draw["seed"], draw["prompt_key"], draw["sample"])
+    rows = Rows(draw["temperature"], draw["top_k"], draw["top_p"], keys)
+    token, logp, raw = choose(logits[draw["source"]], rows, jnp.zeros(keys.shape[:1], jnp.int32), policy)
+    return constrain((mini, token, logp, raw))
+
+
+def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, pack: dict,
+                  place: dict, stop_table: jax.Array) -> Decoding:
+    """Start slots `place` (slot `[A]`, out of range: none; source tail `[A]`; temperature,
+    top_k, top_p; key seed, prompt key and sample; the first token chosen by `first_program`
+    with its log-probs) on the tails of `mini`, the cache `first_program` returned for `pack`
+    (the same packing): each slot gets its tail's prefix and tail keys, its settings
+    and its first token."""
+    w = pack["ids"].shape[1]
+    p = mini.mask.shape[1] - w
+    src = place["source"]
+    row, col, length = pack["row"][src], pack["col"][src], pack["length"][src]  # per slot
     j = jnp.arange(w)
-    valid = j[None, :] < length[:, None]  # [D, W]
+    valid = j[None, :] < length[:, None]  # [A, W]
     r_idx = jnp.broadcast_to(row[:, None], valid.shape)
     c_idx = p + jnp.clip(col[:, None] + j[None, :], 0, w - 1)
-    slot = dest["slot"]
+    slot = place["slot"]
 
     def copy(buf: jax.Array, part: jax.Array) -> jax.Array:
         own = jnp.where(valid[..., None, None], part[r_idx, c_idx], 0)
-        rows = jnp.concatenate([part[row, :p], own], axis=1).astype(buf.dtype)  # [D, P + W, K, H]
+        rows = jnp.concatenate([part[row, :p], own], axis=1).astype(buf.dtype)  # [A, P + W, K, H]
         return buf.at[slot, :p + w].set(rows, mode="drop")
 
     new_mask = jnp.concatenate([mini.mask[row, :p], valid,
@@ -227,25 +252,23 @@ def insert_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
     cache = KVCache(keys=[copy(a, b) for a, b in zip(d.cache.keys, mini.keys)],
                     values=[copy(a, b) for a, b in zip(d.cache.values, mini.values)],
                     mask=d.cache.mask.at[slot].set(new_mask, mode="drop"), end=d.cache.end)
-    last = h[row, jnp.clip(col + length - 1, 0, w - 1)]  # [D, D_model]
-    logits = model.hidden_to_logits(last[:, None])[:, 0]
     put = lambda buf, new: buf.at[slot].set(new, mode="drop")  # noqa: E731
-    keys = row_keys(dest["seed"], dest["prompt_key"], dest["sample"])
-    rows = Rows(temperature=put(d.rows.temperature, dest["temperature"]),
-                top_k=put(d.rows.top_k, dest["top_k"]), top_p=put(d.rows.top_p, dest["top_p"]),
+    keys = row_keys(place["seed"], place["prompt_key"], place["sample"])
+    rows = Rows(temperature=put(d.rows.temperature, place["temperature"]),
+                top_k=put(d.rows.top_k, place["top_k"]), top_p=put(d.rows.top_p, place["top_p"]),
                 key=put(d.rows.key, keys))
+    n = d.tokens.shape[1]
     d = dataclasses.replace(
         d, cache=cache, rows=rows, done=put(d.done, jnp.zeros(slot.shape, bool)),
         step=put(d.step, jnp.zeros_like(slot)),
-        tokens=put(d.tokens, jnp.full((slot.shape[0], d.tokens.shape[1]), -1, jnp.int32)),
-        logp=put(d.logp, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.float32)),
-        raw_logp=put(d.raw_logp, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.float32)))
-    sub = Rows(dest["temperature"], dest["top_k"], dest["top_p"], keys)
-    token, logp, raw = choose(logits, sub, jnp.zeros(slot.shape, jnp.int32), policy)
+        tokens=put(d.tokens, jnp.full((slot.shape[0], n), -1, jnp.int32)),
+        logp=put(d.logp, jnp.zeros((slot.shape[0], n), jnp.float32)),
+        raw_logp=put(d.raw_logp, jnp.zeros((slot.shape[0], n), jnp.float32)))
     # Scatter the first tokens into full-width rows, then record them for the started slots.
     started = jnp.zeros(d.done.shape, bool).at[slot].set(True, mode="drop")
     full = lambda v: jnp.zeros(d.done.shape, v.dtype).at[slot].set(v, mode="drop")  # noqa: E731
-    return constrain(record(d, full(token), full(logp), full(raw), stop_table, started))
+    return constrain(record(d, full(place["token"]), full(place["logp"]), full(place["raw"]),
+                            stop_table, started))
 
 
 def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d: Decoding,

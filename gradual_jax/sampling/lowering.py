@@ -38,9 +38,10 @@ class Lowering:
         return sampler
 
     def lower_programs(self) -> dict[str, jax.stages.Lowered]:
-        """The four programs of the current shapes (`prepare`) lowered as the sampler compiles
-        them: 'prefill' (prefixes into the store), 'insert' (tails into decode slots), 'decode'
-        (the decode loop, its carry donated) and 'score'. Their compiled outputs describe the
+        """The five programs of the current shapes (`prepare`) lowered as the sampler compiles
+        them: 'prefill' (prefixes into the store), 'first' (tails prefilled, first tokens drawn),
+        'admit' (rows into decode slots, the slots donated), 'decode' (the decode loop, its
+        carry donated) and 'score'. Their compiled outputs describe the
         prefix store ('prefill') and the decode slots ('decode')."""
         if self.shapes is None:
             raise ValueError("lower_programs needs shapes: call prepare first")

@@ -116,7 +116,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         prefill_rows=round_up(2, multiple),
         insert_rows=INSERT_ROWS,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
-        insert_dests=slots,
+        insert_dests=2 * slots,
         insert_tails=INSERT_TAILS,
         new_tokens=max(1, new_tokens),
         score_rows=round_up(4, multiple),

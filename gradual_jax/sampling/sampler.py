@@ -4,7 +4,7 @@ A call splits its prompts into stored prefixes and tails (`packing.split_prompts
 its engine's shapes (`packing.Shapes`) cover them, loads the prefixes it needs into the prefix
 store, and runs its rows through the decode slots (`decoding`) or the scoring program. The
 shapes only grow (up fixed ladders) and are the same for any number of prompts, so a probe
-compiles four programs once (`warm_up` compiles them ahead of time).
+compiles five programs once (`warm_up` compiles them ahead of time).
 """
 
 from __future__ import annotations
@@ -20,15 +20,17 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gradual_jax.models.transformer import Transformer, as_dtype
+from gradual_jax.models.transformer import KVCache, Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
 from gradual_jax.sampling.decoding import DecodeLoop, Job, Row
 from gradual_jax.sampling.kernels import (
+    ADMIT_DONATES,
     DONATE_CARRY,
     Policy,
     PrefixStore,
+    admit_program,
     decode_program,
-    insert_program,
+    first_program,
     prefill_program,
     score_program,
 )
@@ -222,27 +224,44 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         store, carry = self._store_or_new(), self._carry()
         prefill = (self.state, store, z((sh.prefill_rows, sh.prefix_width), np.int32),
                    z((sh.prefill_rows,), np.int32), z((sh.prefill_rows,), np.int32))
-        insert = (self.state, carry, store, *self._empty_insert(), table)
+        pack, draw, place = self._empty_insert()
+        first = (self.state, store, pack, draw)
+        admit = (carry, self._empty_tails(), pack, place, table)
         scalar = z((), np.int32, rows=False)
         decode = (self.state, carry, table, scalar, scalar)
         score = (self.state, store, *self._empty_score())
         policy = dict(policy=self._policy)
         return {"prefill": (self._prefill_fn, prefill, {}, (1,)),
-                "insert": (self._insert_fn, insert, policy, DONATE_CARRY),
+                "first": (self._first_fn, first, policy, ()),
+                "admit": (self._admit_fn, admit, {}, ADMIT_DONATES),
                 "decode": (self._decode_fn, decode, policy, DONATE_CARRY),
                 "score": (self._score_fn, score, policy, ())}
 
-    def _empty_insert(self) -> tuple[dict, dict]:
+    def _empty_insert(self) -> tuple[dict, dict, dict]:
+        """(pack, draw, place) of `first_program` and `admit_program`, zero."""
         sh = self.shapes
-        r, w, t, n = sh.insert_rows, sh.insert_width, sh.insert_tails, sh.insert_dests
+        r, w, t, n, a = sh.insert_rows, sh.insert_width, sh.insert_tails, sh.insert_dests, sh.slots
         z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
                 "prefix": z((r,), np.int32), "row": z((t,), np.int32), "col": z((t,), np.int32),
                 "length": z((t,), np.int32)}
-        dest = {"slot": z((n,), np.int32), "source": z((n,), np.int32),
-                "temperature": z((n,), np.float32), "top_k": z((n,), np.int32), "top_p": z((n,), np.float32),
-                "seed": z((n,), np.uint32), "prompt_key": z((n,), np.uint32), "sample": z((n,), np.uint32)}
-        return pack, dest
+        settings = lambda k: {"source": z((k,), np.int32), "temperature": z((k,), np.float32),  # noqa: E731
+                              "top_k": z((k,), np.int32), "top_p": z((k,), np.float32),
+                              "seed": z((k,), np.uint32), "prompt_key": z((k,), np.uint32),
+                              "sample": z((k,), np.uint32)}
+        place = {**settings(a), "slot": z((a,), np.int32), "token": z((a,), np.int32),
+                 "logp": z((a,), np.float32), "raw": z((a,), np.float32)}
+        return pack, settings(n), place
+
+    def _empty_tails(self) -> KVCache:
+        """The tails' cache `first_program` returns, zero (for compiling `admit_program`)."""
+        sh, cfg = self.shapes, self.config
+        dtype = np.dtype(as_dtype(cfg.dtype))
+        kv = (sh.insert_rows, sh.prefix_width + sh.insert_width, cfg.num_kv_heads, cfg.head_dim)
+        z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
+        return KVCache(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                       values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+                       mask=z(kv[:2], bool), end=self._scalar(sh.prefix_width))
 
     def _empty_score(self) -> tuple:
         sh = self.shapes
@@ -286,8 +305,11 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
     def _prefill_fn(self, state: Any, *args: Any) -> PrefixStore:
         return prefill_program(self.graphdef, self._constrain_replicated, state, *args)
 
-    def _insert_fn(self, state: Any, *args: Any, **static: Any) -> Any:
-        return insert_program(self.graphdef, self._constrain, state, *args, **static)
+    def _first_fn(self, state: Any, *args: Any, **static: Any) -> Any:
+        return first_program(self.graphdef, self._constrain_replicated, state, *args, **static)
+
+    def _admit_fn(self, *args: Any) -> Any:
+        return admit_program(self._constrain, *args)
 
     def _decode_fn(self, state: Any, *args: Any, **static: Any) -> Any:
         return decode_program(self.graphdef, self._constrain, state, *args, **static)
@@ -342,6 +364,13 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         for p in prefixes:
             index.move_to_end(p)
         return {p: index[p] for p in prefixes}
+
+    def _preload(self, prefixes: Sequence[tuple[int, ...]]) -> None:
+        """Prefill the first of `prefixes` (in order of use) that the store can hold, all in
+        full prefill calls, before a call's work asks for them one insert at a time."""
+        distinct = list(dict.fromkeys(prefixes))[:self.shapes.store_rows]
+        if distinct:
+            self._store_rows(distinct)
 
     # ---- host orchestration: shared pieces
 
@@ -428,6 +457,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                     [Row(i * m + j, s.temperature, s.top_k, s.top_p, seed, keys[i], j)
                      for j, s in enumerate(settings)], None if alive is None else alive[i])
                 for i in order]
+        self._preload([j.prefix for j in jobs])
         results = self._run_jobs(jobs, stop, table)
         out = []
         for i, s in enumerate(splits):
@@ -474,6 +504,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         for i in sorted(todo, key=lambda i: (splits[i].prefix, splits[i].tail)):
             groups.setdefault((splits[i].prefix, splits[i].tail), []).append(i)
         pending = list(groups.items())
+        self._preload([key[0] for key, _ in pending])
         while pending:
             take, items = [], 0
             for key, members in pending:
