@@ -238,10 +238,11 @@ class DecodeLoop:
         prefix = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
         drawn = [(job, r, t) for t, (job, rows) in enumerate(taken) for r in rows]
         draw = self._settings(sh.insert_dests, [(r, t) for _, r, t in drawn])
-        pack = {k: self._put_replicated(v) for k, v in
-                {"ids": packed.ids, "pos": packed.pos, "seg": packed.seg, "prefix": prefix,
-                 "row": packed.row, "col": packed.col, "length": packed.length}.items()}
-        args = (self.state, self._store, pack, {k: self._put_replicated(v) for k, v in draw.items()})
+        # one transfer for every host array of the call
+        pack, draw = self._put_replicated(({"ids": packed.ids, "pos": packed.pos, "seg": packed.seg,
+                                            "prefix": prefix, "row": packed.row, "col": packed.col,
+                                            "length": packed.length}, draw))
+        args = (self.state, self._store, pack, draw)
         mini, token, logp, raw = self._compile("first", self._first_fn, args,
                                                dict(policy=self._policy))(*args)
         self.stats.inserts += 1
@@ -256,10 +257,9 @@ class DecodeLoop:
         for i, (job, r, t) in enumerate(drawn):
             first = int(token[i])
             if ends[first] or n == 1 or (job.alive is not None and not self._still_alive(job, [first])):
-                row = np.full(n, -1, np.int32)
-                row[0] = first
-                results[r.out] = (row, np.pad(logp[i:i + 1], (0, n - 1)), np.pad(raw[i:i + 1], (0, n - 1)),
-                                  not (ends[first] or n == 1))
+                ids, lp, rlp = np.full(n, -1, np.int32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+                ids[0], lp[0], rlp[0] = first, logp[i], raw[i]
+                results[r.out] = (ids, lp, rlp, not (ends[first] or n == 1))
                 self.stats.abandoned += not (ends[first] or n == 1)
             elif spare:
                 s = spare.pop(0)
@@ -278,7 +278,7 @@ class DecodeLoop:
         for a, (s, _, _, i) in enumerate(admit):
             place["slot"][a] = s
             place["token"][a], place["logp"][a], place["raw"][a] = token[i], logp[i], raw[i]
-        args = (d, mini, pack, {k: self._put_replicated(v) for k, v in place.items()}, table)
+        args = (d, mini, pack, self._put_replicated(place), table)
         return self._compile("admit", self._admit_fn, args, {}, donate=ADMIT_DONATES)(*args)
 
     @staticmethod

@@ -43,6 +43,7 @@ from gradual_jax.sharding import run_program
 
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK = 4
+ENCODED_PROMPTS = 20_000  # prompts whose token ids a sampler keeps (a probe chunk asks each 3 times)
 TOP_P_MODES = ("off", "topk", "full")
 log = logging.getLogger("gradual_jax")
 
@@ -80,6 +81,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         self._lock = threading.RLock()
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
+        self._encoded: dict[str, tuple[int, ...]] = {}
         self.set_state(self._place(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
@@ -131,8 +133,14 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
     # ---- tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a whole prompt, with the tokenizer's default special tokens."""
-        return list(self.tokenizer(text)["input_ids"])
+        """Token ids of a whole prompt, with the tokenizer's default special tokens (kept for
+        the prompts seen last: a probe asks each prompt in several phases)."""
+        ids = self._encoded.get(text)
+        if ids is None:
+            ids = self._encoded[text] = tuple(self.tokenizer(text)["input_ids"])
+            if len(self._encoded) > ENCODED_PROMPTS:
+                self._encoded.pop(next(iter(self._encoded)))
+        return list(ids)
 
     def _encode_plain(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -156,7 +164,12 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
             if stop:
                 if self._vocab_text is None:
                     n = min(len(self.tokenizer), self.config.vocab_size)
-                    self._vocab_text = self.tokenizer.batch_decode([[i] for i in range(n)])
+                    ids = [[i] for i in range(n)]
+                    # the Rust tokenizer's own batch decode: transformers' wrapper type-checks
+                    # every element of the nested list first (a second for a 49k vocabulary)
+                    backend = getattr(self.tokenizer, "backend_tokenizer", None)
+                    self._vocab_text = (backend.decode_batch(ids, skip_special_tokens=False)
+                                        if backend is not None else self.tokenizer.batch_decode(ids))
                 for i, text in enumerate(self._vocab_text):
                     if any(s in text for s in stop):
                         table[i] = True
