@@ -5,7 +5,6 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import shutil
@@ -18,7 +17,7 @@ from flax import nnx
 
 from gradual_jax.config import RunConfig, TrainConfig
 from gradual_jax.knowledge.data import QAExample
-from gradual_jax.knowledge.match import can_still_match, exact_match
+from gradual_jax.knowledge.match import answer_prefix_test, exact_match
 from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
 from gradual_jax.sampling import Greedy, Sample, sampler_for
 
@@ -64,10 +63,8 @@ class JaxEngine:
                temperature: float, top_k: int, max_new_tokens: int,
                answers: Sequence[Sequence[str]] | None = None,
                first_answer_only: bool = False) -> list[list[str]]:
-        alive = None
-        if answers is not None:
-            alive = [functools.partial(can_still_match, golds=tuple(a), first_only=first_answer_only)
-                     for a in answers]
+        alive = None if answers is None else [
+            answer_prefix_test(a, first_only=first_answer_only) for a in answers]
         gens = self.sampler.generate_batch([q for _, q in prompts], prefix=[p for p, _ in prompts],
                                            methods=Sample(temperature, top_k), n=n,
                                            max_new_tokens=max_new_tokens, stop=STOP, seed=0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -52,27 +52,39 @@ def can_still_match(partial: str, golds: str | Sequence[str], *, first_only: boo
     (non-ASCII characters, whose case mapping and word boundaries depend on context, or an
     apostrophe, next to which a tokenizer's decode may delete spaces), it answers True.
     """
+    return answer_prefix_test(golds, first_only=first_only)(partial)
+
+
+def answer_prefix_test(golds: str | Sequence[str], *,
+                       first_only: bool = False) -> Callable[[str], bool]:
+    """`can_still_match` against these gold answers, normalised once (a sampler applies it to
+    every row after every token)."""
     if isinstance(golds, str):
         golds = (golds,)
     if first_only:
         golds = golds[:1]
-    if "\n" in partial:
-        return exact_match(partial.split("\n", 1)[0], golds)
-    if not partial.isascii() or "'" in partial:
-        return True
-    kept = "".join(ch for ch in partial.lower() if ch not in _PUNCTUATION)
-    if not all(ch.isalnum() or ch.isspace() for ch in kept):
-        return True
-    words = kept.split()
-    partial_word = words.pop() if kept and not kept[-1].isspace() else ""
-    done = [w for w in words if w not in _ARTICLE_WORDS]
-    for gold in golds:
-        target = normalize_answer(gold).split()
-        if target[:len(done)] != done:
-            continue
-        rest = target[len(done):]
-        if not partial_word or partial_word in _ARTICLE_PREFIXES:
+    whole = {normalize_answer(g) for g in golds}
+    targets = [w.split() for w in whole]
+
+    def test(partial: str) -> bool:
+        if "\n" in partial:
+            return normalize_answer(partial.split("\n", 1)[0]) in whole
+        if not partial.isascii() or "'" in partial:
             return True
-        if rest and rest[0].startswith(partial_word):
+        kept = "".join(ch for ch in partial.lower() if ch not in _PUNCTUATION)
+        if not all(ch.isalnum() or ch.isspace() for ch in kept):
             return True
-    return False
+        words = kept.split()
+        partial_word = words.pop() if kept and not kept[-1].isspace() else ""
+        done = [w for w in words if w not in _ARTICLE_WORDS]
+        for target in targets:
+            if target[:len(done)] != done:
+                continue
+            rest = target[len(done):]
+            # the word being read may become an article (dropped) or the next gold word
+            if (not partial_word or partial_word in _ARTICLE_PREFIXES
+                    or (rest and rest[0].startswith(partial_word))):
+                return True
+        return False
+
+    return test

@@ -158,17 +158,13 @@ class DecodeLoop:
                    if slot_job[s] is not None and slot_job[s].alive is not None]
         if not watched:
             return d
-        tokens, logp, raw, done = _host(d.tokens, d.logp, d.raw_logp, d.done)
-        dead = []
-        for s in watched:
-            job = slot_job[s]
-            ids = [int(t) for t in tokens[s] if t >= 0]
-            if done[s] or any(t in self._eos for t in ids):
-                continue  # ended on its own: collected as usual
-            if not self._still_alive(job, ids):
-                dead.append(s)
+        tokens, done = _host(d.tokens, d.done)
+        # rows that ended on their own (stop token, EOS, length) are collected as usual
+        dead = [s for s in watched
+                if not done[s] and not self._still_alive(slot_job[s], [int(t) for t in tokens[s] if t >= 0])]
         if not dead:
             return d
+        logp, raw = _host(d.logp, d.raw_logp)
         for s in dead:
             results[int(owner[s])] = (tokens[s], logp[s], raw[s], True)
             owner[s] = -1
@@ -256,11 +252,13 @@ class DecodeLoop:
         spare = list(free)
         for i, (job, r, t) in enumerate(drawn):
             first = int(token[i])
-            if ends[first] or n == 1 or (job.alive is not None and not self._still_alive(job, [first])):
+            ended = bool(ends[first]) or n == 1
+            rejected = not ended and job.alive is not None and not self._still_alive(job, [first])
+            if ended or rejected:
                 ids, lp, rlp = np.full(n, -1, np.int32), np.zeros(n, np.float32), np.zeros(n, np.float32)
                 ids[0], lp[0], rlp[0] = first, logp[i], raw[i]
-                results[r.out] = (ids, lp, rlp, not (ends[first] or n == 1))
-                self.stats.abandoned += not (ends[first] or n == 1)
+                results[r.out] = (ids, lp, rlp, rejected)
+                self.stats.abandoned += rejected
             elif spare:
                 s = spare.pop(0)
                 owner[s], slot_job[s] = r.out, job

@@ -19,8 +19,8 @@ positions and where keys and values go are built here.
 - `score_program`: teacher-forced log-probs of continuations packed `[score_rows, score_width]`
   against their stored prefixes, each prompt tail once with its continuations branching off it.
 
-All but `admit_program` take the model state first; the sampler binds the graph definition (and its mesh
-constraint) and compiles them once for its `packing.Shapes`.
+All but `admit_program` take the model state first; the sampler binds the graph definition
+(and its mesh constraint) and compiles them once for its `packing.Shapes`.
 """
 
 from __future__ import annotations

@@ -258,10 +258,8 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
                 "prefix": z((r,), np.int32), "row": z((t,), np.int32), "col": z((t,), np.int32),
                 "length": z((t,), np.int32)}
-        settings = lambda k: {"source": z((k,), np.int32), "temperature": z((k,), np.float32),  # noqa: E731
-                              "top_k": z((k,), np.int32), "top_p": z((k,), np.float32),
-                              "seed": z((k,), np.uint32), "prompt_key": z((k,), np.uint32),
-                              "sample": z((k,), np.uint32)}
+        settings = lambda k: {name: z(v.shape, v.dtype)  # noqa: E731
+                              for name, v in self._settings(k, []).items()}
         place = {**settings(a), "slot": z((a,), np.int32), "token": z((a,), np.int32),
                  "logp": z((a,), np.float32), "raw": z((a,), np.float32)}
         return pack, settings(n), place
