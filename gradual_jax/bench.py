@@ -12,6 +12,9 @@ compiles), compile seconds, the model FLOP rate as a fraction of a big fp32 matm
 measured in the same process, and with `--compare-hf` the same workload through transformers'
 `generate` in PyTorch (greedy: batches of 32; slick: one prompt at a time, greedy then
 `num_return_sequences=16`) and the speedup.
+
+`train`: one fine-tuning step against PyTorch's; `probe`: the SliCK probe per mode;
+`device`: an accelerator's figures in one command (`bench_device`).
 """
 
 from __future__ import annotations
@@ -570,11 +573,14 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Dispatcher
 
+from gradual_jax.bench_device import add_device_args, run_device  # noqa: E402
+
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
     "sample": (add_sample_args, run_sample),
     "train": (add_train_args, run_train),
     "probe": (add_probe_args, run_probe),
+    "device": (add_device_args, run_device),
 }
 
 

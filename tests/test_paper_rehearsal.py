@@ -1,7 +1,7 @@
 """Rehearsals of the paper configs on this CPU: each `configs/paper/*.yaml` with only the model (a
-tiny model of the same family, `rehearsal_models.py`) and the data (the smoke world's QA) replaced,
-run through the whole pipeline on 8 fake devices (fsdp=8 from the file's `fsdp: -1`), bf16
-compute, scan_layers, remat and LoRA as the file sets them."""
+tiny model of the same family, `rehearsal_models.py`) and the data (the rehearsal world's QA)
+replaced, run through the whole pipeline on 8 fake devices (fsdp=8 from the file's `fsdp: -1`),
+bf16 compute, scan_layers, remat and LoRA as the file sets them."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rehearsal_models import rehearsal_model  # noqa: E402
+from rehearsal_models import rehearsal_model, rehearsal_world  # noqa: E402
 
 from gradual_jax.config import load_config  # noqa: E402
 from gradual_jax.launch import main  # noqa: E402
@@ -23,15 +23,23 @@ PAPER = REPO / "configs" / "paper"
 FAMILY = {"llama3": "llama", "qwen2": "qwen2"}
 
 
-def _data(smoke_world) -> list[str]:
-    return ["data.kind=jsonl", f"data.path={smoke_world.root / 'qa'}", "data.gekhman=false",
-            "data.test_limit_per_relation=3"]
+def _data(world) -> list[str]:
+    # 12 train questions a relation (66 in all): with fewer, stage 1 moved nothing up into
+    # MaybeKnown in some seeds and stage 2 had nothing to train on. 5 dev questions a relation
+    # is the fewest that leaves 4 distinct exemplars for every prompt.
+    return ["data.kind=jsonl", f"data.path={world.root / 'qa'}", "data.gekhman=false",
+            "data.limit_per_relation=12", "data.dev_limit_per_relation=5", "data.test_limit_per_relation=2"]
 
 
 @pytest.fixture(scope="module")
-def family_models(smoke_world, tmp_path_factory) -> dict[str, Path]:
+def world():
+    return rehearsal_world()
+
+
+@pytest.fixture(scope="module")
+def family_models(world, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("rehearsal_models")
-    return {fam: rehearsal_model(smoke_world.model_dir, root / fam, fam) for fam in set(FAMILY.values())}
+    return {fam: rehearsal_model(world.model_dir, root / fam, fam) for fam in set(FAMILY.values())}
 
 
 def _without_model_and_data(cfg) -> dict:
@@ -42,10 +50,10 @@ def _without_model_and_data(cfg) -> dict:
     return d
 
 
-def _rehearse(name: str, family_models, smoke_world, tmp_path) -> None:
+def _rehearse(name: str, family_models, world, tmp_path) -> None:
     path = PAPER / f"{name}.yaml"
     model = family_models[FAMILY[name.split("_")[0]]]
-    overrides = [f"model.source={model}", *_data(smoke_world), f"run_dir={tmp_path}"]
+    overrides = [f"model.source={model}", *_data(world), f"run_dir={tmp_path}"]
     cfg = load_config(path, overrides)
     assert _without_model_and_data(cfg) == _without_model_and_data(load_config(path))
     assert cfg.model.compute_dtype == "bfloat16" and cfg.train.scan_layers and cfg.train.remat
@@ -61,16 +69,17 @@ def _rehearse(name: str, family_models, smoke_world, tmp_path) -> None:
         for arm in cfg.arms:
             first = ran[f"seed_{seed}", arm, "stage1"]
             assert first["steps"] > 0 and len(first["trained_ids"]) > 0, (seed, arm)
-    for key, stage in ran.items():  # a stage with examples trained on them; one without says why
-        assert (stage["steps"] > 0) == (sum(stage["selected_counts"].values()) > 0), key
+        # Stage 2 found examples that moved up after stage 1, in every seed, and trained on them.
+        second = ran[f"seed_{seed}", "two_stage", "stage2"]
+        assert second["steps"] > 0 and len(second["trained_ids"]) > 0, seed
     if cfg.train.lora is not None:
         assert any((root / f"seed_{s}" / "two_stage" / "stage1" / "adapter").is_dir() for s in cfg.seeds)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(p.stem for p in PAPER.glob("*.yaml")))
-def test_paper_rehearsal(name, family_models, smoke_world, tmp_path):
-    _rehearse(name, family_models, smoke_world, tmp_path)
+def test_paper_rehearsal(name, family_models, world, tmp_path):
+    _rehearse(name, family_models, world, tmp_path)
 
 
 def test_rehearsal_models_keep_the_world_models_function(family_models, smoke_world):

@@ -146,3 +146,24 @@ def test_pack_rows_takes_positions_and_branches():
 def test_pack_rows_refuses_a_sequence_wider_than_a_row():
     with pytest.raises(ValueError, match="does not fit"):
         pack_rows([[1] * 9], ["x"], rows=2, width=8, limit=1)
+
+
+def test_score_plan_by_hand():
+    """Trunks take their continuations in order while they fit the row width and the call's
+    continuation budget; positions restart after the tail for every continuation."""
+    from gradual_jax.sampling.scoring import plan_score_batch, remaining
+
+    a, b = ((1,), (5, 6)), ((2,), (7,))
+    conts = [[10, 11], [12], [13, 14, 15], [16]]
+    pending = [(a, [0, 1, 2]), (b, [3])]
+    take, tokens, positions, branches = plan_score_batch(pending, conts, width=6, seqs=8)
+    # a: tail (2) + [10, 11] + [12] = 5 tokens; [13, 14, 15] would make 8 > 6 and waits
+    assert take == [(a, [0, 1]), (b, [3])]
+    assert tokens == [[5, 6, 10, 11, 12], [7, 16]]
+    assert positions == [[0, 1, 2, 3, 2], [0, 1]]
+    assert branches == [[0, 0, 1, 1, 2], [0, 1]]
+    assert remaining(pending, take) == [(a, [2])]
+    # the continuation budget stops a trunk part way
+    take, *_ = plan_score_batch(pending, conts, width=64, seqs=2)
+    assert take == [(a, [0, 1])]
+    assert remaining(pending, take) == [(a, [2]), (b, [3])]

@@ -39,9 +39,11 @@ time. Executables are cached by graph, mesh and shapes, shared by every `Sampler
 
 Modules: `methods` (Greedy, Sample), `records` (Generation, TokenScores, SamplerStats),
 `packing` (shapes, prefix splitting and packing on the host: no jax), `kernels` (token choice,
-the carries and the five programs), `compile_cache`, `placement` (mesh layout), `decoding` (the
-host's continuous batching), `lowering` (the programs on abstract inputs), `sampler`
-(`Sampler`) and `api` (`sampler_for`, `generate`, `generate_batch`, `score_continuations`).
+the carries and the five programs), `compile_cache`, `placement` (mesh layout),
+`prefix_store` (which prefix sits in which store row), `decoding` (the host's continuous
+batching), `scoring` (`Sampler.score` and its host-side plan), `lowering` (the programs on
+abstract inputs), `serial` (one call at a time per sampler), `sampler` (`Sampler`) and `api`
+(`sampler_for`, `generate`, `generate_batch`, `score_continuations`).
 """
 
 from __future__ import annotations

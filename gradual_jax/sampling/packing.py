@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+DEFAULT_BATCH_SIZE = 64    # decode slots unless a caller says otherwise
 MIN_SHARED_PREFIX = 16
 PREFIX_STEP = 32           # prefix widths: multiples of 32
 INSERT_WIDTH_MIN = 32      # tail widths: powers of two from 32

@@ -10,7 +10,6 @@ compiles five programs once (`warm_up` compiles them ahead of time).
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -32,34 +31,24 @@ from gradual_jax.sampling.kernels import (
     decode_program,
     first_program,
     prefill_program,
-    score_program,
 )
 from gradual_jax.sampling.lowering import Lowering
-from gradual_jax.sampling.methods import Greedy, Method, Sample, check_prompts, check_sampling, fanout
-from gradual_jax.sampling.packing import Shapes, Split, pack_rows, shapes_for, split_prompts
+from gradual_jax.sampling.methods import Greedy, Method, Sample, check_prompts, fanout
+from gradual_jax.sampling.packing import DEFAULT_BATCH_SIZE, Shapes, Split, shapes_for, split_prompts
 from gradual_jax.sampling.placement import MeshPlacement
-from gradual_jax.sampling.records import Generation, SamplerStats, TokenScores
+from gradual_jax.sampling.prefix_store import PrefixStoreRows
+from gradual_jax.sampling.records import Generation, SamplerStats
+from gradual_jax.sampling.scoring import Scoring
+from gradual_jax.sampling.serial import serialized
 from gradual_jax.sharding import run_program
 
-DEFAULT_BATCH_SIZE = 64
 DEFAULT_CHUNK = 4
 ENCODED_PROMPTS = 20_000  # prompts whose token ids a sampler keeps (a probe chunk asks each 3 times)
 TOP_P_MODES = ("off", "topk", "full")
 log = logging.getLogger("gradual_jax")
 
 
-def _serialized(method: Callable) -> Callable:
-    """One call at a time per sampler: its decode slots and prefix store are donated buffers,
-    so two threads sharing a sampler (parallel seeds on one model) must not interleave."""
-    @functools.wraps(method)
-    def call(self: "Sampler", *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            return method(self, *args, **kwargs)
-
-    return call
-
-
-class Sampler(Lowering, DecodeLoop, MeshPlacement):
+class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
     shape. Call `refresh(model)` after the model's weights change."""
 
@@ -90,7 +79,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- setup
 
-    @_serialized
+    @serialized
     def refresh(self, model: Transformer, state: Any = None) -> None:
         """Use `model`'s current weights (same architecture) from now on; `state`: its
         `nnx.state`, when the caller has it already."""
@@ -101,7 +90,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
         merging LoRA adapters in place changes them, and then a new sampler is needed)."""
         return jax.tree.structure(state) == self._state_treedef
 
-    @_serialized
+    @serialized
     def set_state(self, state: Any) -> None:
         """Use this NNX state (already placed where the sampler runs) as the weights. Stored
         prefixes were computed with the old weights: they are dropped unless every array is
@@ -216,7 +205,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                             longest_scored=max(len(s.tail) for s in splits) + longest_cont,
                             longest_continuation=longest_cont, prefixes=prefixes, k_cap=k_cap)
 
-    @_serialized
+    @serialized
     def warm_up(self) -> tuple[int, float]:
         """Compile every program of the current shapes ahead of time; returns the compiles
         this made and their seconds (also added to `stats`)."""
@@ -274,16 +263,6 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
                        values=[z(kv, dtype) for _ in range(cfg.num_layers)],
                        mask=z(kv[:2], bool), end=self._scalar(sh.prefix_width))
 
-    def _empty_score(self) -> tuple:
-        sh = self.shapes
-        r, w, t, c = sh.score_rows, sh.score_width, sh.score_seqs, sh.score_cont
-        z = self._zeros
-        rep = lambda shape, dt: z(shape, dt, rows=False)  # noqa: E731
-        pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
-                "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((t,), np.int32),
-                "at": rep((t, c), np.int32)}
-        return pack, rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
-
     # ---- compilation
 
     def _compile(self, name: str, fn: Callable, args: tuple, static: dict, donate: tuple = ()) -> Any:
@@ -325,64 +304,6 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
     def _decode_fn(self, state: Any, *args: Any, **static: Any) -> Any:
         return decode_program(self.graphdef, self._constrain, state, *args, **static)
 
-    def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
-        return score_program(self.graphdef, state, *args, **static)
-
-    # ---- the prefix store
-
-    def _store_or_new(self) -> PrefixStore:
-        if self._store is None:
-            sh, cfg = self.shapes, self.config
-            dtype = np.dtype(as_dtype(cfg.dtype))
-            kv = (sh.store_rows, sh.prefix_width, cfg.num_kv_heads, cfg.head_dim)
-            z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
-            self._store = PrefixStore(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
-                                      values=[z(kv, dtype) for _ in range(cfg.num_layers)],
-                                      mask=z(kv[:2], bool))
-            self._store_index.clear()
-        return self._store
-
-    def _store_rows(self, prefixes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
-        """Store rows holding `prefixes`, prefilling the missing ones (least recently used rows
-        not among `prefixes` make room)."""
-        sh = self.shapes
-        store = self._store_or_new()
-        index = self._store_index
-        missing = list(dict.fromkeys(p for p in prefixes if p not in index))
-        keep = set(prefixes)
-        for start in range(0, len(missing), sh.prefill_rows):
-            part = missing[start:start + sh.prefill_rows]
-            rows = []
-            for p in part:
-                used = set(index.values())
-                row = next((r for r in range(sh.store_rows) if r not in used), None)
-                if row is None:
-                    victim = next(k for k in index if k not in keep)
-                    row = index.pop(victim)
-                index[p] = row
-                rows.append(row)
-            ids = np.zeros((sh.prefill_rows, sh.prefix_width), np.int32)
-            length = np.zeros(sh.prefill_rows, np.int32)
-            dest = np.full(sh.prefill_rows, sh.store_rows, np.int32)
-            for i, (p, row) in enumerate(zip(part, rows)):
-                ids[i, :len(p)] = p
-                length[i], dest[i] = len(p), row
-            args = (self.state, store, self._put(ids), self._put(length), self._put(dest))
-            store = self._compile("prefill", self._prefill_fn, args, {}, (1,))(*args)
-            self.stats.prefixes += len(part)
-            self.stats.prefill_tokens += ids.size
-        self._store = store
-        for p in prefixes:
-            index.move_to_end(p)
-        return {p: index[p] for p in prefixes}
-
-    def _preload(self, prefixes: Sequence[tuple[int, ...]]) -> None:
-        """Prefill the first of `prefixes` (in order of use) that the store can hold, all in
-        full prefill calls, before a call's work asks for them one insert at a time."""
-        distinct = list(dict.fromkeys(prefixes))[:self.shapes.store_rows]
-        if distinct:
-            self._store_rows(distinct)
-
     # ---- host orchestration: shared pieces
 
     def _split(self, prompts: list[str], prefix: str | Sequence[str],
@@ -413,7 +334,7 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
 
     # ---- generation
 
-    @_serialized
+    @serialized
     def generate_batch(self, prompts: Sequence[str], *, max_new_tokens: int,
                        methods: Method | Sequence[Method] = Greedy(), n: int = 1,
                        stop: Sequence[str] = (), seed: int = 0,
@@ -476,118 +397,3 @@ class Sampler(Lowering, DecodeLoop, MeshPlacement):
             head = self._decode(prompt)
             out.append([self._finish(head, prompt, *results[i * m + j], stop) for j in range(m)])
         return out
-
-    # ---- scoring
-
-    @_serialized
-    def score(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
-              temperature: float = 1.0, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-              prefix: str | Sequence[str] = "") -> list[TokenScores]:
-        """Teacher-forced log-probs of each continuation after its prompt (see `TokenScores`).
-
-        A string continuation is tokenized on its own without special tokens (as the sampler
-        appends generated tokens to a prompt); pass `Generation.token_ids` to score exactly
-        what was generated. Temperature 0 scores 0 for the argmax token and -inf elsewhere.
-        `prefix`: as in `generate_batch`.
-        """
-        prompts = check_prompts(prompts)
-        if isinstance(continuations, str) or len(continuations) != len(prompts):
-            raise ValueError(f"need one continuation per prompt ({len(prompts)})")
-        check_sampling(temperature, top_k, 1.0)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        splits = self._split(prompts, prefix, None)
-        conts = [self._encode_plain(c) if isinstance(c, str) else [int(t) for t in c]
-                 for c in continuations]
-        self._validate_lengths(splits, [len(c) for c in conts])
-        out: list[TokenScores] = [TokenScores((), (), ())] * len(prompts)
-        todo = [i for i in range(len(prompts)) if conts[i]]
-        if not todo:
-            return out
-        sh = self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
-                          longest_tail=1, new_tokens=1,
-                          longest_scored=max(len(splits[i].tail) + len(conts[i]) for i in todo),
-                          longest_continuation=max(len(conts[i]) for i in todo), k_cap=top_k)
-        if sh.score_width < max(len(splits[i].tail) + len(conts[i]) for i in todo):
-            raise AssertionError("score shapes do not cover the work")
-        # One trunk per (prefix, tail), every continuation after it a branch of its own.
-        groups: dict[tuple, list[int]] = {}
-        for i in sorted(todo, key=lambda i: (splits[i].prefix, splits[i].tail)):
-            groups.setdefault((splits[i].prefix, splits[i].tail), []).append(i)
-        pending = list(groups.items())
-        self._preload([key[0] for key, _ in pending])
-        while pending:
-            take, items = [], 0
-            for key, members in pending:
-                room, fit = sh.score_width - len(key[1]), []
-                for i in members[:sh.score_seqs - items]:
-                    if len(conts[i]) > room:
-                        break
-                    fit.append(i)
-                    room -= len(conts[i])
-                if not fit:
-                    break
-                take.append((key, fit))
-                items += len(fit)
-                if items >= sh.score_seqs:
-                    break
-            seqs, pos, branch = [], [], []
-            for (_, tail), members in take:
-                seq, p, b = list(tail), list(range(len(tail))), [0] * len(tail)
-                for j, i in enumerate(members, start=1):
-                    seq += conts[i]
-                    p += range(len(tail), len(tail) + len(conts[i]))
-                    b += [j] * len(conts[i])
-                seqs.append(seq)
-                pos.append(p)
-                branch.append(b)
-            packed, count = pack_rows(seqs, [k[0] for k, _ in take], sh.score_rows, sh.score_width,
-                                      len(take), pos, branch)
-            take = take[:count]
-            done_keys = {k for k, _ in take}
-            rest = []
-            for key, members in pending:
-                if key in done_keys:
-                    left = members[len(dict(take)[key]):]
-                    if left:
-                        rest.append((key, left))
-                else:
-                    rest.append((key, members))
-            pending = rest
-            self._score_packed(packed, take, conts, temperature, top_k, out)
-        return out
-
-    def _score_packed(self, packed: Any, take: list, conts: list[list[int]], temperature: float,
-                      top_k: int, out: list[TokenScores]) -> None:
-        """Score one packing of trunks (prompt tails) with their branches (continuations)."""
-        sh = self.shapes
-        store_rows = self._store_rows([p for p in packed.prefix if p is not None])
-        prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
-        cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
-        row = np.zeros(sh.score_seqs, np.int32)
-        at = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
-        t, order = 0, []
-        for g, ((_, tail), members) in enumerate(take):
-            start, offset = int(packed.col[g]), len(tail)
-            for i in members:
-                c = conts[i]
-                cont[t, :len(c)] = c
-                row[t] = packed.row[g]
-                # token 0 is predicted by the tail's last token, token k by the branch's token k-1
-                at[t, :len(c)] = [start + len(tail) - 1] + [start + offset + k for k in range(len(c) - 1)]
-                offset += len(c)
-                order.append(i)
-                t += 1
-        pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
-                "branch": self._put(packed.branch), "prefix": self._put(prefix_rows),
-                "row": self._put_replicated(row), "at": self._put_replicated(at)}
-        args = (self.state, self._store, pack, self._put_replicated(cont),
-                self._put_replicated(np.float32(temperature)), self._put_replicated(np.int32(top_k)))
-        raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
-        self.stats.prefill_tokens += packed.ids.size
-        self.stats.logit_rows += cont.size
-        raw, lp = np.asarray(raw), np.asarray(lp)
-        for b, i in enumerate(order):
-            c = conts[i]
-            out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
-                                 tuple(float(x) for x in lp[b, :len(c)]))

@@ -1,0 +1,176 @@
+"""Teacher-forced scoring: the log-probs of given continuations after their prompts.
+
+Each distinct (prefix, tail) is a trunk; every continuation scored after it is a branch of its
+own, attending to the trunk and to itself only. Trunks with their branches are packed end to end
+into rows of one fixed width against their stored prefixes (`plan_score_batch`, host only), so
+scoring runs in the engine's fixed shapes whatever the continuations.
+
+`Scoring` is a mixin of `Sampler`: it uses the sampler's splitting and tokenizer (`_split`,
+`_encode_plain`, `_validate_lengths`), shapes (`prepare`), prefix store (`_preload`,
+`_store_rows`), placement and compiled programs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from gradual_jax.sampling.kernels import score_program
+from gradual_jax.sampling.methods import check_prompts, check_sampling
+from gradual_jax.sampling.packing import DEFAULT_BATCH_SIZE, pack_rows
+from gradual_jax.sampling.records import TokenScores
+from gradual_jax.sampling.serial import serialized
+
+Trunk = tuple[tuple[int, ...], tuple[int, ...]]  # (stored prefix, tail)
+
+
+def plan_score_batch(pending: list[tuple[Trunk, list[int]]], conts: Sequence[Sequence[int]], *,
+                     width: int, seqs: int) -> tuple[list[tuple[Trunk, list[int]]],
+                                                     list[list[int]], list[list[int]], list[list[int]]]:
+    """The next trunks to score together, in order: (take, tokens, positions, branches).
+
+    `pending`: (trunk, indices of its continuations in `conts`) still to score. Each taken trunk
+    takes as many of its continuations, in order, as fit after its tail in `width` tokens, and
+    all together take at most `seqs` continuations. A trunk row's tokens are the tail then each
+    continuation; positions restart after the tail for every continuation (each is read as if
+    it alone followed the tail); branch 0 is the tail, branch j the j-th continuation.
+    """
+    take, items = [], 0
+    for key, members in pending:
+        room, fit = width - len(key[1]), []
+        for i in members[:seqs - items]:
+            if len(conts[i]) > room:
+                break
+            fit.append(i)
+            room -= len(conts[i])
+        if not fit:
+            break
+        take.append((key, fit))
+        items += len(fit)
+        if items >= seqs:
+            break
+    tokens, positions, branches = [], [], []
+    for (_, tail), members in take:
+        seq, p, b = list(tail), list(range(len(tail))), [0] * len(tail)
+        for j, i in enumerate(members, start=1):
+            seq += conts[i]
+            p += range(len(tail), len(tail) + len(conts[i]))
+            b += [j] * len(conts[i])
+        tokens.append(seq)
+        positions.append(p)
+        branches.append(b)
+    return take, tokens, positions, branches
+
+
+def remaining(pending: list[tuple[Trunk, list[int]]],
+              taken: list[tuple[Trunk, list[int]]]) -> list[tuple[Trunk, list[int]]]:
+    """`pending` less the continuations in `taken` (a trunk with none left drops out)."""
+    done = dict(taken)
+    rest = []
+    for key, members in pending:
+        left = members[len(done[key]):] if key in done else members
+        if left:
+            rest.append((key, left))
+    return rest
+
+
+class Scoring:
+    """`Sampler.score` and its program's arguments."""
+
+    @serialized
+    def score(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
+              temperature: float = 1.0, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+              prefix: str | Sequence[str] = "") -> list[TokenScores]:
+        """Teacher-forced log-probs of each continuation after its prompt (see `TokenScores`).
+
+        A string continuation is tokenized on its own without special tokens (as the sampler
+        appends generated tokens to a prompt); pass `Generation.token_ids` to score exactly
+        what was generated. Temperature 0 scores 0 for the argmax token and -inf elsewhere.
+        `prefix`: as in `generate_batch`.
+        """
+        prompts = check_prompts(prompts)
+        if isinstance(continuations, str) or len(continuations) != len(prompts):
+            raise ValueError(f"need one continuation per prompt ({len(prompts)})")
+        check_sampling(temperature, top_k, 1.0)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        splits = self._split(prompts, prefix, None)
+        conts = [self._encode_plain(c) if isinstance(c, str) else [int(t) for t in c]
+                 for c in continuations]
+        self._validate_lengths(splits, [len(c) for c in conts])
+        out: list[TokenScores] = [TokenScores((), (), ())] * len(prompts)
+        todo = [i for i in range(len(prompts)) if conts[i]]
+        if not todo:
+            return out
+        longest = max(len(splits[i].tail) + len(conts[i]) for i in todo)
+        sh = self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
+                          longest_tail=1, new_tokens=1, longest_scored=longest,
+                          longest_continuation=max(len(conts[i]) for i in todo), k_cap=top_k)
+        if sh.score_width < longest:
+            raise AssertionError("score shapes do not cover the work")
+        groups: dict[Trunk, list[int]] = {}
+        for i in sorted(todo, key=lambda i: (splits[i].prefix, splits[i].tail)):
+            groups.setdefault((splits[i].prefix, splits[i].tail), []).append(i)
+        pending = list(groups.items())
+        self._preload([key[0] for key, _ in pending])
+        while pending:
+            take, tokens, positions, branches = plan_score_batch(
+                pending, conts, width=sh.score_width, seqs=sh.score_seqs)
+            packed, count = pack_rows(tokens, [k[0] for k, _ in take], sh.score_rows, sh.score_width,
+                                      len(take), positions, branches)
+            take = take[:count]
+            pending = remaining(pending, take)
+            self._score_packed(packed, take, conts, temperature, top_k, out)
+        return out
+
+    def _score_packed(self, packed: Any, take: list, conts: list[list[int]], temperature: float,
+                      top_k: int, out: list[TokenScores]) -> None:
+        """Score one packing of trunks (prompt tails) with their branches (continuations)."""
+        sh = self.shapes
+        store_rows = self._store_rows([p for p in packed.prefix if p is not None])
+        prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
+        cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
+        row = np.zeros(sh.score_seqs, np.int32)
+        at = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
+        t, order = 0, []
+        for g, ((_, tail), members) in enumerate(take):
+            start, offset = int(packed.col[g]), len(tail)
+            for i in members:
+                c = conts[i]
+                cont[t, :len(c)] = c
+                row[t] = packed.row[g]
+                # token 0 is predicted by the tail's last token, token k by the branch's token k-1
+                at[t, :len(c)] = [start + len(tail) - 1] + [start + offset + k for k in range(len(c) - 1)]
+                offset += len(c)
+                order.append(i)
+                t += 1
+        pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
+                "branch": self._put(packed.branch), "prefix": self._put(prefix_rows),
+                "row": self._put_replicated(row), "at": self._put_replicated(at)}
+        args = (self.state, self._store, pack, self._put_replicated(cont),
+                self._put_replicated(np.float32(temperature)), self._put_replicated(np.int32(top_k)))
+        raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
+        self.stats.prefill_tokens += packed.ids.size
+        self.stats.logit_rows += cont.size
+        raw, lp = np.asarray(raw), np.asarray(lp)
+        for b, i in enumerate(order):
+            c = conts[i]
+            out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
+                                 tuple(float(x) for x in lp[b, :len(c)]))
+
+    def _empty_score(self) -> tuple:
+        """The score program's arguments after the state and store, zero."""
+        sh = self.shapes
+        r, w, t, c = sh.score_rows, sh.score_width, sh.score_seqs, sh.score_cont
+        z = self._zeros
+        rep = lambda shape, dt: z(shape, dt, rows=False)  # noqa: E731
+        pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
+                "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((t,), np.int32),
+                "at": rep((t, c), np.int32)}
+        return pack, rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
+
+    def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
+        return score_program(self.graphdef, state, *args, **static)
