@@ -434,7 +434,9 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-questions", type=_int_at_least(1), default=2,
                    help="questions per relation in the untimed warm-up pass of each mode")
     p.add_argument("--compare-hf", action="store_true",
-                   help="also time the plain transformers probe (exhaustive) on a subset")
+                   help="also time the plain transformers probe (--hf-mode) on a subset")
+    p.add_argument("--hf-mode", choices=("lazy", "exhaustive"), default="lazy",
+                   help="the algorithm the transformers probe runs (lazy: the same early exits as ours)")
     p.add_argument("--hf-questions", type=_int_at_least(1), default=4,
                    help="questions the transformers probe is timed on (the first ones)")
     p.add_argument("--seed", type=int, default=0)
@@ -546,15 +548,16 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         hf = TransformersEngine(_load_hf_torch(args.model), tokenizer)
         hf.greedy([("", "Q: What is the capital of France?\nA:")], 2)  # warm-up
         subset = examples[:args.hf_questions]
-        probe = Probe(hf, sets, settings("exhaustive"), progress=False)
+        probe = Probe(hf, sets, settings(args.hf_mode), progress=False)
         t0 = time.perf_counter()
         hf_recs = probe.run(subset)
         hf_seconds = time.perf_counter() - t0
         hf_rate = len(subset) / hf_seconds
-        ours = {r["id"]: r for r in records.get("exhaustive", [])}
+        ours = {r["id"]: r for r in records.get(args.hf_mode, [])}
         record["hf"] = {
             "engine": "TransformersEngine (prompt by prompt: generate greedy, then "
-                      "num_return_sequences=n_samples), exhaustive",
+                      f"num_return_sequences=n_samples), {args.hf_mode}",
+            "mode": args.hf_mode,
             "hf_questions_measured": len(subset), "seconds": hf_seconds,
             "questions_per_s": hf_rate,
             "extrapolated_seconds_all_questions": n_q / hf_rate,

@@ -19,8 +19,10 @@ def test_probe_args_and_bad_input(tmp_path, capsys):
     assert args.relations == ["P36", "P17"] and args.modes == ["lazy", "screened"]
     assert (args.per_relation, args.n_prompts, args.n_samples, args.hf_questions) == (8, 10, 16, 3)
     assert _parse(["--model", "m"]).modes == ["lazy", "exhaustive", "screened"]
+    assert _parse(["--model", "m"]).hf_mode == "lazy"  # the transformers prober's algorithm
+    assert _parse(["--model", "m", "--hf-mode", "exhaustive"]).hf_mode == "exhaustive"
 
-    for bad in (["--modes", "lazy,greedy"], ["--modes", "lazy,lazy"], ["--modes", ","],
+    for bad in (["--modes", "lazy,greedy"], ["--modes", "lazy,lazy"], ["--modes", ","], ["--hf-mode", "screened"],
                 ["--per-relation", "0"], ["--n-prompts", "x"], ["--hf-questions", "0"]):
         with pytest.raises(SystemExit) as e:
             bench.main(["probe", "--model", "m.gguf", *bad])

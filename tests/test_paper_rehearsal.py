@@ -24,11 +24,10 @@ FAMILY = {"llama3": "llama", "qwen2": "qwen2"}
 
 
 def _data(world) -> list[str]:
-    # 12 train questions a relation (66 in all): with fewer, stage 1 moved nothing up into
-    # MaybeKnown in some seeds and stage 2 had nothing to train on. 5 dev questions a relation
-    # is the fewest that leaves 4 distinct exemplars for every prompt.
+    # Every train question (see REHEARSAL_WORLD); 5 dev questions a relation, the fewest that
+    # leaves 4 distinct exemplars for every prompt; 2 test questions a relation.
     return ["data.kind=jsonl", f"data.path={world.root / 'qa'}", "data.gekhman=false",
-            "data.limit_per_relation=12", "data.dev_limit_per_relation=5", "data.test_limit_per_relation=2"]
+            "data.dev_limit_per_relation=5", "data.test_limit_per_relation=2"]
 
 
 @pytest.fixture(scope="module")
