@@ -48,3 +48,14 @@ def test_bench_device_runs_every_part(smoke_world, tmp_path, capsys):
     train = record["train"]
     assert train["layers"] == 1 and train["step_seconds"] > 0 and len(train["step_seconds_all"]) == 2
     assert 0 < train["mfu_of_measured_matmul"] and "mfu" not in train  # no spec peak for a CPU
+
+
+def test_bench_device_refuses_bad_parts_and_architectures():
+    from gradual_jax.bench_device import arch_config
+
+    with pytest.raises(SystemExit, match="unknown parts"):
+        bench.main(["device", "--model", "m.gguf", "--skip", "probe,warp"])
+    with pytest.raises(SystemExit, match="unknown"):
+        arch_config("gpt-9", None, dtype="bfloat16", param_dtype="bfloat16")
+    qwen = arch_config("qwen2-7b", 2, dtype="bfloat16", param_dtype="float32")
+    assert (qwen.num_layers, qwen.hidden_size, qwen.num_kv_heads, qwen.dtype) == (2, 3584, 4, "bfloat16")
