@@ -41,12 +41,12 @@ HF_GREEDY_BATCH = 32
 # Shared pieces
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of an `n x n @ n x n` fp32 matmul under jax.jit on the default device."""
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: str = "float32") -> float:
+    """Best GFLOP/s of an `n x n @ n x n` matmul in `dtype` under jax.jit on the default device."""
     import jax
     import jax.numpy as jnp
 
-    a = jnp.ones((n, n), jnp.float32)
+    a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best = float("inf")

@@ -1,6 +1,7 @@
 """`python -m gradual_jax.bench device`: an accelerator's figures in one command.
 
-Three measurements, each of what users run, within about 8 minutes on one GPU:
+Three measurements, each of what users run, sized to finish within 8 minutes on one GPU (not yet
+run on one: no accelerator was at hand when it was written):
 - **probe**: the probe CLI (`python -m gradual_jax.probe`, SmolLM2 by default) twice in fresh
   processes sharing one new compilation cache: cold (empty cache) and warm (the cache the cold
   run filled). Figures come from the CLI's own `--stats-json` plus the wall time of each process.
@@ -109,23 +110,15 @@ def random_model(config: Any, seed: int = 0) -> Any:
     return Transformer(config, rngs=nnx.Rngs(seed))
 
 
-def bf16_matmul_tflops(n: int | None = None, repeats: int = 5) -> float:
-    """Best TFLOP/s of an `n x n` bf16 matmul under jax.jit on the default device (n: 8192 on
-    an accelerator, 1024 on a CPU)."""
+def bf16_matmul_tflops() -> float:
+    """Best TFLOP/s of a bf16 matmul on the default device (8192 square on an accelerator, 1024
+    on a CPU)."""
     import jax
-    import jax.numpy as jnp
 
-    if n is None:
-        n = 1024 if jax.devices()[0].platform == "cpu" else 8192
-    a = jnp.ones((n, n), jnp.bfloat16)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e12
+    from gradual_jax.bench import matmul_peak_gflops
+
+    n = 1024 if jax.devices()[0].platform == "cpu" else 8192
+    return matmul_peak_gflops(n, dtype="bfloat16") / 1e3
 
 
 def run_probe_cli(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,9 +146,10 @@ def run_probe_cli(args: argparse.Namespace) -> dict[str, Any]:
             figures = json.loads(stats.read_text())
             out[label] = {"wall_seconds": round(wall, 2), **figures,
                           "questions_per_s": round(figures["questions"] / figures["seconds"], 4)}
-        cold = [json.loads(line)["category"] for line in (Path(tmp) / "cold.jsonl").read_text().splitlines()]
-        warm = [json.loads(line)["category"] for line in (Path(tmp) / "warm.jsonl").read_text().splitlines()]
-        out["warm_categories_equal_cold"] = cold == warm
+        categories = {label: [json.loads(line)["category"]
+                              for line in (Path(tmp) / f"{label}.jsonl").read_text().splitlines()]
+                      for label in ("cold", "warm")}
+        out["warm_categories_equal_cold"] = categories["cold"] == categories["warm"]
     return out
 
 
@@ -254,30 +248,26 @@ def run_device(args: argparse.Namespace) -> dict[str, Any]:
     """Every part not in `--skip`, with the device and the seconds each part took."""
     import jax
 
-    from gradual_jax.models import load_tokenizer, resolve_model_source
+    from gradual_jax.models import load_tokenizer
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - {"probe", "decode", "train"}
-    if unknown:
-        raise SystemExit(f"--skip: unknown parts {sorted(unknown)}")
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", device.platform)
     spec = device_spec(kind)
     record: dict[str, Any] = {"bench": "device", "platform": device.platform, "device_kind": kind,
                               "devices": jax.device_count(), "spec_bf16_tflops": spec[0],
                               "spec_hbm_gbps": spec[1], "part_seconds": {}}
+    parts = {"probe": lambda: run_probe_cli(args),
+             "decode": lambda: run_decode(args, load_tokenizer(args.model), spec),
+             "train": lambda: run_train_step(args, spec)}
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - parts.keys():
+        raise SystemExit(f"--skip: unknown parts {sorted(skip - parts.keys())}")
     t_all = time.perf_counter()
-    if "probe" not in skip:
+    for name, run in parts.items():
+        if name in skip:
+            continue
         t = time.perf_counter()
-        record["probe"] = run_probe_cli(args)
-        record["part_seconds"]["probe"] = round(time.perf_counter() - t, 1)
-    if "decode" not in skip:
-        t = time.perf_counter()
-        record["decode"] = run_decode(args, load_tokenizer(resolve_model_source(str(args.model))), spec)
-        record["part_seconds"]["decode"] = round(time.perf_counter() - t, 1)
-    if "train" not in skip:
-        t = time.perf_counter()
-        record["train"] = run_train_step(args, spec)
-        record["part_seconds"]["train"] = round(time.perf_counter() - t, 1)
+        record[name] = run()
+        record["part_seconds"][name] = round(time.perf_counter() - t, 1)
     record["seconds"] = round(time.perf_counter() - t_all, 1)
     return record
