@@ -93,9 +93,11 @@ def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
     return value
 
 
-def probe_settings(cfg: RunConfig, seed: int) -> ProbeSettings:
-    """The run's probe settings for one probe seed (the config's ``probe.seed`` is an offset)."""
-    return dataclasses.replace(cfg.probe, seed=cfg.probe.seed + seed)
+def probe_settings(cfg: RunConfig, seed: int, *, greedy: bool = False) -> ProbeSettings:
+    """The run's probe settings for one probe seed (the config's ``probe.seed`` is an offset);
+    with `greedy`, greedy answers only (``n_samples: 0``, see ``test_after_training``)."""
+    settings = dataclasses.replace(cfg.probe, seed=cfg.probe.seed + seed)
+    return dataclasses.replace(settings, n_samples=0) if greedy else settings
 
 
 def by_category(records: Sequence[dict]) -> dict[str, str]:
@@ -145,8 +147,10 @@ class SeedRun:
             self.res.splits["dev"], relations, n_prompts=settings.n_prompts,
             k=settings.k_shot, seed=settings.seed))
 
-    def probe(self, model: Any, split: str, out: Path, *, noise: bool = False) -> list[dict]:
-        """SliCK records of `model` on `split`, written to `out` (resumable).
+    def probe(self, model: Any, split: str, out: Path, *, noise: bool = False,
+              greedy: bool = False) -> list[dict]:
+        """SliCK records of `model` on `split`, written to `out` (resumable); with `greedy`, of
+        the greedy answers only (WeaklyKnown counted as Unknown).
 
         A model with the same weights as one probed before in this seed (one-stage fine-tuning
         and two-stage's stage 1 select the same epoch from the same data order, for example)
@@ -158,11 +162,12 @@ class SeedRun:
         if self.model_digest is not None:
             if model not in self._digests:
                 self._digests[model] = self.model_digest(model)
-            key = f"{self._digests[model]}/{split}/{'noise' if noise else 'probe'}"
+            kind = "noise" if noise else "greedy" if greedy else "probe"
+            key = f"{self._digests[model]}/{split}/{kind}"
             if is_main_process():  # the records file is process 0's; Probe.run tells the others
                 self._reuse_records(key, out)
         engine = self.engine_factory(model)
-        probe = Probe(engine, self.prompt_sets(noise), probe_settings(self.cfg, seed),
+        probe = Probe(engine, self.prompt_sets(noise), probe_settings(self.cfg, seed, greedy=greedy),
                       model_id=self.res.model_id)
         log.info("probe %s -> %s", split, out)
         records = probe.run(self.res.splits[split], out, split=getattr(engine, "process_local", False))
@@ -278,13 +283,14 @@ class SeedRun:
 
     @staticmethod
     def _skipped_stage(stage_cfg: StageConfig, state: curriculum.CurriculumState,
-                       test_before: dict[str, str]) -> tuple[curriculum.CurriculumState, dict]:
+                       test_before: dict[str, str], test_probe: str) -> tuple[curriculum.CurriculumState, dict]:
         """A stage that trained nothing: the model and both probes stay as they were."""
         latest = dict(state.latest)
         state = curriculum.advance(state, [{"id": i, "category": c} for i, c in latest.items()])
         return state, {"name": stage_cfg.name, "trained_ids": [], "selected_counts": {},
                        "steps": 0, "best_epoch": 0, "dev_accuracy": [], "curve": [],
-                       "skipped": True, "train_after": latest, "test_after": dict(test_before)}
+                       "skipped": True, "train_after": latest, "test_after": dict(test_before),
+                       "test_probe": test_probe}
 
     def run_stage(self, arm: str, k: int, stage_cfg: StageConfig, limits: dict, model: Any,
                   state: curriculum.CurriculumState, test_before: dict[str, str]):
@@ -298,7 +304,7 @@ class SeedRun:
                 raise PipelineError(f"arm {arm}, stage {stage_cfg.name}: {err}") from None
             # Nothing moved up after the previous stage: the method has nothing to add.
             log.warning("arm %s, stage %s: nothing selected, stage skipped (%s)", arm, stage_cfg.name, err)
-            state, info = self._skipped_stage(stage_cfg, state, test_before)
+            state, info = self._skipped_stage(stage_cfg, state, test_before, self.cfg.probe.test_after_training)
             return model, state, info
         params_dir = stage_dir / "params"
         info_path = stage_dir / "stage.json"
@@ -316,11 +322,13 @@ class SeedRun:
             write_json(info_path, info)
         state = curriculum.mark_trained(state, ids, k + 1)
         train_records = self.probe(model, "train", stage_dir / "train.jsonl")
-        test_records = self.probe(model, "test", stage_dir / "test.jsonl")
+        greedy_test = self.cfg.probe.test_after_training == "greedy"
+        test_records = self.probe(model, "test", stage_dir / "test.jsonl", greedy=greedy_test)
         train_after, test_after = by_category(train_records), by_category(test_records)
         state = curriculum.advance(state, [{"id": i, "category": train_after[i]} for i in self.train_ids])
         write_json(stage_dir / "state.json", curriculum.to_json(state))
         return model, state, {**info, "train_after": train_after, "test_after": test_after,
+                              "test_probe": self.cfg.probe.test_after_training,
                               "train_p_gold": by_p_gold(train_records), "test_p_gold": by_p_gold(test_records)}
 
 

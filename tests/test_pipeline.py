@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from gradual_jax.config import load_config
+from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN, UNKNOWN
 from gradual_jax.checkpoint import model_digest
 from gradual_jax.pipeline import PROBE_INDEX, Resources, SeedRun
 from gradual_jax.runtime import JaxEngine
@@ -23,6 +24,7 @@ class CountingEngine:
     """A JaxEngine that counts the calls reaching the model."""
 
     calls = 0
+    samples = 0
 
     def __init__(self, model, tokenizer):
         self.inner = JaxEngine(model, tokenizer, batch_size=64)
@@ -33,6 +35,7 @@ class CountingEngine:
 
     def sample(self, *args, **kw):
         CountingEngine.calls += 1
+        CountingEngine.samples += 1
         return self.inner.sample(*args, **kw)
 
     def answer_probability(self, *args, **kw):
@@ -115,3 +118,23 @@ def test_other_weights_other_split_or_noise_are_probed(resources, tmp_path):
         run.probe(model, split, tmp_path / out, noise=noise)
         assert CountingEngine.calls > 0, out
     assert len(json.loads((tmp_path / PROBE_INDEX).read_text())) == 4
+
+
+def test_greedy_retest_draws_no_sample_and_keeps_the_greedy_categories(resources, tmp_path):
+    """`probe.test_after_training: greedy`: the same greedy answers and gold-answer probabilities
+    as the full probe, no sampling, WeaklyKnown counted as Unknown; and a full probe's records
+    of the same weights are not taken for it (nor the other way round)."""
+    run = seed_run(resources, tmp_path)
+    full = run.probe(resources.model, "test", tmp_path / "a" / "test.jsonl")
+    CountingEngine.calls = CountingEngine.samples = 0
+    twin = copy_of(resources.model)
+    greedy = run.probe(twin, "test", tmp_path / "b" / "test.jsonl", greedy=True)
+    assert CountingEngine.calls > 0 and CountingEngine.samples == 0
+    assert [g["id"] for g in greedy] == [f["id"] for f in full]
+    for f, g in zip(full, greedy):
+        assert g["greedy_answers"] == f["greedy_answers"] and g["p_gold"] == f["p_gold"]
+        assert g["n_sampled"] == 0
+        assert g["category"] == (f["category"] if f["category"] in (HIGHLY_KNOWN, MAYBE_KNOWN) else UNKNOWN)
+    CountingEngine.calls = 0
+    again = run.probe(copy_of(resources.model), "test", tmp_path / "c" / "test.jsonl", greedy=True)
+    assert CountingEngine.calls == 0 and again == greedy  # greedy records reused for greedy only

@@ -423,3 +423,20 @@ def test_a_shared_model_is_told_by_its_probabilities_not_its_steps():
     other["train_p_gold"]["a"] += 0.01  # same categories, other weights
     b["arms"]["one_stage"]["stages"] = [other]
     assert R.build_report([b])["shared_models"] == []
+
+
+def test_greedy_test_reprobes_are_labelled(tmp_path):
+    """Stages whose test re-probe took greedy answers only say so in report.json, the markdown
+    and the plots' titles; the counts are those of the records as given."""
+    results = copy.deepcopy([SEED0])
+    for arm in results[0]["arms"].values():
+        for st in arm["stages"]:
+            st["test_probe"] = "greedy"
+    rep = R.build_report(results)
+    assert [s.get("test_probe") for s in rep["stages"]] == [None, "greedy", "greedy"]
+    assert all(t["test_probe"] == "greedy" for arm in rep["transitions"].values() for t in arm)
+    assert rep["stages"][1]["test_counts"][UK]["mean"] == 1.0
+    md = R.render_markdown(rep)
+    assert "stage1 | test (greedy) |" in md and "counted as Unknown" in md
+    full = R.render_markdown(R.build_report(copy.deepcopy([SEED0])))
+    assert "(greedy)" not in full

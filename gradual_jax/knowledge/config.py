@@ -10,6 +10,7 @@ from gradual_jax.configlib import require
 from gradual_jax.sharding import MeshConfig
 
 MODES: tuple[str, ...] = ("lazy", "exhaustive", "screened")
+RETEST: tuple[str, ...] = ("full", "greedy")
 DATA_KINDS: tuple[str, ...] = ("world", "entityquestions", "jsonl", "hf", "tfds")
 
 
@@ -42,6 +43,10 @@ class ProbeSettings:
     """Questions per resumable chunk of the probe file."""
     seed: int = 0
     """Prompt and sampling seed; a run adds each of its ``seeds`` to it."""
+    test_after_training: Literal["full", "greedy"] = "full"
+    """A run's test re-probes after each stage: ``full`` (these settings) or ``greedy`` (the
+    greedy answers and the gold-answer probability only, as ``n_samples: 0``: HighlyKnown and
+    MaybeKnown as usual, WeaklyKnown counted as Unknown). Stage 0 and train are always full."""
     mesh: MeshConfig | None = None
     """The probe's own mesh (inference: tensor parallel inside a replica, questions over the
     replicas); default: the largest tensor degree dividing the devices and the query and KV
@@ -58,12 +63,15 @@ class ProbeSettings:
                 f"must be > 0 when sampling, got {self.temperature}")
         require(0.0 <= self.screen_threshold <= 1.0, "screen_threshold",
                 f"must be a probability in [0, 1], got {self.screen_threshold}")
+        require(self.test_after_training in RETEST, "test_after_training",
+                f"expected one of {', '.join(RETEST)}, got {self.test_after_training!r}")
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """Fields that change a probe's records. Chunking, batching and the mesh do not, and
-        ``k_shot`` is already in the prompt sets that are fingerprinted beside these."""
+        ``k_shot`` is already in the prompt sets that are fingerprinted beside these, and
+        ``test_after_training`` picks which settings a run's probe gets, not what they do."""
         d = dataclasses.asdict(self)
-        for key in ("chunk_size", "batch_size", "k_shot", "mesh"):
+        for key in ("chunk_size", "batch_size", "k_shot", "mesh", "test_after_training"):
             d.pop(key)
         return d
 

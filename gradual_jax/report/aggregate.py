@@ -25,6 +25,7 @@ from gradual_jax.report.data import (
     move_flags,
     n_stages,
     stage_name,
+    test_probe_kind,
     transition_matrix,
     untrained_sets,
     validate_results,
@@ -93,7 +94,8 @@ def _stages_section(grid: Grid, arm: str | None) -> list[dict]:
         return out
     for j in range(n_stages(results, arm)):
         seeds = grid.seeds_with(lambda r: arm in r["arms"] and len(r["arms"][arm]["stages"]) > j)
-        entry = {"name": stage_name(results, arm, j), "n_seeds": len(seeds)}
+        entry = {"name": stage_name(results, arm, j), "n_seeds": len(seeds),
+                 "test_probe": test_probe_kind(results, arm, j)}
         for k, split in enumerate(("train", "test")):
             entry[f"{split}_counts"] = _counts(grid, split, seeds, lambda r, k=k: arm_probes(r, arm)[j + 1][k])
         out.append(entry)
@@ -155,7 +157,8 @@ def _transitions(results: Sequence[Mapping], arm: str) -> list[dict]:
     out = []
     for j in range(n_stages(results, arm)):
         runs = [r for r in results if arm in r["arms"] and len(r["arms"][arm]["stages"]) > j]
-        entry: dict[str, Any] = {"stage": stage_name(results, arm, j), "n_seeds": len(runs)}
+        entry: dict[str, Any] = {"stage": stage_name(results, arm, j), "n_seeds": len(runs),
+                                 "test_probe": test_probe_kind(results, arm, j)}
         for split, k in (("train", 0), ("test", 1)):
             mats = [transition_matrix(arm_probes(r, arm)[j][k], arm_probes(r, arm)[j + 1][k]) for r in runs]
             total = [[sum(m[a][b] for m in mats) for b in range(4)] for a in range(4)]

@@ -166,6 +166,15 @@ def untrained_sets(res: Mapping, arm: str) -> list[set]:
     return out
 
 
+def test_probe_kind(results: Sequence[Mapping], arm: str, j: int) -> str:
+    """How stage ``j`` of ``arm`` re-probed test: ``greedy`` when any seed's re-probe took the
+    greedy answers only (``probe.test_after_training``: WeaklyKnown counted as Unknown), else
+    ``full``."""
+    kinds = {r["arms"][arm]["stages"][j].get("test_probe", "full") for r in results
+             if arm in r["arms"] and len(r["arms"][arm]["stages"]) > j}
+    return "greedy" if "greedy" in kinds else "full"
+
+
 def trained_ever(res: Mapping, arm: str) -> set:
     return set().union(*(set(s["trained_ids"]) for s in res["arms"][arm]["stages"]))
 

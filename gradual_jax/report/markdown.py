@@ -158,8 +158,14 @@ def _md_stages(report: Mapping) -> list[str]:
         for split in ("train", "test"):
             counts = st[f"{split}_counts"]
             n = counts[CATEGORIES[0]]["n"]
-            rows.append([st["name"], split, n] + [fmt_fig(counts[c]) for c in CATEGORIES])
-    return lines + _table(["stage", "split", "n", *CATEGORIES], rows) + [""]
+            label = f"{split} (greedy)" if split == "test" and st.get("test_probe") == "greedy" else split
+            rows.append([st["name"], label, n] + [fmt_fig(counts[c]) for c in CATEGORIES])
+    lines += _table(["stage", "split", "n", *CATEGORIES], rows) + [""]
+    if any(st.get("test_probe") == "greedy" for st in report["stages"]):
+        lines += ["test (greedy): re-probed after training with the greedy answers only "
+                  "(`probe.test_after_training: greedy`), so WeaklyKnown test questions are "
+                  "counted as Unknown there; stage 0 is a full probe.", ""]
+    return lines
 
 
 def _move_cells(m: Mapping) -> list[str]:

@@ -75,7 +75,9 @@ def _plot_categories(report: Mapping):
             bottom = [b + v for b, v in zip(bottom, h)]
         n = stages[0][f"{split}_counts"][CATEGORIES[0]]["n"]
         ax.set_xticks(range(len(stages)), [s["name"] for s in stages], fontsize=8)
-        ax.set_title(f"{split} (mean over seeds, n={n})", fontsize=9)
+        greedy = split == "test" and any(s.get("test_probe") == "greedy" for s in stages)
+        ax.set_title(f"{split} (mean over seeds, n={n})" + ("\nafter stage 0: greedy, WK counted as UK" if greedy else ""),
+                     fontsize=9)
     fig.axes[0].set_ylabel("examples")
     fig.suptitle(f"SliCK categories per stage ({report['reference_arm']})", fontsize=10)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
@@ -186,7 +188,9 @@ def _plot_transition(arm: str, entry: Mapping):
         ax.set_yticks(range(4), [f"{s} ({sum(row)})" for s, row in zip(short, m)])
         ax.set_xlabel("to")
         ax.set_ylabel("from (row total)")
-        ax.set_title(f"{split}: colour = share of the row", fontsize=9)
+        greedy = split == "test" and entry.get("test_probe") == "greedy"
+        ax.set_title(f"{split}: colour = share of the row" + (" (greedy: UK incl. WK)" if greedy else ""),
+                     fontsize=9)
     fig.suptitle(f"{arm} / {entry['stage']} (counts summed over {entry['n_seeds']} seeds)", fontsize=10)
     fig.tight_layout()
     return fig
