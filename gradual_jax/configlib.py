@@ -473,15 +473,17 @@ def keys_help(cls: type, width: int = 100) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(parser: Any, cls: type) -> None:
-    """One ``--flag-name`` per scalar field of dataclass ``cls`` (type, choices, default and help
-    from the dataclass), so a CLI never re-declares settings; read back with :func:`from_arguments`.
-    Values are checked by ``cls`` itself, so a bad one fails with the same line as in a config.
-    Fields that are not scalars (nested settings) keep their defaults."""
+def add_arguments(parser: Any, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag-name`` per scalar field of dataclass ``cls`` but those named in `skip` (type,
+    choices, default and help from the dataclass), so a CLI never re-declares settings; read back
+    with :func:`from_arguments`. Values are checked by ``cls`` itself, so a bad one fails with the
+    same line as in a config. Fields skipped or not scalars (nested settings) keep their defaults."""
     import argparse
 
     hints, docs, default = _hints(cls), field_docs(cls), cls()
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         tp, value = hints[f.name], getattr(default, f.name)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{docs.get(f.name, '')} (default: {_default_text(value)})"

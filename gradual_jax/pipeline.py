@@ -95,9 +95,10 @@ def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
 
 def probe_settings(cfg: RunConfig, seed: int, *, greedy: bool = False) -> ProbeSettings:
     """The run's probe settings for one probe seed (the config's ``probe.seed`` is an offset);
-    with `greedy`, greedy answers only (``n_samples: 0``, see ``test_after_training``)."""
+    with `greedy`, greedy answers only (no samples, no gold-answer probability; see
+    ``ProbeSettings.test_after_training``)."""
     settings = dataclasses.replace(cfg.probe, seed=cfg.probe.seed + seed)
-    return dataclasses.replace(settings, n_samples=0) if greedy else settings
+    return dataclasses.replace(settings, n_samples=0, gold_probability=False) if greedy else settings
 
 
 def by_category(records: Sequence[dict]) -> dict[str, str]:

@@ -40,8 +40,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split", choices=("train", "dev", "test"), required=True)
     p.add_argument("--relations", default=None, help="comma-separated, e.g. P36,P17")
     p.add_argument("--limit-per-relation", type=int, default=None)
+    # test_after_training picks a run's settings for its re-probes; one probe has one setting
     add_arguments(p.add_argument_group("probe settings (the same as a run config's probe.*)"),
-                  ProbeSettings)
+                  ProbeSettings, skip=("test_after_training",))
     p.add_argument("--prompts-out", default=None)
     p.add_argument("--prompts-in", default=None)
     p.add_argument("--dev", default=None,

@@ -43,10 +43,14 @@ class ProbeSettings:
     """Questions per resumable chunk of the probe file."""
     seed: int = 0
     """Prompt and sampling seed; a run adds each of its ``seeds`` to it."""
+    gold_probability: bool = True
+    """Record every question's gold-answer probability (``q`` per prompt, ``p_gold``: teacher
+    forcing, no samples drawn); off, screened mode still computes it for what it screens."""
     test_after_training: Literal["full", "greedy"] = "full"
     """A run's test re-probes after each stage: ``full`` (these settings) or ``greedy`` (the
-    greedy answers and the gold-answer probability only, as ``n_samples: 0``: HighlyKnown and
-    MaybeKnown as usual, WeaklyKnown counted as Unknown). Stage 0 and train are always full."""
+    greedy answers only, as ``n_samples: 0, gold_probability: false``: HighlyKnown and
+    MaybeKnown as usual, WeaklyKnown counted as Unknown, no test ``p_gold`` after stage 0).
+    Stage 0 and every train probe are always full."""
     mesh: MeshConfig | None = None
     """The probe's own mesh (inference: tensor parallel inside a replica, questions over the
     replicas); default: the largest tensor degree dividing the devices and the query and KV

@@ -15,7 +15,8 @@ Modes, all with the same categories on the same random stream:
   the example is declared Unknown without sampling.
 
 Every mode also records, for every question, the continuous knowledge measure: `q` per prompt,
-`p_gold` (the mean of `q` over prompts) and `expected_right_samples` (n_samples * sum of `q`).
+`p_gold` (the mean of `q` over prompts) and `expected_right_samples` (n_samples * sum of `q`);
+with `gold_probability` off, only screened mode computes it, for the questions it screens.
 
 Records are appended to a JSONL file in chunks; a restarted probe skips the examples already
 written and refuses an output file written under another configuration.
@@ -281,7 +282,8 @@ class Probe:
         s = self.settings
         work = [_Work(e) for e in examples]
         prompts = [self._prompt(w, i) for w in work for i in range(s.n_prompts)]
-        conts = sorted({c for w in work for c in self._gold_continuations(w.example)}, key=len)
+        scores = s.gold_probability or (s.mode == "screened" and s.n_samples > 0)
+        conts = sorted({c for w in work for c in self._gold_continuations(w.example)}, key=len) if scores else []
         warm(prompts, conts, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, top_k=s.top_k)
 
     def probe_chunk(self, examples: Sequence[QAExample]) -> list[dict]:
@@ -295,7 +297,8 @@ class Probe:
             w.greedy_answers.append(a)
             w.n_greedy_correct += self._correct(a, w.example)
         # The continuous knowledge measure, for every question in every mode; screening reuses it.
-        self.answer_probabilities(work)
+        if s.gold_probability:
+            self.answer_probabilities(work)
         if s.n_samples > 0:
             if s.mode == "exhaustive":
                 self._sample(work, range(s.n_prompts), stop_at_first=False)

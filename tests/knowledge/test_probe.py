@@ -218,3 +218,22 @@ def test_every_mode_records_the_gold_probability_once(setup):
     by_cat = {c: [r["p_gold"] for r in ex if r["category"] == c] for c in ("HighlyKnown", UNKNOWN)}
     if all(by_cat.values()):
         assert np.mean(by_cat["HighlyKnown"]) > np.mean(by_cat[UNKNOWN])
+
+
+def test_without_the_gold_probability_only_screening_scores(setup):
+    """`gold_probability: false`: lazy scores nothing and records no `q`; screened scores only
+    the questions no greedy answer got right; the categories are those of the full probe."""
+    engine, prompts, examples, *_ = setup
+    full = {r["id"]: r for r in _probe(setup, mode="screened").run(examples)}
+    for mode in ("lazy", "screened"):
+        counting = _CountingEngine(engine)
+        recs = Probe(counting, prompts, ProbeSettings(**{**SETTINGS, "mode": mode, "gold_probability": False}),
+                     progress=False).run(examples)
+        undecided = [r for r in recs if r["p_greedy"] == 0]
+        assert counting.scored == (len(undecided) * SETTINGS["n_prompts"] if mode == "screened" else 0)
+        for r in recs:
+            assert ("q" in r) == (mode == "screened" and r["p_greedy"] == 0)
+            if mode == "screened":
+                assert r["category"] == full[r["id"]]["category"]
+                # other packings, other float rounding
+                assert r.get("q", full[r["id"]]["q"]) == pytest.approx(full[r["id"]]["q"], rel=1e-5, abs=1e-9)
