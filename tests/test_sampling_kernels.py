@@ -1,0 +1,56 @@
+"""`kernels.choose` against numpy: greedy rows take the argmax with sampling log-prob 0 whether
+or not other rows sample (the all-greedy call skips the sampling path at run time), sampled
+rows draw `categorical(fold_in(key, step), top-k-truncated logits / T)`."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gradual_jax.sampling.kernels import Policy, Rows, choose, row_keys
+
+V = 50
+POLICY = Policy(k_cap=8, top_p="off")  # the largest top-k a row uses, at most V
+
+
+def _rows(temperature, top_k):
+    n = len(temperature)
+    keys = row_keys(jnp.full(n, 7, jnp.uint32), jnp.arange(n, dtype=jnp.uint32), jnp.zeros(n, jnp.uint32))
+    return Rows(jnp.asarray(temperature, jnp.float32), jnp.asarray(top_k, jnp.int32), jnp.ones(n, jnp.float32), keys)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+
+def test_choose_greedy_and_sampled_rows_against_numpy():
+    logits = np.asarray(jax.random.normal(jax.random.key(0), (6, V)), np.float32) * 3
+    step = jnp.array([0, 1, 2, 3, 4, 5], jnp.int32)
+    fn = jax.jit(lambda lg, r, s: choose(lg, r, s, POLICY))
+
+    all_greedy = fn(jnp.asarray(logits), _rows([0.0] * 6, [1] * 6), step)
+    token, logp, raw = map(np.asarray, all_greedy)
+    np.testing.assert_array_equal(token, logits.argmax(-1))
+    np.testing.assert_array_equal(logp, 0.0)
+    np.testing.assert_allclose(raw, _log_softmax(logits)[np.arange(6), token], atol=1e-5)
+
+    temperature, top_k = [0.0, 0.5, 0.0, 1.0, 0.7, 0.0], [1, 5, 1, 0, 3, 1]
+    rows = _rows(temperature, top_k)
+    token_m, logp_m, raw_m = map(np.asarray, fn(jnp.asarray(logits), rows, step))
+    greedy = np.array(temperature) == 0
+    # greedy rows: the same as in the all-greedy call
+    np.testing.assert_array_equal(token_m[greedy], token[greedy])
+    np.testing.assert_array_equal(logp_m[greedy], 0.0)
+    np.testing.assert_allclose(raw_m, _log_softmax(logits)[np.arange(6), token_m], atol=1e-5)
+    # sampled rows: the categorical draw of each row's truncated distribution, built here
+    for i in np.flatnonzero(~greedy):
+        x = logits[i] / temperature[i]
+        if top_k[i] > 0:
+            x = np.where(x < np.sort(x)[::-1][top_k[i] - 1], -np.inf, x)
+        key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[i]), int(step[i]))
+        expected = int(jax.random.categorical(key, jnp.asarray(x, jnp.float32)))
+        assert token_m[i] == expected, i
+        assert np.isfinite(x[token_m[i]])  # inside the row's top-k
+        np.testing.assert_allclose(logp_m[i], _log_softmax(x[None])[0, token_m[i]], atol=1e-5)
