@@ -1,10 +1,28 @@
-"""JAX's persistent compilation cache, turned on the same way by every entry point (the
-launcher, the probe CLI, the benchmarks)."""
+"""Where the package keeps its caches (`$GRADUAL_JAX_CACHE`, default `~/.cache/gradual_jax`:
+built worlds, tokenizers converted from GGUF files, XLA executables), and JAX's persistent
+compilation cache, turned on the same way by every entry point (the launcher, the probe CLI,
+the benchmarks)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+
+def default_cache_base(environ: dict[str, str] | None = None) -> Path:
+    """`$XDG_CACHE_HOME/gradual_jax`, else `~/.cache/gradual_jax`."""
+    env = os.environ if environ is None else environ
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "gradual_jax"
+
+
+def local_cache(kind: str, environ: dict[str, str] | None = None) -> Path | None:
+    """The local directory of cache `kind`: `$GRADUAL_JAX_CACHE/<kind>` (default
+    `default_cache_base()/<kind>`); None when `GRADUAL_JAX_CACHE=off` or names a remote location."""
+    env = os.environ if environ is None else environ
+    root = env.get("GRADUAL_JAX_CACHE")
+    if root == "off" or (root and "://" in root):
+        return None
+    return (Path(root).expanduser() if root else default_cache_base(env)) / kind
 
 
 def cache_location(environ: dict[str, str] | None = None) -> str | None:
@@ -13,12 +31,10 @@ def cache_location(environ: dict[str, str] | None = None) -> str | None:
     local path (`gs://bucket/dir`, any `scheme://`) is passed through as written."""
     env = os.environ if environ is None else environ
     root = env.get("GRADUAL_JAX_CACHE")
-    if root == "off":
-        return None
-    if root and "://" in root:
+    if root and root != "off" and "://" in root:
         return root.rstrip("/") + "/xla"
-    base = Path(root) if root else Path(env.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gradual_jax"
-    return str(base / "xla")
+    local = local_cache("xla", env)
+    return None if local is None else str(local)
 
 
 def enable_compilation_cache() -> str | None:

