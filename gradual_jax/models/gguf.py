@@ -46,15 +46,16 @@ _MISSING = object()
 
 
 def open_gguf(file: str | os.PathLike) -> Any:
-    """A `gguf.GGUFReader` over `file` (memory-mapped); `CheckpointError` when the file is missing
-    or its header cannot be parsed (corrupt, truncated, or naming an unknown tensor type)."""
-    import gguf
+    """The header of `file` (`gguf_header.GGUFHeader`: metadata, tensor table, data
+    memory-mapped); `CheckpointError` when the file is missing or its header cannot be parsed
+    (corrupt, truncated, or naming an unknown tensor type)."""
+    from gradual_jax.models.gguf_header import GGUFHeader
 
     path = Path(file).expanduser()
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFHeader(path)
     except Exception as e:  # the reader raises ValueError, KeyError, struct/IndexError, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: corrupt or unreadable GGUF header ({reason})") from None

@@ -376,3 +376,32 @@ def test_two_processes_convert_one_gguf_tokenizer_into_one_cache(tmp_path):
     saved = list((tmp_path / "cache" / "tokenizers").iterdir())
     assert len(saved) == 1 and not saved[0].name.startswith(".")  # one copy, no temporary left
     assert (saved[0] / "tokenizer.json").is_file()
+
+
+def _same_as_gguf_reader(path: Path) -> None:
+    """Our one-pass header reader against the gguf package's reader: every key (string arrays
+    by length), every tensor's name, shape, type and raw data."""
+    from gradual_jax.models.gguf_header import GGUFHeader
+
+    ours, ref = GGUFHeader(path), gguf.GGUFReader(str(path))
+    assert set(ours.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+    for key, field in ours.fields.items():
+        if isinstance(field.data, range):
+            assert len(field.data) == len(ref.fields[key].data), key
+        else:
+            assert field.contents() == ref.fields[key].contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.shape == tuple(int(n) for n in b.shape) and a.tensor_type == b.tensor_type, a.name
+        assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_header_reader_equals_the_gguf_reader(qtype, tmp_path):
+    _same_as_gguf_reader(write_gguf(tmp_path / "tiny.gguf", tiny_llama(), qtype))
+    _same_as_gguf_reader(write_gguf(tmp_path / "k.gguf", tiny_llama(), Q.Q8_0, k_types=True))
+
+
+def test_header_reader_equals_the_gguf_reader_on_smollm2():
+    _same_as_gguf_reader(Path(smollm2_gguf()))
