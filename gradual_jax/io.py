@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Callable
@@ -17,11 +18,16 @@ from pathlib import Path
 from typing import Any
 
 
+def _temporary(path: Path) -> Path:
+    """A name beside `path` that no other process or host uses."""
+    return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """``write(tmp)`` then rename ``tmp`` onto ``path`` (its directory is created); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = _temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -29,6 +35,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
+    """``write(tmp)`` into a fresh directory, then rename it onto ``path``: the directory appears
+    whole or not at all. False (and nothing kept of this writer) when ``path`` already exists,
+    for example written by a concurrent writer, whose copy stands."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        if path.exists():
+            return False
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -323,13 +323,12 @@ class SeedRun:
             write_json(info_path, info)
         state = curriculum.mark_trained(state, ids, k + 1)
         train_records = self.probe(model, "train", stage_dir / "train.jsonl")
-        greedy_test = self.cfg.probe.test_after_training == "greedy"
-        test_records = self.probe(model, "test", stage_dir / "test.jsonl", greedy=greedy_test)
+        test_probe = self.cfg.probe.test_after_training
+        test_records = self.probe(model, "test", stage_dir / "test.jsonl", greedy=test_probe == "greedy")
         train_after, test_after = by_category(train_records), by_category(test_records)
         state = curriculum.advance(state, [{"id": i, "category": train_after[i]} for i in self.train_ids])
         write_json(stage_dir / "state.json", curriculum.to_json(state))
         return model, state, {**info, "train_after": train_after, "test_after": test_after,
-                              "test_probe": self.cfg.probe.test_after_training,
-                              "train_p_gold": by_p_gold(train_records), "test_p_gold": by_p_gold(test_records)}
+                              "test_probe": test_probe, "train_p_gold": by_p_gold(train_records), "test_p_gold": by_p_gold(test_records)}
 
 

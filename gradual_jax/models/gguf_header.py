@@ -23,6 +23,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
           6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
 _STRING, _ARRAY = 8, 9
+# Tensor types stored as plain numpy arrays; every other type is raw bytes of blocks.
+_PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+          "I32": np.int32, "I64": np.int64}
 _DEFAULT_ALIGNMENT = 32
 
 
@@ -119,9 +122,8 @@ class GGUFHeader:
         block, type_size = gguf.GGML_QUANT_SIZES[kind]
         shape = tuple(reversed(dims))  # numpy order: slowest dimension first
         n = int(np.prod(dims, dtype=np.int64))
-        if block == 1 and kind.name in ("F32", "F16", "F64", "I8", "I16", "I32", "I64"):
-            dtype = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8,
-                     "I16": np.int16, "I32": np.int32, "I64": np.int64}[kind.name]
+        if kind.name in _PLAIN:
+            dtype = _PLAIN[kind.name]
             count, layout = n, shape
         else:  # quantized (and BF16): raw bytes, each row's blocks end to end
             dtype = np.uint8

@@ -859,11 +859,8 @@ def _gguf_tokenizer(path: Path) -> Any:
     SmolLM2's: the file's metadata is parsed whole, then the BPE rebuilt), kept converted in the
     cache (`xla_cache.local_cache('tokenizers')`) under the file's resolved path, size and mtime,
     so later loads read it back in a fraction of a second. The saved copy appears whole or not
-    at all (written under a unique name, then renamed; a concurrent writer's copy is as good)."""
+    at all (`io.atomic_write_dir`; a concurrent writer's copy is as good)."""
     import hashlib
-    import shutil
-    import socket
-    import uuid
 
     from transformers import AutoTokenizer
 
@@ -872,20 +869,17 @@ def _gguf_tokenizer(path: Path) -> Any:
     root = local_cache("tokenizers")
     if root is None:
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    st = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}\x00{st.st_size}\x00{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    real = path.resolve()
+    st = real.stat()
+    key = hashlib.sha256(f"{real}\x00{st.st_size}\x00{st.st_mtime_ns}".encode()).hexdigest()[:16]
     saved = root / f"{path.stem}-{key}"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    tmp = root / f".{saved.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tokenizer.save_pretrained(str(tmp))
-        os.replace(tmp, saved)
-    except OSError:  # another process saved it first, or the cache is not writable
+        io.atomic_write_dir(saved, lambda tmp: tokenizer.save_pretrained(str(tmp)))
+    except OSError:  # an unwritable cache: the tokenizer is still good
         pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return tokenizer
 
 
