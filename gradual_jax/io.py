@@ -23,9 +23,9 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """``write(tmp)`` then rename ``tmp`` onto ``path`` (its directory is created); returns ``path``."""
-    path = Path(path)
+def _publish(path: Path, write: Callable[[Path], None], remove: Callable[[Path], None]) -> None:
+    """``write(tmp)`` under a unique temporary name beside ``path``, then rename it onto
+    ``path``; the temporary is removed (``remove``) whatever happens."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(path)
     try:
@@ -33,27 +33,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.replace(tmp, path)
     finally:
         if tmp.exists():
-            tmp.unlink()
-    return path
+            remove(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` then rename ``tmp`` onto ``path`` (its directory is created); returns ``path``."""
+    _publish(Path(path), write, Path.unlink)
+    return Path(path)
 
 
 def atomic_write_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
     """``write(tmp)`` into a fresh directory, then rename it onto ``path``: the directory appears
     whole or not at all. False (and nothing kept of this writer) when ``path`` already exists,
     for example written by a concurrent writer, whose copy stands."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        _publish(Path(path), write, lambda tmp: shutil.rmtree(tmp, ignore_errors=True))
         return True
     except OSError:
-        if path.exists():
+        if Path(path).exists():
             return False
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
