@@ -306,8 +306,8 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
     return constrain(d), taken
 
 
-def score_program(graphdef: Any, state: Any, store: PrefixStore, pack: dict, cont: jax.Array,
-                  temperature: jax.Array, top_k: jax.Array, *,
+def score_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
+                  pack: dict, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
                   policy: Policy) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs `[T, C]` of continuations `cont` `[T, C]`. `pack` holds packed
     rows (ids, pos, seg, branch `[R, W]`, prefix `[R]`) where each prompt tail is a segment's
@@ -318,7 +318,9 @@ def score_program(graphdef: Any, state: Any, store: PrefixStore, pack: dict, con
     model = nnx.merge(graphdef, state)
     h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"],
                              pack["branch"])
-    hidden = h[pack["row"][:, None], pack["at"]]  # [T, C, D]
+    # The scored positions split over the replicas: each computes the logits (and their top-k)
+    # of its share of the continuations only.
+    hidden = constrain(h[pack["row"][:, None], pack["at"]])  # [T, C, D]
     logits = model.hidden_to_logits(hidden)
     pick = lambda a: jnp.take_along_axis(a, cont[..., None], axis=-1)[..., 0]  # noqa: E731
     raw = pick(jax.nn.log_softmax(logits, axis=-1))

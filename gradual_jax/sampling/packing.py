@@ -122,7 +122,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         new_tokens=max(1, new_tokens),
         score_rows=round_up(4, multiple),
         score_width=next_pow2(longest_scored, SCORE_WIDTH),
-        score_seqs=SCORE_SEQS,
+        score_seqs=round_up(SCORE_SEQS, multiple),
         score_cont=next_pow2(longest_continuation, SCORE_CONT_MIN),
         k_cap=next_pow2(k_cap, 64),
     )

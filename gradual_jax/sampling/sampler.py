@@ -21,6 +21,7 @@ from flax import nnx
 
 from gradual_jax.models.transformer import KVCache, Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
+from gradual_jax.sampling.codec import codec_for
 from gradual_jax.sampling.decoding import DecodeLoop, Job, Row
 from gradual_jax.sampling.kernels import (
     ADMIT_DONATES,
@@ -43,7 +44,6 @@ from gradual_jax.sampling.serial import serialized
 from gradual_jax.sharding import run_program
 
 DEFAULT_CHUNK = 4
-ENCODED_PROMPTS = 20_000  # prompts whose token ids a sampler keeps (a probe chunk asks each 3 times)
 TOP_P_MODES = ("off", "topk", "full")
 log = logging.getLogger("gradual_jax")
 
@@ -70,7 +70,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         self._lock = threading.RLock()
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
-        self._encoded: dict[str, tuple[int, ...]] = {}
+        self._codec = codec_for(tokenizer)
         self.set_state(self._place(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
@@ -122,20 +122,16 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     # ---- tokenizer
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of a whole prompt, with the tokenizer's default special tokens (kept for
-        the prompts seen last: a probe asks each prompt in several phases)."""
-        ids = self._encoded.get(text)
-        if ids is None:
-            ids = self._encoded[text] = tuple(self.tokenizer(text)["input_ids"])
-            if len(self._encoded) > ENCODED_PROMPTS:
-                self._encoded.pop(next(iter(self._encoded)))
-        return list(ids)
+        """Token ids of a whole prompt, with the tokenizer's default special tokens (kept, with
+        every sampler of this tokenizer: a probe asks each prompt in several phases and again
+        for every stage's model)."""
+        return self._codec.encode(text)
 
     def _encode_plain(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._codec.encode(text, special=False)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._codec.decode(ids)
 
     def _declared(self, prefix: str) -> list[int] | None:
         if not prefix:

@@ -168,11 +168,28 @@ def _pack_rows(order: Sequence[TokenizedExample], max_seq_len: int) -> list[list
     return rows
 
 
+def bucket_rows(n: int, batch_rows: int, multiple: int | None) -> int:
+    """The rows of a batch holding ``n`` rows of work: ``batch_rows`` halved while the half
+    still holds ``n`` and stays a multiple of ``multiple`` (None: always ``batch_rows``).
+
+    A batch short of ``batch_rows`` (an epoch's last, or a stage of a few examples) then
+    computes a few padding rows, not a whole batch of them, in one of a handful of shapes."""
+    rows = batch_rows
+    if multiple is None:
+        return rows
+    while rows % 2 == 0 and rows // 2 >= n and (rows // 2) % multiple == 0:
+        rows //= 2
+    return rows
+
+
 def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed: int, epoch: int,
-                  max_seq_len: int, packing: bool = False) -> list[Batch]:
+                  max_seq_len: int, packing: bool = False, row_multiple: int | None = None) -> list[Batch]:
     """Every batch of epoch ``epoch``, in training order; a pure function of its arguments.
 
-    ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together).
+    ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together);
+    with ``row_multiple``, a batch of fewer rows of examples is cut to ``bucket_rows`` rows
+    (the trainer passes micro-batches x data-parallel ways, so every cut still splits evenly).
+    Padding rows carry no loss, so the cut changes no step's result beyond float rounding.
     """
     if not examples:
         raise TrainingError("training set is empty: nothing to fine-tune on")
@@ -183,7 +200,8 @@ def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed
     if packing:
         rows = _pack_rows(order, max_seq_len)
         groups = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
-        return [_make_batch(g, batch_rows, bucket_length(max(sum(e.length for e in r) for r in g), max_seq_len))
+        return [_make_batch(g, bucket_rows(len(g), batch_rows, row_multiple),
+                            bucket_length(max(sum(e.length for e in r) for r in g), max_seq_len))
                 for g in groups]
     window = batch_rows * SORT_WINDOW_BATCHES
     groups = []
@@ -191,7 +209,8 @@ def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed
         chunk = sorted(order[w:w + window], key=lambda e: e.length)  # stable: ties keep shuffled order
         groups.extend(chunk[i:i + batch_rows] for i in range(0, len(chunk), batch_rows))
     groups = [groups[i] for i in rng.permutation(len(groups))]
-    return [_make_batch([[e] for e in g], batch_rows, bucket_length(max(e.length for e in g), max_seq_len))
+    return [_make_batch([[e] for e in g], bucket_rows(len(g), batch_rows, row_multiple),
+                        bucket_length(max(e.length for e in g), max_seq_len))
             for g in groups]
 
 

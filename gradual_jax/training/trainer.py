@@ -45,8 +45,8 @@ from gradual_jax.training.data import Batch, TrainingError
 from gradual_jax.training.lora import apply_lora, has_lora, trainable_filter
 from gradual_jax.training.metrics import MetricsWriter
 from gradual_jax.sharding import (
-    bytes_per_device, check_batch_divisible, global_batch, make_mesh, process_rows, run_program,
-    shard_state, state_shardings)
+    bytes_per_device, check_batch_divisible, data_parallel_size, global_batch, make_mesh, process_rows,
+    run_program, shard_state, state_shardings)
 
 log = logging.getLogger(__name__)
 
@@ -534,6 +534,7 @@ class Trainer:
         order_args = dict(batch_rows=batch_rows, seed=self.seed, max_seq_len=int(cfg.max_seq_len),
                           packing=bool(cfg.packing))
         per_epoch = [data_lib.steps_per_epoch(tokenized, epoch=e, **order_args) for e in range(cfg.epochs)]
+        order_args["row_multiple"] = int(cfg.grad_accum) * data_parallel_size(self.mesh)
         self.setup(cfg, sum(per_epoch))
 
         start_epoch, start_pos, history = 0, 0, []

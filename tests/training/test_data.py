@@ -128,3 +128,28 @@ def test_loss_positions_gather_the_masked_tokens(tokenizer):
         np.testing.assert_array_equal(pos[r, :n], np.flatnonzero(batch.loss_mask[r]))
         assert w[r, :n].sum() == n and w[r, n:].sum() == 0
     assert D.loss_positions(np.ones((2, 16), np.float32)) is None  # every position: no gathering
+
+
+def test_bucket_rows_halves_the_batch_while_it_holds_the_rows_and_divides():
+    assert D.bucket_rows(25, 128, 8) == 32
+    assert D.bucket_rows(3, 128, 8) == 8
+    assert D.bucket_rows(64, 128, 8) == 64 and D.bucket_rows(65, 128, 8) == 128
+    assert D.bucket_rows(5, 96, 8) == 24      # 12 would not split over 8 ways
+    assert D.bucket_rows(1, 6, 1) == 3        # 3 is odd: no further halving
+    assert D.bucket_rows(3, 128, None) == 128
+
+
+def test_epoch_batches_cut_short_batches_to_bucket_rows(tokenizer):
+    toks = D.tokenize_examples(capital_examples(10), tokenizer, template="qa", max_seq_len=64)
+    for packing in (False, True):
+        batches = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=64, packing=packing,
+                                  row_multiple=2)
+        full = D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=64, packing=packing)
+        assert len(batches) == len(full)
+        for cut, whole in zip(batches, full):
+            real = int((whole.segment_ids.max(axis=1) > 0).sum())
+            assert cut.rows == D.bucket_rows(real, 8, 2) and whole.rows == 8
+            for name, a in cut.as_dict().items():  # the same rows, less trailing padding
+                b = whole.as_dict()[name]
+                np.testing.assert_array_equal(a, b[:cut.rows])
+                assert not b[cut.rows:].any()

@@ -1,0 +1,87 @@
+"""Text to token ids and back for the sampler, remembered per tokenizer.
+
+A probe asks the same prompts and gold answers in several phases and again for every stage's
+model (each a new `Sampler`), and the host's checks of generated rows (stop strings, whether a
+sample can still match) decode the same prompt-plus-answer ids over and over. `codec_for`
+gives every sampler of one tokenizer the same `Codec`, whose tables outlive the samplers.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+ENCODED_TEXTS = 20_000   # texts (prompts, continuations) whose token ids a codec keeps
+DECODED_TEXTS = 50_000   # id sequences whose text a codec keeps
+
+
+class _Lru:
+    """A bounded dict that forgets the least recently used entry (thread-safe)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._items: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Any) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            if len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return value
+
+
+class Codec:
+    """`tokenizer`'s encode and decode as the sampler uses them, each answer kept.
+
+    `decode` equals `tokenizer.decode(ids, skip_special_tokens=True)`. For transformers'
+    tokenizers backed by the Rust library it calls their `_decode`, the step that `decode` runs
+    after converting its argument to Python objects element by element (in a probe that
+    conversion cost more than the decoding itself)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._encoded = _Lru(ENCODED_TEXTS)
+        self._decoded = _Lru(DECODED_TEXTS)
+        fast = getattr(tokenizer, "_decode", None)
+        self._fast_decode = fast if getattr(tokenizer, "backend_tokenizer", None) is not None else None
+
+    def encode(self, text: str, *, special: bool = True) -> list[int]:
+        """Token ids of `text`, with the tokenizer's default special tokens (`special`) or none."""
+        kwargs = {} if special else {"add_special_tokens": False}
+        return list(self._encoded.get((text, special), lambda: tuple(self.tokenizer(text, **kwargs)["input_ids"])))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids` (Python ints or numpy integers), special tokens skipped."""
+        key = tuple(int(i) for i in ids)
+        if self._fast_decode is not None:
+            return self._decoded.get(key, lambda: self._fast_decode(list(key), skip_special_tokens=True))
+        return self._decoded.get(key, lambda: self.tokenizer.decode(list(key), skip_special_tokens=True))
+
+
+_CODECS: "weakref.WeakKeyDictionary[Any, Codec]" = weakref.WeakKeyDictionary()
+_CODECS_LOCK = threading.Lock()
+
+
+def codec_for(tokenizer: Any) -> Codec:
+    """The one `Codec` of `tokenizer` (a new one for an object that cannot be weakly referenced)."""
+    with _CODECS_LOCK:
+        try:
+            codec = _CODECS.get(tokenizer)
+        except TypeError:
+            return Codec(tokenizer)
+        if codec is None:
+            codec = Codec(tokenizer)
+            try:
+                _CODECS[tokenizer] = codec
+            except TypeError:
+                pass
+        return codec
