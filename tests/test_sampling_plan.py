@@ -55,8 +55,10 @@ def test_shapes_round_up_fixed_ladders():
                     longest_continuation=5, prefixes=30, k_cap=40, multiple=8)
     assert (sh.slots, sh.prefix_width, sh.store_rows) == (64, 128, 32)
     assert (sh.insert_rows, sh.insert_width, sh.insert_dests) == (4, 32, 128)
-    assert (sh.score_width, sh.score_cont, sh.k_cap) == (128, 8, 64)
+    assert (sh.score_width, sh.score_tokens, sh.k_cap, sh.admit_rows) == (128, 256, 64, 8)
     assert sh.prefill_rows == 8 and sh.score_rows == 8  # rows the data axes split: multiples of 8
+    assert shapes_for(slots=8, longest_continuation=300, multiple=3).score_tokens == 513
+    assert shapes_for(slots=4).admit_rows == 4  # never more than the slots
     assert sh.cache_len == 128 + 32 + 16
     # sizes anywhere on the same rungs give the same shapes: no new compile
     same = shapes_for(slots=60, longest_prefix=120, longest_tail=30, new_tokens=16, longest_scored=100,
@@ -73,7 +75,7 @@ def test_shapes_cover_and_union():
     u = b.union(c)
     assert (u.insert_width, u.prefix_width) == (128, 224)
     assert u.covers(a) and u.covers(b) and u.covers(c)
-    assert (u.prefix_width, u.new_tokens, u.score_cont) == (224, 8, 32)
+    assert (u.prefix_width, u.new_tokens, u.score_tokens) == (224, 8, 256)
     assert not dataclasses.replace(u, slots=16).covers(a)  # slot counts must agree
 
 
@@ -156,14 +158,16 @@ def test_score_plan_by_hand():
     a, b = ((1,), (5, 6)), ((2,), (7,))
     conts = [[10, 11], [12], [13, 14, 15], [16]]
     pending = [(a, [0, 1, 2]), (b, [3])]
-    take, tokens, positions, branches = plan_score_batch(pending, conts, width=6, seqs=8)
+    take, tokens, positions, branches = plan_score_batch(pending, conts, width=6, budget=8)
     # a: tail (2) + [10, 11] + [12] = 5 tokens; [13, 14, 15] would make 8 > 6 and waits
     assert take == [(a, [0, 1]), (b, [3])]
     assert tokens == [[5, 6, 10, 11, 12], [7, 16]]
     assert positions == [[0, 1, 2, 3, 2], [0, 1]]
     assert branches == [[0, 0, 1, 1, 2], [0, 1]]
     assert remaining(pending, take) == [(a, [2])]
-    # the continuation budget stops a trunk part way
-    take, *_ = plan_score_batch(pending, conts, width=64, seqs=2)
-    assert take == [(a, [0, 1])]
+    # the token budget stops a trunk part way, and the call there
+    take, *_ = plan_score_batch(pending, conts, width=64, budget=5)
+    assert take == [(a, [0, 1])]  # [13, 14, 15] would make 6 > 5 tokens
     assert remaining(pending, take) == [(a, [2]), (b, [3])]
+    take, *_ = plan_score_batch(pending, conts, width=64, budget=7)
+    assert take == [(a, [0, 1, 2]), (b, [3])]

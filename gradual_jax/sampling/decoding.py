@@ -267,17 +267,19 @@ class DecodeLoop:
                 back.setdefault(id(job), (job, []))[1].append(r)
         for job, rows in reversed(list(back.values())):
             pending.appendleft(Job(job.prefix, job.tail, rows, job.alive, job.head))
-        if not admit:
-            return d
-        place = self._settings(sh.slots, [(r, t) for _, r, t, _ in admit])
-        place["slot"] = np.full(sh.slots, sh.slots, np.int32)
-        for name, source in (("token", token), ("logp", logp), ("raw", raw)):
-            place[name] = np.zeros(sh.slots, source.dtype)
-        for a, (s, _, _, i) in enumerate(admit):
-            place["slot"][a] = s
-            place["token"][a], place["logp"][a], place["raw"][a] = token[i], logp[i], raw[i]
-        args = (d, mini, pack, self._put_replicated(place), table)
-        return self._compile("admit", self._admit_fn, args, {}, donate=ADMIT_DONATES)(*args)
+        per_call = sh.admit_rows
+        for start in range(0, len(admit), per_call):
+            part = admit[start:start + per_call]
+            place = self._settings(per_call, [(r, t) for _, r, t, _ in part])
+            place["slot"] = np.full(per_call, sh.slots, np.int32)  # out of range: no slot
+            for name, source in (("token", token), ("logp", logp), ("raw", raw)):
+                place[name] = np.zeros(per_call, source.dtype)
+            for a, (s, _, _, i) in enumerate(part):
+                place["slot"][a] = s
+                place["token"][a], place["logp"][a], place["raw"][a] = token[i], logp[i], raw[i]
+            args = (d, mini, pack, self._put_replicated(place), table)
+            d = self._compile("admit", self._admit_fn, args, {}, donate=ADMIT_DONATES)(*args)
+        return d
 
     @staticmethod
     def _settings(size: int, rows: list[tuple[Row, int]]) -> dict[str, np.ndarray]:

@@ -213,24 +213,26 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
                                  mask=put(store.mask, mask)))
 
 
-def first_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
-                  pack: dict, draw: dict, *,
+def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callable[[Any], Any], state: Any,
+                  store: PrefixStore, pack: dict, draw: dict, *,
                   policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
     """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
     col, length `[T]`) against their stored prefixes and choose the first token of each row
     `draw` asks for (source tail `[D]`; temperature, top_k, top_p; key seed, prompt key and
     sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`)
     and per row its first token, log-prob under its sampling distribution and under the
-    model. The logits are computed once per tail, however many rows draw from it."""
+    model. The logits are computed once per tail, however many rows draw from it; the rows'
+    choices are `split` over the replicas (each draws its share), the rest is `constrain`ed."""
     model = nnx.merge(graphdef, state)
     h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
     w = pack["ids"].shape[1]
     last = h[pack["row"], jnp.clip(pack["col"] + pack["length"] - 1, 0, w - 1)]  # [T, D_model]
     logits = model.hidden_to_logits(last[:, None])[:, 0]
+    draw = split(draw)
     keys = row_keys(draw["seed"], draw["prompt_key"], draw["sample"])
     rows = Rows(draw["temperature"], draw["top_k"], draw["top_p"], keys)
-    token, logp, raw = choose(logits[draw["source"]], rows, jnp.zeros(keys.shape[:1], jnp.int32), policy)
-    return constrain((mini, token, logp, raw))
+    token, logp, raw = choose(split(logits[draw["source"]]), rows, jnp.zeros(keys.shape[:1], jnp.int32), policy)
+    return constrain(mini), token, logp, raw
 
 
 def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, pack: dict,
@@ -309,25 +311,24 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
 def score_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
                   pack: dict, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
                   policy: Policy) -> tuple[jax.Array, jax.Array]:
-    """Teacher-forced log-probs `[T, C]` of continuations `cont` `[T, C]`. `pack` holds packed
+    """Teacher-forced log-probs `[N]` of continuation tokens `cont` `[N]`. `pack` holds packed
     rows (ids, pos, seg, branch `[R, W]`, prefix `[R]`) where each prompt tail is a segment's
-    trunk and each of its continuations a branch after it; continuation t's token c is
-    predicted by the hidden state at row `row[t]`, column `at[t, c]`. Returns raw log-probs and
-    those under softmax(logits / temperature) kept to the top-k (temperature 0: 0 for the
-    argmax, -inf elsewhere)."""
+    trunk and each of its continuations a branch after it; token n is predicted by the hidden
+    state at row `row[n]`, column `at[n]` (padding reads anything: the host drops it). Returns
+    raw log-probs and those under softmax(logits / temperature) kept to the top-k (temperature
+    0: 0 for the argmax, -inf elsewhere)."""
     model = nnx.merge(graphdef, state)
     h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"],
                              pack["branch"])
-    # The scored positions split over the replicas: each computes the logits (and their top-k)
-    # of its share of the continuations only.
-    hidden = constrain(h[pack["row"][:, None], pack["at"]])  # [T, C, D]
-    logits = model.hidden_to_logits(hidden)
-    pick = lambda a: jnp.take_along_axis(a, cont[..., None], axis=-1)[..., 0]  # noqa: E731
+    # The read positions split over the replicas: each computes the logits (and their top-k)
+    # of its share of the tokens only.
+    hidden = constrain(h[pack["row"], pack["at"]])  # [N, D]
+    logits = model.hidden_to_logits(hidden[:, None])[:, 0]  # [N, V]
+    pick = lambda a: jnp.take_along_axis(a, cont[:, None], axis=-1)[:, 0]  # noqa: E731
     raw = pick(jax.nn.log_softmax(logits, axis=-1))
-    b, n, v = logits.shape
-    full = lambda value, dt: jnp.full((b * n,), value, dt)  # noqa: E731
-    x = truncate(logits.reshape(b * n, v), full(temperature, jnp.float32), full(top_k, jnp.int32),
-                 full(1.0, jnp.float32), Policy(policy.k_cap, "off"))
-    sampled = pick(jax.nn.log_softmax(x, axis=-1).reshape(b, n, v))
+    full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
+    x = truncate(logits, full(temperature, jnp.float32), full(top_k, jnp.int32), full(1.0, jnp.float32),
+                 Policy(policy.k_cap, "off"))
+    sampled = pick(jax.nn.log_softmax(x, axis=-1))
     greedy = jnp.where(cont == jnp.argmax(logits, axis=-1), 0.0, -jnp.inf)
     return raw, jnp.where(temperature > 0, sampled, greedy)

@@ -25,9 +25,9 @@ PREFIX_STEP = 32           # prefix widths: multiples of 32
 INSERT_WIDTH_MIN = 32      # tail widths: powers of two from 32
 INSERT_ROWS = 4            # packed rows per insert, each of its own stored prefix
 SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
-SCORE_SEQS = 48            # continuations scored per call
-SCORE_CONT_MIN = 8         # continuation tokens scored per sequence: powers of two from 8
+SCORE_TOKENS = 256         # continuation tokens scored per call (more for a longer continuation)
 INSERT_TAILS = 8           # tails prefilled per insert
+ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
 STORE_ROWS_MIN = 8
 
 
@@ -61,7 +61,8 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 class Shapes:
     """Every shape the engine's programs take. `slots` decode rows, each `cache_len` =
     `prefix_width + insert_width + new_tokens` cache slots (prefix, tail, generation);
-    `insert_dests`: most slots one insert fills."""
+    `insert_dests`: most rows one insert draws a first token for; `admit_rows`: most rows one
+    admit call starts (an admit's work is proportional to it, not to the slots)."""
 
     slots: int
     prefix_width: int
@@ -71,11 +72,11 @@ class Shapes:
     insert_width: int
     insert_dests: int
     insert_tails: int
+    admit_rows: int
     new_tokens: int
     score_rows: int
     score_width: int
-    score_seqs: int
-    score_cont: int
+    score_tokens: int
     k_cap: int
 
     @property
@@ -85,17 +86,17 @@ class Shapes:
     def covers(self, other: "Shapes") -> bool:
         """Whether work planned for `other` runs in these shapes (every size at least as big,
         the row counts equal)."""
-        same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "score_rows",
-                "score_seqs")
+        same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "admit_rows",
+                "score_rows")
         bigger = ("prefix_width", "store_rows", "insert_width", "new_tokens", "score_width",
-                  "score_cont", "k_cap")
+                  "score_tokens", "k_cap")
         return (all(getattr(self, f) == getattr(other, f) for f in same)
                 and all(getattr(self, f) >= getattr(other, f) for f in bigger))
 
     def union(self, other: "Shapes") -> "Shapes":
         """The smallest shapes covering both (row counts must agree)."""
         fields = ("prefix_width", "store_rows", "insert_width", "new_tokens", "score_width",
-                  "score_cont", "k_cap")
+                  "score_tokens", "k_cap")
         return dataclasses.replace(self, **{f: max(getattr(self, f), getattr(other, f)) for f in fields})
 
 
@@ -105,10 +106,11 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     """The engine's shapes for work of these sizes, each rounded up a fixed ladder: `slots` to
     a multiple of `multiple` (the data-parallel size), the prefix width to a multiple of
     PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
-    of two from SCORE_WIDTH and their continuations from SCORE_CONT_MIN, the store to a power of
-    two of `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power
-    of two from 64. Rows that hold work the devices split (prefills, scoring, slots) are
-    multiples of `multiple`."""
+    of two from SCORE_WIDTH, the continuation tokens one scoring call reads to a power of two
+    from SCORE_TOKENS (covering the longest continuation), the store to a power of two of
+    `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power of two
+    from 64. Rows that hold work the devices split (prefills, scoring rows and tokens, slots)
+    are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
     return Shapes(
         slots=slots,
@@ -119,11 +121,11 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
         insert_dests=2 * slots,
         insert_tails=INSERT_TAILS,
+        admit_rows=min(slots, ADMIT_ROWS),
         new_tokens=max(1, new_tokens),
         score_rows=round_up(4, multiple),
         score_width=next_pow2(longest_scored, SCORE_WIDTH),
-        score_seqs=round_up(SCORE_SEQS, multiple),
-        score_cont=next_pow2(longest_continuation, SCORE_CONT_MIN),
+        score_tokens=round_up(next_pow2(longest_continuation, SCORE_TOKENS), multiple),
         k_cap=next_pow2(k_cap, 64),
     )
 

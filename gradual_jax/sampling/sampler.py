@@ -238,7 +238,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     def _empty_insert(self) -> tuple[dict, dict, dict]:
         """(pack, draw, place) of `first_program` and `admit_program`, zero."""
         sh = self.shapes
-        r, w, t, n, a = sh.insert_rows, sh.insert_width, sh.insert_tails, sh.insert_dests, sh.slots
+        r, w, t, n, a = sh.insert_rows, sh.insert_width, sh.insert_tails, sh.insert_dests, sh.admit_rows
         z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
                 "prefix": z((r,), np.int32), "row": z((t,), np.int32), "col": z((t,), np.int32),
@@ -292,7 +292,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         return prefill_program(self.graphdef, self._constrain_replicated, state, *args)
 
     def _first_fn(self, state: Any, *args: Any, **static: Any) -> Any:
-        return first_program(self.graphdef, self._constrain_replicated, state, *args, **static)
+        return first_program(self.graphdef, self._constrain_replicated, self._constrain, state, *args, **static)
 
     def _admit_fn(self, *args: Any) -> Any:
         return admit_program(self._constrain, *args)

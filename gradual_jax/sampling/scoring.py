@@ -28,29 +28,33 @@ Trunk = tuple[tuple[int, ...], tuple[int, ...]]  # (stored prefix, tail)
 
 
 def plan_score_batch(pending: list[tuple[Trunk, list[int]]], conts: Sequence[Sequence[int]], *,
-                     width: int, seqs: int) -> tuple[list[tuple[Trunk, list[int]]],
-                                                     list[list[int]], list[list[int]], list[list[int]]]:
+                     width: int, budget: int) -> tuple[list[tuple[Trunk, list[int]]],
+                                                       list[list[int]], list[list[int]], list[list[int]]]:
     """The next trunks to score together, in order: (take, tokens, positions, branches).
 
     `pending`: (trunk, indices of its continuations in `conts`) still to score. Each taken trunk
     takes as many of its continuations, in order, as fit after its tail in `width` tokens, and
-    all together take at most `seqs` continuations. A trunk row's tokens are the tail then each
-    continuation; positions restart after the tail for every continuation (each is read as if
-    it alone followed the tail); branch 0 is the tail, branch j the j-th continuation.
+    all together take at most `budget` continuation tokens (the positions one call reads). A
+    trunk row's tokens are the tail then each continuation; positions restart after the tail
+    for every continuation (each is read as if it alone followed the tail); branch 0 is the
+    tail, branch j the j-th continuation.
     """
-    take, items = [], 0
+    take, used, spent = [], 0, False
     for key, members in pending:
         room, fit = width - len(key[1]), []
-        for i in members[:seqs - items]:
+        for i in members:
+            if used + len(conts[i]) > budget:
+                spent = True
+                break
             if len(conts[i]) > room:
                 break
             fit.append(i)
             room -= len(conts[i])
+            used += len(conts[i])
         if not fit:
             break
         take.append((key, fit))
-        items += len(fit)
-        if items >= seqs:
+        if spent:
             break
     tokens, positions, branches = [], [], []
     for (_, tail), members in take:
@@ -118,7 +122,7 @@ class Scoring:
         self._preload([key[0] for key, _ in pending])
         while pending:
             take, tokens, positions, branches = plan_score_batch(
-                pending, conts, width=sh.score_width, seqs=sh.score_seqs)
+                pending, conts, width=sh.score_width, budget=sh.score_tokens)
             packed, count = pack_rows(tokens, [k[0] for k, _ in take], sh.score_rows, sh.score_width,
                                       len(take), positions, branches)
             take = take[:count]
@@ -132,45 +136,43 @@ class Scoring:
         sh = self.shapes
         store_rows = self._store_rows([p for p in packed.prefix if p is not None])
         prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
-        cont = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
-        row = np.zeros(sh.score_seqs, np.int32)
-        at = np.zeros((sh.score_seqs, sh.score_cont), np.int32)
-        t, order = 0, []
+        n = sh.score_tokens
+        cont, row, at = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        k, spans = 0, []  # (continuation, first read position, length)
         for g, ((_, tail), members) in enumerate(take):
             start, offset = int(packed.col[g]), len(tail)
             for i in members:
                 c = conts[i]
-                cont[t, :len(c)] = c
-                row[t] = packed.row[g]
-                # token 0 is predicted by the tail's last token, token k by the branch's token k-1
-                at[t, :len(c)] = [start + len(tail) - 1] + [start + offset + k for k in range(len(c) - 1)]
+                cont[k:k + len(c)] = c
+                row[k:k + len(c)] = packed.row[g]
+                # token 0 is predicted by the tail's last token, token j by the branch's token j-1
+                at[k:k + len(c)] = [start + len(tail) - 1] + [start + offset + j for j in range(len(c) - 1)]
+                spans.append((i, k, len(c)))
                 offset += len(c)
-                order.append(i)
-                t += 1
+                k += len(c)
         pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
                 "branch": self._put(packed.branch), "prefix": self._put(prefix_rows),
                 "row": self._put_replicated(row), "at": self._put_replicated(at)}
-        args = (self.state, self._store, pack, self._put_replicated(cont),
+        args = (self.state, self._store, pack, self._put(cont),
                 self._put_replicated(np.float32(temperature)), self._put_replicated(np.int32(top_k)))
         raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
         self.stats.prefill_tokens += packed.ids.size
-        self.stats.logit_rows += cont.size
+        self.stats.logit_rows += n
         raw, lp = np.asarray(raw), np.asarray(lp)
-        for b, i in enumerate(order):
-            c = conts[i]
-            out[i] = TokenScores(tuple(c), tuple(float(x) for x in raw[b, :len(c)]),
-                                 tuple(float(x) for x in lp[b, :len(c)]))
+        for i, k, length in spans:
+            out[i] = TokenScores(tuple(conts[i]), tuple(float(x) for x in raw[k:k + length]),
+                                 tuple(float(x) for x in lp[k:k + length]))
 
     def _empty_score(self) -> tuple:
         """The score program's arguments after the state and store, zero."""
         sh = self.shapes
-        r, w, t, c = sh.score_rows, sh.score_width, sh.score_seqs, sh.score_cont
+        r, w, n = sh.score_rows, sh.score_width, sh.score_tokens
         z = self._zeros
         rep = lambda shape, dt: z(shape, dt, rows=False)  # noqa: E731
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
-                "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((t,), np.int32),
-                "at": rep((t, c), np.int32)}
-        return pack, rep((t, c), np.int32), rep((), np.float32), rep((), np.int32)
+                "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((n,), np.int32),
+                "at": rep((n,), np.int32)}
+        return pack, z((n,), np.int32), rep((), np.float32), rep((), np.int32)
 
     def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
         return score_program(self.graphdef, self._constrain, state, *args, **static)
