@@ -40,6 +40,7 @@ def _wordpiece() -> transformers.PreTrainedTokenizerFast:
 def test_codec_decodes_and_encodes_as_the_tokenizer(make):
     tok = make()
     codec = Codec(tok)
+    assert codec._fast_decode is not None  # the path under test
     rng = np.random.default_rng(0)
     sequences = [tok(text)["input_ids"] for text in CORPUS]
     sequences += [list(rng.integers(0, len(tok), size=n)) for n in rng.integers(0, 24, size=200)]
@@ -74,3 +75,13 @@ def test_one_codec_per_tokenizer_and_bounded_tables(monkeypatch):
         codec.decode([5] * n)
     assert len(codec._decoded._items) == 3
     assert list(codec._decoded._items) == [(5,) * 7, (5,) * 8, (5,) * 9]
+
+
+def test_a_tokenizer_with_its_own_decode_keeps_it():
+    class Custom(transformers.PreTrainedTokenizerFast):
+        def decode(self, ids, skip_special_tokens=False, **kw):
+            return "custom"
+
+    tok = _bpe()
+    custom = Custom(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
+    assert Codec(custom).decode([5, 6]) == "custom"

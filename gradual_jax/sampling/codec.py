@@ -51,8 +51,7 @@ class Codec:
         self.tokenizer = tokenizer
         self._encoded = _Lru(ENCODED_TEXTS)
         self._decoded = _Lru(DECODED_TEXTS)
-        fast = getattr(tokenizer, "_decode", None)
-        self._fast_decode = fast if getattr(tokenizer, "backend_tokenizer", None) is not None else None
+        self._fast_decode = tokenizer._decode if _decode_is_the_base_one(tokenizer) else None
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text`, with the tokenizer's default special tokens (`special`) or none."""
@@ -65,6 +64,18 @@ class Codec:
         if self._fast_decode is not None:
             return self._decoded.get(key, lambda: self._fast_decode(list(key), skip_special_tokens=True))
         return self._decoded.get(key, lambda: self.tokenizer.decode(list(key), skip_special_tokens=True))
+
+
+def _decode_is_the_base_one(tokenizer: Any) -> bool:
+    """Whether `tokenizer` is a Rust-backed transformers tokenizer whose `decode` is the base
+    class's (argument conversion, then `_decode`): a class with its own `decode` keeps it."""
+    if getattr(tokenizer, "backend_tokenizer", None) is None or not hasattr(tokenizer, "_decode"):
+        return False
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return False
+    return isinstance(tokenizer, PreTrainedTokenizerBase) and type(tokenizer).decode is PreTrainedTokenizerBase.decode
 
 
 _CODECS: "weakref.WeakKeyDictionary[Any, Codec]" = weakref.WeakKeyDictionary()
