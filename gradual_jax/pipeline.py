@@ -329,6 +329,7 @@ class SeedRun:
         state = curriculum.advance(state, [{"id": i, "category": train_after[i]} for i in self.train_ids])
         write_json(stage_dir / "state.json", curriculum.to_json(state))
         return model, state, {**info, "train_after": train_after, "test_after": test_after,
-                              "test_probe": test_probe, "train_p_gold": by_p_gold(train_records), "test_p_gold": by_p_gold(test_records)}
+                              "test_probe": test_probe, "train_p_gold": by_p_gold(train_records),
+                              "test_p_gold": by_p_gold(test_records)}
 
 

@@ -52,6 +52,7 @@ class Codec:
         self._encoded = _Lru(ENCODED_TEXTS)
         self._decoded = _Lru(DECODED_TEXTS)
         self._fast_decode = tokenizer._decode if _decode_is_the_base_one(tokenizer) else None
+        self._decode = self._fast_decode or tokenizer.decode
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text`, with the tokenizer's default special tokens (`special`) or none."""
@@ -60,10 +61,8 @@ class Codec:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids` (Python ints or numpy integers), special tokens skipped."""
-        key = tuple(int(i) for i in ids)
-        if self._fast_decode is not None:
-            return self._decoded.get(key, lambda: self._fast_decode(list(key), skip_special_tokens=True))
-        return self._decoded.get(key, lambda: self.tokenizer.decode(list(key), skip_special_tokens=True))
+        key = tuple(ids.tolist() if hasattr(ids, "tolist") else ids)
+        return self._decoded.get(key, lambda: self._decode(list(key), skip_special_tokens=True))
 
 
 def _decode_is_the_base_one(tokenizer: Any) -> bool:
@@ -87,12 +86,8 @@ def codec_for(tokenizer: Any) -> Codec:
     with _CODECS_LOCK:
         try:
             codec = _CODECS.get(tokenizer)
-        except TypeError:
+            if codec is None:
+                codec = _CODECS[tokenizer] = Codec(tokenizer)
+            return codec
+        except TypeError:  # not hashable or not weakly referenceable
             return Codec(tokenizer)
-        if codec is None:
-            codec = Codec(tokenizer)
-            try:
-                _CODECS[tokenizer] = codec
-            except TypeError:
-                pass
-        return codec

@@ -534,7 +534,7 @@ class Trainer:
         order_args = dict(batch_rows=batch_rows, seed=self.seed, max_seq_len=int(cfg.max_seq_len),
                           packing=bool(cfg.packing))
         per_epoch = [data_lib.steps_per_epoch(tokenized, epoch=e, **order_args) for e in range(cfg.epochs)]
-        order_args["row_multiple"] = int(cfg.grad_accum) * data_parallel_size(self.mesh)
+        row_multiple = int(cfg.grad_accum) * data_parallel_size(self.mesh)
         self.setup(cfg, sum(per_epoch))
 
         start_epoch, start_pos, history = 0, 0, []
@@ -563,7 +563,7 @@ class Trainer:
         bar = _progress(total=sum(per_epoch), initial=step, disable=not self.progress)
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                batches = data_lib.epoch_batches(tokenized, epoch=epoch, **order_args)
+                batches = data_lib.epoch_batches(tokenized, epoch=epoch, row_multiple=row_multiple, **order_args)
                 losses = []
                 t_epoch = time.perf_counter()
                 for pos in range(start_pos if epoch == start_epoch else 0, len(batches)):
