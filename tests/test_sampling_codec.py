@@ -85,3 +85,11 @@ def test_a_tokenizer_with_its_own_decode_keeps_it():
     tok = _bpe()
     custom = Custom(tokenizer_object=tok.backend_tokenizer, eos_token="<eos>", pad_token="<pad>")
     assert Codec(custom).decode([5, 6]) == "custom"
+
+
+def test_a_codec_without_a_tokenizer_is_built_and_refuses_to_decode():
+    """The planner lowers a sampler's programs with no tokenizer: its codec must build, and only
+    a decode (which needs one) fails, saying why."""
+    codec = codec_for(None)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        codec.decode([1, 2])

@@ -52,7 +52,8 @@ class Codec:
         self._encoded = _Lru(ENCODED_TEXTS)
         self._decoded = _Lru(DECODED_TEXTS)
         self._fast_decode = tokenizer._decode if _decode_is_the_base_one(tokenizer) else None
-        self._decode = self._fast_decode or tokenizer.decode
+        # A sampler built only to lower its programs (the planner's) has no tokenizer.
+        self._decode = self._fast_decode or getattr(tokenizer, "decode", None)
 
     def encode(self, text: str, *, special: bool = True) -> list[int]:
         """Token ids of `text`, with the tokenizer's default special tokens (`special`) or none."""
@@ -61,6 +62,8 @@ class Codec:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids` (Python ints or numpy integers), special tokens skipped."""
+        if self._decode is None:
+            raise ValueError("this codec has no tokenizer to decode with")
         key = tuple(ids.tolist() if hasattr(ids, "tolist") else ids)
         return self._decoded.get(key, lambda: self._decode(list(key), skip_special_tokens=True))
 
