@@ -160,18 +160,24 @@ def abstract_like(tree: Any) -> Any:
 class CheckpointManager:
     """Saves and restores a training run (see the module docstring for the layout).
 
-    ``save_interval_steps`` > 0 asks the trainer for a mid-epoch checkpoint every that many
-    steps (epoch ends are always saved). ``max_to_keep`` step checkpoints are kept; saves are
-    asynchronous unless ``async_save=False``.
+    The trainer asks ``should_save`` after every step: ``save_interval_steps`` > 0 saves every
+    that many steps; ``save_interval_seconds`` > 0 saves at the first step end that many
+    seconds after the manager was made or last saved, and 0 at every epoch end.
+    ``max_to_keep`` step checkpoints are kept; saves are asynchronous unless
+    ``async_save=False``.
     """
 
     @_orbax_serialized
     def __init__(self, directory: str | Path, *, max_to_keep: int = 3, save_interval_steps: int = 0,
-                 async_save: bool = True):
+                 save_interval_seconds: float = 0.0, async_save: bool = True):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
+        if save_interval_seconds < 0:
+            raise ValueError(f"save_interval_seconds must be >= 0, got {save_interval_seconds}")
         self.directory = Path(directory).absolute()
         self.save_interval_steps = save_interval_steps
+        self.save_interval_seconds = float(save_interval_seconds)
+        self._last_save = time.monotonic()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._check_layout()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
@@ -225,9 +231,21 @@ class CheckpointManager:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def should_save(self, step: int) -> bool:
-        """Whether ``step`` is a mid-epoch save point."""
-        return self.save_interval_steps > 0 and step % self.save_interval_steps == 0
+    def should_save(self, step: int, *, epoch_end: bool = False) -> bool:
+        """Whether to write a step checkpoint after ``step`` (``epoch_end``: the epoch's last).
+
+        Every process of a run must ask at the same steps: the clock's answer is process 0's,
+        sent to the others, so all save together or none does."""
+        if self.save_interval_steps > 0 and step % self.save_interval_steps == 0:
+            return True
+        if self.save_interval_seconds <= 0:
+            return epoch_end
+        due = time.monotonic() - self._last_save >= self.save_interval_seconds
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+        return due
 
     @_orbax_serialized
     def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
@@ -243,6 +261,7 @@ class CheckpointManager:
         self._best.wait_until_finished()
         self._steps.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                        meta=ocp.args.JsonSave(dict(meta))), force=True)
+        self._last_save = time.monotonic()
 
     @_orbax_serialized
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:

@@ -37,8 +37,8 @@ from gradual_jax.training.metrics import LoggingConfig
 from gradual_jax.sharding import MeshConfig
 
 __all__ = [
-    "ARMS", "ConfigError", "DataConfig", "DistributedConfig", "ExportConfig", "LoRAConfig",
-    "LoggingConfig", "MeshConfig", "ProbeSettings", "RunConfig", "SourceConfig", "StageConfig",
+    "ARMS", "CheckpointConfig", "ConfigError", "DataConfig", "DistributedConfig", "ExportConfig",
+    "LoRAConfig", "LoggingConfig", "MeshConfig", "ProbeSettings", "RunConfig", "SourceConfig", "StageConfig",
     "TrainConfig", "apply_overrides", "config_hash", "from_dict", "keys_help", "load_config",
     "model_runtime", "stage_train_config", "to_dict",
 ]
@@ -73,6 +73,20 @@ class StageConfig:
     def spec(self) -> curriculum.StageSpec:
         """The stage's selection rule."""
         return curriculum.StageSpec.from_dict(self.select)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When training writes resumable step checkpoints (a run's ``checkpoint`` section)."""
+
+    minutes: float = 10.0
+    """A step checkpoint (params, optimizer state, data position) is written at the first step
+    end at least this many minutes after the stage started or its last one; 0: at every epoch
+    end instead. A killed run resumes from the newest one (each stage's final params are
+    saved when it ends, whatever this says)."""
+
+    def __post_init__(self) -> None:
+        require(self.minutes >= 0, "minutes", f"must be >= 0, got {self.minutes}")
 
 
 def _default_stages() -> list[StageConfig]:
@@ -111,6 +125,7 @@ class RunConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     export: ExportConfig = dataclasses.field(default_factory=ExportConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     arms: list[str] = dataclasses.field(default_factory=lambda: ["two_stage", "one_stage"])
     """Arms to compare: two_stage, one_stage, natural, highly_known, random_subset."""
     noise_control: bool = True
@@ -184,13 +199,14 @@ def stage_train_config(cfg: RunConfig, stage: int | str | StageConfig) -> TrainC
     return dataclasses.replace(train, lr=train.lr * st.lr_scale) if st.lr_scale != 1.0 else train
 
 
-HASH_EXCLUDE = ("run_dir", "distributed", "seed_workers", "logging", "export")
+HASH_EXCLUDE = ("run_dir", "distributed", "seed_workers", "logging", "export", "checkpoint")
 
 
 def config_hash(cfg: Any, exclude: Iterable[str] = HASH_EXCLUDE) -> str:
     """Hex sha256 of the config's canonical JSON without the dotted ``exclude`` keys. By default
     where the run is stored, how processes connect, how many seeds run at once, where scalars
-    are logged and what is exported do not count: none changes a result."""
+    are logged, what is exported and how often training checkpoints do not count: none
+    changes a result."""
     return _config_hash(cfg, exclude)
 
 

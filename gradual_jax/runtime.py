@@ -241,7 +241,8 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh)
         if local_mesh is not None:
             dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
-        manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds)
+        manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds,
+                                    save_interval_seconds=60 * cfg.checkpoint.minutes)
         prefix = ""
         if wandb_run is not None and run_root is not None:
             prefix = Path(metrics_dir).relative_to(run_root).as_posix() + "/"

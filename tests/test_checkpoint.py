@@ -56,6 +56,31 @@ def test_save_restore_keep_n_and_shardings(tmp_path):
     assert int(state["n"][0]) == 3
 
 
+def test_should_save_by_epoch_by_steps_and_by_time(tmp_path, monkeypatch):
+    """Epoch ends (interval 0), every k steps, or the first step end `save_interval_seconds`
+    after the manager was made or last saved; a save restarts the clock."""
+    from gradual_jax import checkpoint as ckpt
+
+    now = [1000.0]
+    monkeypatch.setattr(ckpt.time, "monotonic", lambda: now[0])
+    with CheckpointManager(tmp_path / "a") as every_epoch:
+        assert every_epoch.should_save(3, epoch_end=True) and not every_epoch.should_save(3)
+    with CheckpointManager(tmp_path / "b", save_interval_steps=2) as by_steps:
+        assert by_steps.should_save(4) and not by_steps.should_save(5)
+        assert by_steps.should_save(5, epoch_end=True)
+    with CheckpointManager(tmp_path / "c", save_interval_seconds=60, async_save=False) as by_time:
+        by_time.bind("abc", "test")
+        now[0] += 59
+        assert not by_time.should_save(1) and not by_time.should_save(1, epoch_end=True)
+        now[0] += 1
+        assert by_time.should_save(2) and by_time.should_save(2, epoch_end=True)
+        by_time.save(2, {"x": jnp.ones(3)}, {"epoch": 1})
+        now[0] += 30
+        assert not by_time.should_save(3, epoch_end=True)
+        now[0] += 30
+        assert by_time.should_save(4)
+
+
 def test_step_starts_after_the_best_params_it_names_are_on_disk(tmp_path):
     """A run killed as soon as a step is complete must find the best-epoch params its meta names:
     when the step's directory appears, the (much larger) best save begun before it is final."""

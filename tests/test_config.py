@@ -97,7 +97,7 @@ def test_unknown_key_lists_valid_keys():
     )
     assert "(did you mean 'lr'?)" in msg
     msg = error(None, ["trian.lr=1"])
-    assert msg.startswith("unknown key 'trian'; valid keys: arms, data, distributed,")
+    assert msg.startswith("unknown key 'trian'; valid keys: arms, checkpoint, data, distributed,")
 
 
 def test_unknown_key_in_file_names_the_file(tmp_path):
@@ -218,6 +218,7 @@ def test_config_hash_stable_under_key_order_and_sensitive_to_values(tmp_path):
     assert C.config_hash(load_config(a, ["run_dir=/elsewhere"]), exclude=()) != ha
     # Nor how many seeds run at once: a run may resume with another worker count.
     assert C.config_hash(load_config(a, ["seed_workers=2"])) == ha
+    assert C.config_hash(load_config(a, ["checkpoint.minutes=0"])) == ha
     cfg = load_config(a, [])
     assert C.config_hash(cfg, exclude=("run_dir", "train.lr")) == C.config_hash(
         dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5)),

@@ -96,9 +96,14 @@ def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
     assert message in err and len(err.splitlines()) == 1
 
 
+# A step checkpoint at every epoch end, so a kill mid-training resumes from one (the reference
+# run kept the default time-based checkpoints: the cadence must not change a result).
+EVERY_EPOCH = "checkpoint.minutes=0"
+
+
 def _launch(run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "gradual_jax.launch", SMOKE, f"run_dir={run_dir}"],
+    return subprocess.Popen([sys.executable, "-m", "gradual_jax.launch", SMOKE, f"run_dir={run_dir}", EVERY_EPOCH],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -116,7 +121,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 600) -> None:
 
 KILL_POINTS = {
     "mid_probe": lambda root: (root / "seed_0" / "stage0" / "train.jsonl").exists(),
-    "mid_training": lambda root: any((root / "seed_0" / "two_stage").glob("stage1/ckpt/*")),
+    "mid_training": lambda root: any((root / "seed_0" / "two_stage").glob("stage1/ckpt/steps/[0-9]*")),
     "after_stage": lambda root: (root / "seed_0" / "two_stage" / "stage1" / "stage.json").exists(),
     "second_seed": lambda root: (root / "seed_1").exists(),
 }
@@ -138,7 +143,7 @@ def _resume_after_kill(smoke_run, tmp_path, points):
     run_root = tmp_path / "smoke"
     for point in points:
         _kill_when(_launch(tmp_path), lambda: KILL_POINTS[point](run_root))
-    assert main([SMOKE, f"run_dir={tmp_path}"]) == 0
+    assert main([SMOKE, f"run_dir={tmp_path}", EVERY_EPOCH]) == 0
     assert _report_numbers(json.loads((run_root / "report.json").read_text())) == reference
 
 

@@ -175,7 +175,9 @@ def runs(tmp_path_factory, smoke_world):
     with open(logs / "reference.log", "w") as log:
         reference = subprocess.Popen([sys.executable, "-m", "gradual_jax.launch", SMOKE, f"run_dir={ref_dir}",
                                       *SMALL], env=_env(8), stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    first = Launch(mp_dir, logs, "first")
+    # A step checkpoint at every epoch end to be killed at; the restarts keep the default
+    # (time-based: process 0's clock decides for both processes at every step).
+    first = Launch(mp_dir, logs, "first", extra=("checkpoint.minutes=0",))
     _wait_for(lambda: _stage_checkpoints(mp_dir), 600, first, "a stage checkpoint")
     first.kill()
     killed = {"probe_files": {str(p.relative_to(mp_dir)): p.read_text()
@@ -326,7 +328,8 @@ def test_bad_input_seen_by_process_0_ends_both_with_exit_2(tmp_path):
 
 
 def test_error_mid_stage_ends_both_processes(runs):
-    failing = Launch(runs["base"] / "failing", runs["logs"], "failing", mode="fail")
+    failing = Launch(runs["base"] / "failing", runs["logs"], "failing", mode="fail",
+                     extra=("checkpoint.minutes=0",))  # the failure is injected into a save
     seen: dict[int, float] = {}
     ended: dict[int, float] = {}
     deadline = time.monotonic() + 600

@@ -503,8 +503,8 @@ class Trainer:
         sampler) is measured every ``eval_every_epochs`` epochs and after the last one on up
         to ``dev_eval_size`` dev examples (a fixed seeded subset). ``selection='early_stop'``
         keeps the epoch with the best dev accuracy (the earliest on ties), ``'convergence'``
-        the last epoch. With a ``checkpoint_manager`` the run saves mid-epoch (its
-        ``save_interval_steps``) and at every epoch end, and resumes from the newest readable
+        the last epoch. With a ``checkpoint_manager`` the run saves where the manager's
+        ``should_save`` says (by steps, by time, or at every epoch end), and resumes from the newest readable
         checkpoint in its directory, replaying the same data order, so the final params equal
         an uninterrupted run's. ``on_step(step, metrics)`` is called after every step.
 
@@ -580,7 +580,7 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{last_loss:.4f}")
                     if (checkpoint_manager is not None and pos + 1 < len(batches)
-                            and checkpoint_manager.should_save(step)):
+                            and checkpoint_manager.should_save(step, epoch_end=False)):
                         checkpoint_manager.save(step, self._checkpoint_tree(), self._meta(
                             step, epoch, pos + 1, history, best_epoch, best_score, data_key))
                     if on_step is not None:
@@ -606,7 +606,7 @@ class Trainer:
                             if checkpoint_manager is not None:
                                 checkpoint_manager.save_best(epoch + 1, nnx.to_pure_dict(self._trainable))
                 history.append(entry)
-                if checkpoint_manager is not None:
+                if checkpoint_manager is not None and checkpoint_manager.should_save(step, epoch_end=True):
                     checkpoint_manager.save(step, self._checkpoint_tree(), self._meta(
                         step, epoch + 1, 0, history, best_epoch, best_score, data_key))
         except BaseException:
