@@ -54,3 +54,36 @@ def test_choose_greedy_and_sampled_rows_against_numpy():
         assert token_m[i] == expected, i
         assert np.isfinite(x[token_m[i]])  # inside the row's top-k
         np.testing.assert_allclose(logp_m[i], _log_softmax(x[None])[0, token_m[i]], atol=1e-5)
+
+
+def test_top_k_rows_draw_among_their_candidates_exactly_as_the_full_draw():
+    """When every sampled row keeps at most k_cap tokens, `choose` draws among them with the
+    noise `jax.random.categorical` gives them over the whole vocabulary: the same token, ties
+    included. Greedy rows with no top-k (empty decode slots) do not force the full draw."""
+    from gradual_jax.sampling.kernels import categorical_among_top, gumbel_at
+
+    vocab = 5000
+    logits = np.asarray(jax.random.normal(jax.random.key(1), (8, vocab)), np.float32) * 4
+    step = jnp.arange(8, dtype=jnp.int32) * 3
+    temperature = [0.5, 1.0, 0.0, 0.7, 0.3, 0.0, 1.5, 0.9]
+    top_k = [8, 1, 0, 8, 3, 0, 5, 8]  # rows 2 and 5: greedy, all tokens (as an empty slot)
+    rows = _rows(temperature, top_k)
+    token, _, _ = map(np.asarray, jax.jit(lambda lg, r, s: choose(lg, r, s, POLICY))(jnp.asarray(logits), rows, step))
+    for i in range(8):
+        if temperature[i] == 0:
+            assert token[i] == logits[i].argmax()
+            continue
+        x = logits[i] / temperature[i]
+        x = np.where(x < np.sort(x)[::-1][top_k[i] - 1], -np.inf, x)
+        key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[i]), int(step[i]))
+        assert token[i] == int(jax.random.categorical(key, jnp.asarray(x, jnp.float32))), i
+
+    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.key(11), j))(jnp.arange(64))
+    x = jnp.where(jax.random.uniform(jax.random.key(2), (64, vocab)) < 0.002,
+                  jax.random.normal(jax.random.key(3), (64, vocab)), -jnp.inf)
+    x = x.at[:, 0].set(0.0).at[:8, 1].set(0.0)  # every row has a finite entry; some tie
+    x = jnp.where(jnp.sum(jnp.isfinite(x), -1, keepdims=True) <= 32, x, x.at[:, 33:].set(-jnp.inf))
+    np.testing.assert_array_equal(categorical_among_top(keys, x, 32),
+                                  jax.vmap(jax.random.categorical)(keys, x))
+    noise = jax.random.gumbel(jax.random.key(5), (vocab,))
+    np.testing.assert_array_equal(gumbel_at(jax.random.key(5), jnp.arange(vocab)), noise)

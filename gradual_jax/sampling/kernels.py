@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.extend.random import threefry2x32_p
 
 from gradual_jax.models.transformer import KVCache, as_dtype
 
@@ -90,6 +91,31 @@ def row_keys(seed: jax.Array, prompt_key: jax.Array, sample: jax.Array) -> jax.A
     return jax.vmap(one)(seed, prompt_key, sample)
 
 
+def gumbel_at(key: jax.Array, index: jax.Array) -> jax.Array:
+    """The float32 noise `jax.random.gumbel(key, (V,))` holds at `index` (ints below 2**32),
+    computed for those entries alone. JAX's threefry draws in counter mode
+    (`jax_threefry_partitionable`): entry i's bits come from counter (0, i) alone, and the
+    uniform and Gumbel transforms below are `jax.random`'s, op for op."""
+    k1, k2 = jax.random.key_data(key)
+    i = index.astype(jnp.uint32)
+    b1, b2 = threefry2x32_p.bind(k1, k2, jnp.zeros_like(i), i)
+    mantissa = jax.lax.shift_right_logical(b1 ^ b2, jnp.uint32(32 - 23)) | jnp.uint32(0x3F800000)
+    floats = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - jnp.float32(1.0)
+    tiny = jnp.float32(jnp.finfo(jnp.float32).tiny)
+    uniform = jax.lax.max(tiny, floats * (jnp.float32(1.0) - tiny) + tiny)
+    return -jnp.log(-jnp.log(uniform))
+
+
+def categorical_among_top(keys: jax.Array, x: jax.Array, k: int) -> jax.Array:
+    """`vmap(jax.random.categorical)(keys, x)` for rows of `x` `[R, V]` with at most `k` finite
+    entries each, from their `k` largest only: the same Gumbel-max draw (ties to the lowest
+    token, as argmax), without noise for the V - k tokens that cannot win."""
+    values, index = jax.lax.top_k(x, k)
+    score = values + jax.vmap(gumbel_at)(keys, index)
+    top = jnp.max(score, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(score == top, index, x.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def choose(logits: jax.Array, rows: Rows, step: jax.Array,
            policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Next token per row (its `step`-th), its log-prob under the sampling distribution (0 for
@@ -107,7 +133,11 @@ def choose(logits: jax.Array, rows: Rows, step: jax.Array,
         x = truncate(logits, rows.temperature, rows.top_k, rows.top_p, policy)
         keys = jax.random.wrap_key_data(rows.key)
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
-        drawn = jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)
+        # Every sampled row keeps at most k_cap tokens (top-k): draw among them only, with the
+        # noise the full draw gives them (same tokens, a small fraction of the random bits).
+        few = jnp.all(greedy | (jnp.sum(x > -jnp.inf, axis=-1) <= policy.k_cap))
+        drawn = jax.lax.cond(few, lambda: categorical_among_top(step_keys, x, policy.k_cap),
+                             lambda: jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32))
         token = jnp.where(greedy, best, drawn)
         return token, jnp.where(greedy, 0.0, pick(jax.nn.log_softmax(x, axis=-1), token))
 
