@@ -66,6 +66,18 @@ def test_shapes_round_up_fixed_ladders():
     assert same == sh
 
 
+def test_small_vocabularies_score_more_tokens_a_call():
+    """A scoring call holds at most SCORE_LOGITS logits: SmolLM2 (49,152) and larger keep 256
+    tokens in 4 rows, Llama-2's 32,000 takes twice that, a toy vocabulary the capped 16x."""
+    from gradual_jax.sampling.packing import score_scale
+
+    assert [score_scale(v) for v in (0, 151_936, 128_256, 49_152, 32_000, 640)] == [1, 1, 1, 1, 2, 16]
+    toy = shapes_for(slots=64, longest_continuation=5, vocab=640, multiple=8)
+    assert (toy.score_rows, toy.score_tokens) == (64, 4096)
+    smol = shapes_for(slots=64, longest_continuation=5, vocab=49_152, multiple=8)
+    assert (smol.score_rows, smol.score_tokens) == (8, 256)
+
+
 def test_shapes_cover_and_union():
     a = shapes_for(slots=8, longest_prefix=40, longest_tail=10, new_tokens=4)
     b = shapes_for(slots=8, longest_prefix=200, longest_tail=10, new_tokens=8, longest_continuation=20)

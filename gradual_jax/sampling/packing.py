@@ -26,6 +26,10 @@ INSERT_WIDTH_MIN = 32      # tail widths: powers of two from 32
 INSERT_ROWS = 4            # packed rows per insert, each of its own stored prefix
 SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
 SCORE_TOKENS = 256         # continuation tokens scored per call (more for a longer continuation)
+# Logits one scoring call holds (tokens x vocabulary; SmolLM2: 256 x 49,152): a smaller
+# vocabulary scores more tokens a call, in proportionally more rows, up to SCORE_SCALE_MAX times.
+SCORE_LOGITS = 1 << 24
+SCORE_SCALE_MAX = 16
 INSERT_TAILS = 8           # tails prefilled per insert
 ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
 STORE_ROWS_MIN = 8
@@ -35,6 +39,16 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     """The smallest power of two >= max(n, minimum)."""
     n = max(n, minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+def score_scale(vocab: int) -> int:
+    """How many times SCORE_TOKENS (and the 4 rows holding them) one scoring call takes for a
+    vocabulary of `vocab` tokens (0: unknown): the largest power of two keeping the call's logits
+    within SCORE_LOGITS, at least 1 and at most SCORE_SCALE_MAX."""
+    if vocab <= 0:
+        return 1
+    fit = max(SCORE_LOGITS // (vocab * SCORE_TOKENS), 1)
+    return min(1 << (fit.bit_length() - 1), SCORE_SCALE_MAX)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -102,16 +116,18 @@ class Shapes:
 
 def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, new_tokens: int = 1,
                longest_scored: int = 0, longest_continuation: int = 0, prefixes: int = 1,
-               k_cap: int = 64, multiple: int = 1) -> Shapes:
+               k_cap: int = 64, vocab: int = 0, multiple: int = 1) -> Shapes:
     """The engine's shapes for work of these sizes, each rounded up a fixed ladder: `slots` to
     a multiple of `multiple` (the data-parallel size), the prefix width to a multiple of
     PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
     of two from SCORE_WIDTH, the continuation tokens one scoring call reads to a power of two
     from SCORE_TOKENS (covering the longest continuation), the store to a power of two of
     `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power of two
-    from 64. Rows that hold work the devices split (prefills, scoring rows and tokens, slots)
-    are multiples of `multiple`."""
+    from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
+    more rows a call (`score_scale`). Rows that hold work the devices split (prefills, scoring
+    rows and tokens, slots) are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
+    scale = score_scale(vocab)
     return Shapes(
         slots=slots,
         prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
@@ -123,9 +139,9 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         insert_tails=INSERT_TAILS,
         admit_rows=min(slots, ADMIT_ROWS),
         new_tokens=max(1, new_tokens),
-        score_rows=round_up(4, multiple),
+        score_rows=round_up(4 * scale, multiple),
         score_width=next_pow2(longest_scored, SCORE_WIDTH),
-        score_tokens=round_up(next_pow2(longest_continuation, SCORE_TOKENS), multiple),
+        score_tokens=round_up(next_pow2(longest_continuation, SCORE_TOKENS * scale), multiple),
         k_cap=next_pow2(k_cap, 64),
     )
 

@@ -174,7 +174,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         need = shapes_for(slots=slots, longest_prefix=longest_prefix, longest_tail=longest_tail,
                           new_tokens=new_tokens, longest_scored=longest_scored,
                           longest_continuation=longest_continuation, prefixes=prefixes,
-                          k_cap=k_cap, multiple=self._dp())
+                          k_cap=k_cap, vocab=self.config.vocab_size, multiple=self._dp())
         if self.shapes is None or not self.shapes.covers(need):
             grown = need if self.shapes is None else self.shapes.union(need)
             if self.shapes is not None:
