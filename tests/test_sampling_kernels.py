@@ -60,7 +60,10 @@ def test_top_k_rows_draw_among_their_candidates_exactly_as_the_full_draw():
     """When every sampled row keeps at most k_cap tokens, `choose` draws among them with the
     noise `jax.random.categorical` gives them over the whole vocabulary: the same token, ties
     included. Greedy rows with no top-k (empty decode slots) do not force the full draw."""
-    from gradual_jax.sampling.kernels import categorical_among_top, gumbel_at
+    from gradual_jax.sampling.kernels import categorical_among_top, gumbel_at, same_noise_at_any_index
+
+    assert same_noise_at_any_index(jnp.float32)  # the fast path is the one under test
+    assert not same_noise_at_any_index(jnp.bfloat16)
 
     vocab = 5000
     logits = np.asarray(jax.random.normal(jax.random.key(1), (8, vocab)), np.float32) * 4

@@ -106,6 +106,14 @@ def gumbel_at(key: jax.Array, index: jax.Array) -> jax.Array:
     return -jnp.log(-jnp.log(uniform))
 
 
+def same_noise_at_any_index(dtype: Any) -> bool:
+    """Whether `gumbel_at` reproduces `jax.random.gumbel` for `dtype` under JAX's current
+    settings: float32, threefry keys in counter mode, the default ("low") Gumbel precision."""
+    return (jnp.dtype(dtype) == jnp.float32 and bool(jax.config.jax_threefry_partitionable)
+            and not jax.config.jax_high_dynamic_range_gumbel
+            and jax.config.jax_default_prng_impl == "threefry2x32")
+
+
 def categorical_among_top(keys: jax.Array, x: jax.Array, k: int) -> jax.Array:
     """`vmap(jax.random.categorical)(keys, x)` for rows of `x` `[R, V]` with at most `k` finite
     entries each, from their `k` largest only: the same Gumbel-max draw (ties to the lowest
@@ -135,9 +143,12 @@ def choose(logits: jax.Array, rows: Rows, step: jax.Array,
         step_keys = jax.vmap(jax.random.fold_in)(keys, step)
         # Every sampled row keeps at most k_cap tokens (top-k): draw among them only, with the
         # noise the full draw gives them (same tokens, a small fraction of the random bits).
-        few = jnp.all(greedy | (jnp.sum(x > -jnp.inf, axis=-1) <= policy.k_cap))
-        drawn = jax.lax.cond(few, lambda: categorical_among_top(step_keys, x, policy.k_cap),
-                             lambda: jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32))
+        full = lambda: jax.vmap(jax.random.categorical)(step_keys, x).astype(jnp.int32)  # noqa: E731
+        if same_noise_at_any_index(x.dtype):
+            few = jnp.all(greedy | (jnp.sum(x > -jnp.inf, axis=-1) <= policy.k_cap))
+            drawn = jax.lax.cond(few, lambda: categorical_among_top(step_keys, x, policy.k_cap), full)
+        else:
+            drawn = full()
         token = jnp.where(greedy, best, drawn)
         return token, jnp.where(greedy, 0.0, pick(jax.nn.log_softmax(x, axis=-1), token))
 
