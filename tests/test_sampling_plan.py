@@ -74,6 +74,7 @@ def test_small_vocabularies_score_more_tokens_a_call():
     assert [score_scale(v) for v in (0, 151_936, 128_256, 49_152, 32_000, 640)] == [1, 1, 1, 1, 2, 16]
     toy = shapes_for(slots=64, longest_continuation=5, vocab=640, multiple=8)
     assert (toy.score_rows, toy.score_tokens) == (64, 4096)
+    assert toy.store_rows == 64  # room for every scored row's own prefix
     smol = shapes_for(slots=64, longest_continuation=5, vocab=49_152, multiple=8)
     assert (smol.score_rows, smol.score_tokens) == (8, 256)
 

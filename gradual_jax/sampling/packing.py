@@ -122,16 +122,18 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
     of two from SCORE_WIDTH, the continuation tokens one scoring call reads to a power of two
     from SCORE_TOKENS (covering the longest continuation), the store to a power of two of
-    `prefixes` (at least STORE_ROWS_MIN) and `k_cap` (largest top-k sampled) to a power of two
+    `prefixes` (at least STORE_ROWS_MIN and a scoring call's rows) and `k_cap` (largest top-k sampled) to a power of two
     from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
     more rows a call (`score_scale`). Rows that hold work the devices split (prefills, scoring
     rows and tokens, slots) are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
     scale = score_scale(vocab)
+    score_rows = round_up(4 * scale, multiple)
     return Shapes(
         slots=slots,
         prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
-        store_rows=next_pow2(prefixes, STORE_ROWS_MIN),
+        # a scoring call's rows may each need their own stored prefix
+        store_rows=next_pow2(max(prefixes, score_rows), STORE_ROWS_MIN),
         prefill_rows=round_up(2, multiple),
         insert_rows=INSERT_ROWS,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
@@ -139,7 +141,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         insert_tails=INSERT_TAILS,
         admit_rows=min(slots, ADMIT_ROWS),
         new_tokens=max(1, new_tokens),
-        score_rows=round_up(4 * scale, multiple),
+        score_rows=score_rows,
         score_width=next_pow2(longest_scored, SCORE_WIDTH),
         score_tokens=round_up(next_pow2(longest_continuation, SCORE_TOKENS * scale), multiple),
         k_cap=next_pow2(k_cap, 64),
