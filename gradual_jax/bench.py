@@ -114,7 +114,7 @@ def _our_workload(sampler: Any, prompts: list[str], args: argparse.Namespace) ->
 def _flops(sampler: Any) -> float:
     """Matmul FLOPs the sampler's recorded work implies (padding included, attention left out)."""
     cfg, st = sampler.config, sampler.stats
-    per_token = 2 * (cfg.num_params() - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2))
+    per_token = cfg.layer_flops_per_token()
     lm_head = 2 * cfg.hidden_size * cfg.vocab_size
     return (st.prefill_tokens + st.decode_row_steps) * per_token + st.logit_rows * lm_head
 

@@ -214,7 +214,20 @@ def test_sampler_follows_lora_added_and_merged_in_place(tok, tmp_path):
         proj.lora.b[...] = jnp.full(proj.lora.b[...].shape, 0.05, proj.lora.b[...].dtype)
     adapted = sampling.sampler_for(model, tok)
     assert adapted is not plain
+    # the adapters are folded into the sampler's copy: the base model's graph and programs
+    assert adapted.graphdef == plain.graphdef
     with_adapters = generate_batch(adapted, tok, PROMPTS, max_new_tokens=NEW)
+    # new adapter weights (a training step): the same sampler, refreshed to the new fold
+    for proj in (layer.attn.q for layer in model.layers):
+        proj.lora.b[...] = jnp.full(proj.lora.b[...].shape, -0.04, proj.lora.b[...].dtype)
+    assert sampling.sampler_for(model, tok) is adapted
+    stepped = generate_batch(adapted, tok, PROMPTS, max_new_tokens=NEW)
+    copy = nnx.clone(model)
+    merge_lora(copy)
+    assert [g[0].token_ids for g in stepped] == [g[0].token_ids for g in generate_batch(copy, tok, PROMPTS, max_new_tokens=NEW)]
+    for proj in (layer.attn.q for layer in model.layers):
+        proj.lora.b[...] = jnp.zeros(proj.lora.b[...].shape, proj.lora.b[...].dtype)
+    sampling.sampler_for(model, tok)
     merge_lora(model)
     merged = sampling.sampler_for(model, tok)
     assert merged is not adapted

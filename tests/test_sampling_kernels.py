@@ -90,3 +90,29 @@ def test_top_k_rows_draw_among_their_candidates_exactly_as_the_full_draw():
                                   jax.vmap(jax.random.categorical)(keys, x))
     noise = jax.random.gumbel(jax.random.key(5), (vocab,))
     np.testing.assert_array_equal(gumbel_at(jax.random.key(5), jnp.arange(vocab)), noise)
+
+
+def test_each_replica_runs_the_top_k_of_its_own_rows():
+    """On a mesh of 4 replicas x 2 tensor-parallel devices, the top-k of every program (first
+    tokens, decode steps, scoring) sees an eighth of the rows: left to itself, XLA's SPMD
+    partitioner gathered every row onto every device for it (8 devices each sorting all 4096
+    scored tokens of a world model's probe)."""
+    import re
+
+    from flax import nnx
+
+    from gradual_jax.models.transformer import ModelConfig, Transformer
+    from gradual_jax.sampling import Sampler
+    from gradual_jax.sharding import make_mesh
+
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                         num_heads=4, num_kv_heads=2, eos_token_id=2, dtype="bfloat16")
+    sampler = Sampler(Transformer(config, rngs=nnx.Rngs(0)), None, mesh=make_mesh(4, 1, 2))
+    sh = sampler.prepare(batch_size=16, longest_prefix=40, longest_tail=10, new_tokens=4,
+                         longest_scored=14, longest_continuation=4, k_cap=5)
+    lowered = sampler.lower_programs()
+    rows = {"first": sh.insert_dests, "decode": sh.slots, "score": sh.score_tokens}
+    for name, total in rows.items():
+        text = lowered[name].compile().as_text()
+        top_k = re.findall(r"= \((?:f32|bf16)\[(\d+),\d+\][^)]*\) custom-call\([^)]*\), custom_call_target=\"TopK\"", text)
+        assert top_k and {int(r) for r in top_k} == {total // 8}, (name, top_k)

@@ -79,6 +79,20 @@ def test_small_vocabularies_score_more_tokens_a_call():
     assert (smol.score_rows, smol.score_tokens) == (8, 256)
 
 
+def test_small_models_insert_more_rows_a_call():
+    """An insert's tails are about INSERT_WORK FLOPs when the model is small: SmolLM2-135M's
+    layers (~2.1e8 FLOPs a token) keep the base sizes, a 2-layer width-64 world model takes
+    the capped 4x rows, tails, draws and admits a call."""
+    from gradual_jax.sampling.packing import INSERT_SCALE_MAX, insert_scale
+
+    assert insert_scale(0) == 1 and insert_scale(212_000_000) == 1
+    assert insert_scale(2**30 // (4 * 32)) == 1 and insert_scale(2**30 // (4 * 32) // 2) == 2
+    assert insert_scale(164_480) == INSERT_SCALE_MAX == 4
+    toy = shapes_for(slots=64, flops_per_token=164_480)
+    assert (toy.insert_rows, toy.insert_tails, toy.insert_dests, toy.admit_rows) == (16, 32, 512, 32)
+    assert shapes_for(slots=16, flops_per_token=164_480).admit_rows == 16  # never more than the slots
+
+
 def test_shapes_cover_and_union():
     a = shapes_for(slots=8, longest_prefix=40, longest_tail=10, new_tokens=4)
     b = shapes_for(slots=8, longest_prefix=200, longest_tail=10, new_tokens=8, longest_continuation=20)

@@ -131,6 +131,12 @@ class ModelConfig:
         emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * layer + emb + d
 
+    def layer_flops_per_token(self) -> int:
+        """Matmul FLOPs of one token's pass through the layers: 2 per weight, embeddings and
+        LM head left out (and attention's scores, which grow with the context)."""
+        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return 2 * (self.num_params() - emb)
+
 
 # --------------------------------------------------------------------------------------------
 # KV cache

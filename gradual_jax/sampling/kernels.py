@@ -26,6 +26,7 @@ All but `admit_program` take the model state first; the sampler binds the graph 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -254,8 +255,8 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
                                  mask=put(store.mask, mask)))
 
 
-def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callable[[Any], Any], state: Any,
-                  store: PrefixStore, pack: dict, draw: dict, *,
+def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callable[[Any], Any],
+                  local: Callable[[Callable], Callable], state: Any, store: PrefixStore, pack: dict, draw: dict, *,
                   policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
     """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
     col, length `[T]`) against their stored prefixes and choose the first token of each row
@@ -263,7 +264,8 @@ def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callabl
     sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`)
     and per row its first token, log-prob under its sampling distribution and under the
     model. The logits are computed once per tail, however many rows draw from it; the rows'
-    choices are `split` over the replicas (each draws its share), the rest is `constrain`ed."""
+    choices are `split` over the replicas (each draws its share, `local`), the rest is
+    `constrain`ed."""
     model = nnx.merge(graphdef, state)
     h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
     w = pack["ids"].shape[1]
@@ -272,7 +274,8 @@ def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callabl
     draw = split(draw)
     keys = row_keys(draw["seed"], draw["prompt_key"], draw["sample"])
     rows = Rows(draw["temperature"], draw["top_k"], draw["top_p"], keys)
-    token, logp, raw = choose(split(logits[draw["source"]]), rows, jnp.zeros(keys.shape[:1], jnp.int32), policy)
+    token, logp, raw = local(functools.partial(choose, policy=policy))(
+        split(logits[draw["source"]]), rows, jnp.zeros(keys.shape[:1], jnp.int32))
     return constrain(mini), token, logp, raw
 
 
@@ -322,12 +325,15 @@ def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, p
                             stop_table, started))
 
 
-def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d: Decoding,
+def decode_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callable[[Callable], Callable],
+                   state: Any, d: Decoding,
                    stop_table: jax.Array, limit: jax.Array, refill_at: jax.Array, *,
                    policy: Policy) -> tuple[Decoding, jax.Array]:
     """Decode steps until `limit` steps are taken, every slot is done, or at least `refill_at`
-    slots are done (the host then refills them). Returns the carry and the steps taken."""
+    slots are done (the host then refills them). Returns the carry and the steps taken. Each
+    replica chooses its own slots' tokens (`local`)."""
     model = nnx.merge(graphdef, state)
+    choose_local = local(functools.partial(choose, policy=policy))
 
     n = d.tokens.shape[1]
     first = d.cache.size - n  # the generation region: a ring of n slots every row writes together
@@ -337,7 +343,7 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
         live = ~d.done
         logits, cache = model(d.token[:, None], live[:, None], cache=d.cache)
         cache = dataclasses.replace(cache, end=first + (cache.end - first) % n)
-        token, logp, raw = choose(logits[:, 0], d.rows, d.step, policy)
+        token, logp, raw = choose_local(logits[:, 0], d.rows, d.step)
         return i + 1, record(dataclasses.replace(d, cache=cache), token, logp, raw, stop_table, live)
 
     def cond(carry: tuple[jax.Array, Decoding]) -> jax.Array:
@@ -349,7 +355,8 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, d
     return constrain(d), taken
 
 
-def score_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, store: PrefixStore,
+def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callable[[Callable], Callable],
+                  state: Any, store: PrefixStore,
                   pack: dict, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
                   policy: Policy) -> tuple[jax.Array, jax.Array]:
     """Teacher-forced log-probs `[N]` of continuation tokens `cont` `[N]`. `pack` holds packed
@@ -365,11 +372,18 @@ def score_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, st
     # of its share of the tokens only.
     hidden = constrain(h[pack["row"], pack["at"]])  # [N, D]
     logits = model.hidden_to_logits(hidden[:, None])[:, 0]  # [N, V]
+    full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
+    scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
+    return local(scores)(logits, cont, full(temperature, jnp.float32), full(top_k, jnp.int32))
+
+
+def _token_scores(logits: jax.Array, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                  policy: Policy) -> tuple[jax.Array, jax.Array]:
+    """Per row of `logits` `[N, V]`: token `cont`'s raw log-prob and its log-prob under the
+    row's sampling distribution (temperature 0: 0 for the argmax, -inf elsewhere)."""
     pick = lambda a: jnp.take_along_axis(a, cont[:, None], axis=-1)[:, 0]  # noqa: E731
     raw = pick(jax.nn.log_softmax(logits, axis=-1))
-    full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
-    x = truncate(logits, full(temperature, jnp.float32), full(top_k, jnp.int32), full(1.0, jnp.float32),
-                 Policy(policy.k_cap, "off"))
+    x = truncate(logits, temperature, top_k, jnp.ones(cont.shape, jnp.float32), policy)
     sampled = pick(jax.nn.log_softmax(x, axis=-1))
     greedy = jnp.where(cont == jnp.argmax(logits, axis=-1), 0.0, -jnp.inf)
     return raw, jnp.where(temperature > 0, sampled, greedy)

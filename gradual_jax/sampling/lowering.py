@@ -28,7 +28,7 @@ class Lowering:
         sampler = cls(model, tokenizer, **kwargs)  # no mesh yet: nothing to place
         sampler.mesh = mesh
         sampler._abstract = True
-        state = nnx.state(model)
+        state = sampler._folded(nnx.state(model))
         if mesh is not None:
             # `_place` itself cannot run on ShapeDtypeStructs: the same layout, as structs.
             dtypes, shardings = sampler._inference_layout(state)

@@ -32,6 +32,13 @@ SCORE_LOGITS = 1 << 24
 SCORE_SCALE_MAX = 16
 INSERT_TAILS = 8           # tails prefilled per insert
 ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
+# A program call costs its dispatch whatever its size. Where INSERT_ROWS rows of tails are
+# little work (a model of a few layers of width 64), an insert takes proportionally more rows
+# and tails, and an admit more rows, up to INSERT_SCALE_MAX times, so that an insert's tails
+# are about INSERT_WORK FLOPs: a greedy probe's one-row tails then need a few large inserts
+# instead of many small ones. Models from SmolLM2-135M up keep the base sizes.
+INSERT_WORK = 1 << 30
+INSERT_SCALE_MAX = 4
 STORE_ROWS_MIN = 8
 
 
@@ -49,6 +56,16 @@ def score_scale(vocab: int) -> int:
         return 1
     fit = max(SCORE_LOGITS // (vocab * SCORE_TOKENS), 1)
     return min(1 << (fit.bit_length() - 1), SCORE_SCALE_MAX)
+
+
+def insert_scale(flops_per_token: int) -> int:
+    """How many times INSERT_ROWS, INSERT_TAILS and ADMIT_ROWS an insert takes for a model
+    whose layers cost `flops_per_token` (0: unknown): the largest power of two keeping the
+    tails of the narrowest insert within INSERT_WORK FLOPs, at least 1, at most INSERT_SCALE_MAX."""
+    if flops_per_token <= 0:
+        return 1
+    fit = max(INSERT_WORK // (flops_per_token * INSERT_ROWS * INSERT_WIDTH_MIN), 1)
+    return min(1 << (fit.bit_length() - 1), INSERT_SCALE_MAX)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -116,7 +133,8 @@ class Shapes:
 
 def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, new_tokens: int = 1,
                longest_scored: int = 0, longest_continuation: int = 0, prefixes: int = 1,
-               k_cap: int = 64, vocab: int = 0, multiple: int = 1) -> Shapes:
+               k_cap: int = 64, vocab: int = 0, flops_per_token: int = 0,
+               multiple: int = 1) -> Shapes:
     """The engine's shapes for work of these sizes, each rounded up a fixed ladder: `slots` to
     a multiple of `multiple` (the data-parallel size), the prefix width to a multiple of
     PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
@@ -124,10 +142,13 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     from SCORE_TOKENS (covering the longest continuation), the store to a power of two of
     `prefixes` (at least STORE_ROWS_MIN and a scoring call's rows) and `k_cap` (largest top-k sampled) to a power of two
     from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
-    more rows a call (`score_scale`). Rows that hold work the devices split (prefills, scoring
-    rows and tokens, slots) are multiples of `multiple`."""
+    more rows a call (`score_scale`); a model whose layers cost under INSERT_WORK /
+    (INSERT_ROWS * INSERT_WIDTH_MIN) FLOPs a token inserts and admits more rows a call
+    (`insert_scale`). Rows that hold work the devices split (prefills, scoring rows and tokens,
+    slots) are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
     scale = score_scale(vocab)
+    inserts = insert_scale(flops_per_token)
     score_rows = round_up(4 * scale, multiple)
     return Shapes(
         slots=slots,
@@ -135,11 +156,11 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         # a scoring call's rows may each need their own stored prefix
         store_rows=next_pow2(max(prefixes, score_rows), STORE_ROWS_MIN),
         prefill_rows=round_up(2, multiple),
-        insert_rows=INSERT_ROWS,
+        insert_rows=INSERT_ROWS * inserts,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
-        insert_dests=2 * slots,
-        insert_tails=INSERT_TAILS,
-        admit_rows=min(slots, ADMIT_ROWS),
+        insert_dests=2 * slots * inserts,
+        insert_tails=INSERT_TAILS * inserts,
+        admit_rows=min(slots, ADMIT_ROWS * inserts),
         new_tokens=max(1, new_tokens),
         score_rows=score_rows,
         score_width=next_pow2(longest_scored, SCORE_WIDTH),

@@ -6,6 +6,7 @@ method a no-op or a plain `jax.device_put`) and `config`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -74,6 +75,42 @@ class MeshPlacement:
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
             x, self._kv_sharding(True) if x.ndim == 4 else self._rows_sharding(x.ndim)), tree)
+
+    def _rows_local(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn`, a function of arrays whose leading axis is rows (and of nothing else), run by
+        each device on its own rows, every other axis whole (the identity without a mesh): a
+        `jax.shard_map` splits the rows over the replicas (the data axes), and inside one the
+        tensor-parallel devices split their replica's rows again where they divide, gathering
+        the results. For top-k and the draws around it, which XLA's SPMD partitioner otherwise
+        runs on every row on every device (its operand gathered).
+
+        The rows are split over the tensor axis inside the map, not by its specs: specs that
+        split rows over the tensor axis propagate back into the forward pass, which then
+        gathers the weights. Logits (`[rows, vocab]` arguments) are pinned where the LM head
+        computes them, the vocabulary over the tensor axis, for the same reason."""
+        if self.mesh is None:
+            return fn
+        mesh, vocab = self.mesh, self.config.vocab_size
+        tensor = mesh.shape["tensor"]
+        spec = jax.sharding.PartitionSpec(BATCH_AXES)
+        as_computed = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(BATCH_AXES, "tensor"))
+
+        def pin(x: Any) -> Any:
+            if x.ndim == 2 and x.shape[1] == vocab and vocab % tensor == 0:
+                return jax.lax.with_sharding_constraint(x, as_computed)
+            return x
+
+        def replica(*args: Any) -> Any:
+            rows = jax.tree.leaves(args)[0].shape[0]
+            if tensor == 1 or rows % tensor:
+                return fn(*args)
+            share = rows // tensor
+            start = jax.lax.axis_index("tensor") * share
+            mine = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, share), args)
+            return jax.tree.map(lambda y: jax.lax.all_gather(y, "tensor", tiled=True), fn(*mine))
+
+        mapped = jax.shard_map(replica, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
+        return lambda *args: mapped(*jax.tree.map(pin, args))
 
     def _constrain_replicated(self, tree: Any) -> Any:
         """Every array replicated over the data axes, keys and values (4-d) split over heads

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gradual_jax.models.adapters import FoldedWeights, has_adapters
 from gradual_jax.models.transformer import KVCache, Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
 from gradual_jax.sampling.codec import codec_for
@@ -57,6 +58,12 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         """`chunk`: decode steps between host checks when a stop string spans tokens.
         `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
         self.graphdef, state = nnx.split(model)
+        self._source_treedef = jax.tree.structure(state)
+        # A model with LoRA adapters (a stage still training) is sampled with them folded into
+        # its kernels: the base model's programs, without the adapters' matmuls.
+        self._fold = FoldedWeights(self.graphdef, state) if has_adapters(model) else None
+        if self._fold is not None:
+            self.graphdef = self._fold.graphdef
         self._graph_id = compile_cache.intern(self.graphdef)
         self.config = model.config
         self.tokenizer = tokenizer
@@ -71,7 +78,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
         self._codec = codec_for(tokenizer)
-        self.set_state(self._place(state))
+        self.set_state(self._place(self._folded(state)))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
@@ -83,12 +90,16 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     def refresh(self, model: Transformer, state: Any = None) -> None:
         """Use `model`'s current weights (same architecture) from now on; `state`: its
         `nnx.state`, when the caller has it already."""
-        self.set_state(self._place(nnx.state(model) if state is None else state))
+        self.set_state(self._place(self._folded(nnx.state(model) if state is None else state)))
 
     def fits(self, state: Any) -> bool:
         """Whether a model's `nnx.state` has the variables this sampler was built for (adding or
         merging LoRA adapters in place changes them, and then a new sampler is needed)."""
-        return jax.tree.structure(state) == self._state_treedef
+        return jax.tree.structure(state) == self._source_treedef
+
+    def _folded(self, state: Any) -> Any:
+        """A model's state as this sampler runs it: LoRA adapters folded into the kernels."""
+        return state if self._fold is None else self._fold(state)
 
     @serialized
     def set_state(self, state: Any) -> None:
@@ -174,7 +185,8 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         need = shapes_for(slots=slots, longest_prefix=longest_prefix, longest_tail=longest_tail,
                           new_tokens=new_tokens, longest_scored=longest_scored,
                           longest_continuation=longest_continuation, prefixes=prefixes,
-                          k_cap=k_cap, vocab=self.config.vocab_size, multiple=self._dp())
+                          k_cap=k_cap, vocab=self.config.vocab_size,
+                          flops_per_token=self.config.layer_flops_per_token(), multiple=self._dp())
         if self.shapes is None or not self.shapes.covers(need):
             grown = need if self.shapes is None else self.shapes.union(need)
             if self.shapes is not None:
@@ -292,13 +304,14 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         return prefill_program(self.graphdef, self._constrain_replicated, state, *args)
 
     def _first_fn(self, state: Any, *args: Any, **static: Any) -> Any:
-        return first_program(self.graphdef, self._constrain_replicated, self._constrain, state, *args, **static)
+        return first_program(self.graphdef, self._constrain_replicated, self._constrain, self._rows_local,
+                             state, *args, **static)
 
     def _admit_fn(self, *args: Any) -> Any:
         return admit_program(self._constrain, *args)
 
     def _decode_fn(self, state: Any, *args: Any, **static: Any) -> Any:
-        return decode_program(self.graphdef, self._constrain, state, *args, **static)
+        return decode_program(self.graphdef, self._constrain, self._rows_local, state, *args, **static)
 
     # ---- host orchestration: shared pieces
 

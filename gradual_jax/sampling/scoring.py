@@ -175,4 +175,4 @@ class Scoring:
         return pack, z((n,), np.int32), rep((), np.float32), rep((), np.int32)
 
     def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
-        return score_program(self.graphdef, self._constrain, state, *args, **static)
+        return score_program(self.graphdef, self._constrain, self._rows_local, state, *args, **static)

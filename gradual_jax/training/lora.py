@@ -1,4 +1,5 @@
-"""Add LoRA adapters to a model's projections, fold them back into the kernels, pick trainables.
+"""Add LoRA adapters to a model's projections, fold them back into the kernels (`merge_lora`,
+which is `models.adapters.fold_adapters`), pick trainables.
 
 Adapters are the model's own ``LoRA`` modules (``nnx.LoRAParam`` params, ``b`` zero so a fresh
 adapter leaves logits unchanged). They get ``logical_axes`` metadata derived from their base
@@ -13,7 +14,11 @@ from typing import Any
 import jax
 from flax import nnx
 
+from gradual_jax.models.adapters import fold_adapters as merge_lora
+from gradual_jax.models.adapters import has_adapters as has_lora
 from gradual_jax.models.transformer import PROJECTIONS, LoRA, Transformer, projections
+
+__all__ = ["apply_lora", "has_lora", "merge_lora", "trainable_filter"]
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, targets: Sequence[str], *,
@@ -52,29 +57,6 @@ def apply_lora(model: Transformer, rank: int, alpha: float, targets: Sequence[st
             proj.lora = nnx.data(lora)
             added += 1
     return added
-
-
-def has_lora(model: Transformer) -> bool:
-    """Whether any projection of ``model`` carries an adapter."""
-    return any(p.lora is not None for ps in projections(model).values() for p in ps)
-
-
-def merge_lora(model: Transformer) -> int:
-    """Fold every adapter's ``delta()`` into its kernel and remove the adapter, in place.
-
-    The merged model computes the same function as the adapted one (up to rounding). Returns
-    the number of adapters merged.
-    """
-    merged = 0
-    for ps in projections(model).values():
-        for proj in ps:
-            if proj.lora is None:
-                continue
-            kernel = proj.kernel[...]
-            proj.kernel[...] = (kernel.astype(jax.numpy.float32) + proj.lora.delta().astype(jax.numpy.float32)).astype(kernel.dtype)
-            proj.lora = None
-            merged += 1
-    return merged
 
 
 def trainable_filter(model: Transformer) -> Any:
