@@ -238,7 +238,11 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         if train_cfg.lora.rank > 0:
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, mesh=train_mesh, seed=seed, progress=True)
-        dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh)
+        # Dev accuracy as test accuracy (`accuracy_fn`) is measured: the probe's answer length
+        # and slot batch, so both run in the probe engine's shapes (no second set of programs).
+        dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh,
+                                 max_new_tokens=cfg.probe.max_new_tokens,
+                                 batch_size=cfg.probe.batch_size // (1 if local_mesh is None else jax.process_count()))
         if local_mesh is not None:
             dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds,

@@ -28,7 +28,7 @@ def test_packing_imports_no_jax():
     tree = ast.parse(Path(packing.__file__).read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert modules <= {"__future__", "dataclasses", "collections", "numpy"}, modules
+    assert modules <= {"__future__", "dataclasses", "collections", "typing", "numpy"}, modules
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -82,7 +82,7 @@ def test_small_vocabularies_score_more_tokens_a_call():
 def test_small_models_insert_more_rows_a_call():
     """An insert's tails are about INSERT_WORK FLOPs when the model is small: SmolLM2-135M's
     layers (~2.1e8 FLOPs a token) keep the base sizes, a 2-layer width-64 world model takes
-    the capped 4x rows, tails, draws and admits a call."""
+    the capped 4x rows, tails, draws, admits and prefixes a call."""
     from gradual_jax.sampling.packing import INSERT_SCALE_MAX, insert_scale
 
     assert insert_scale(0) == 1 and insert_scale(212_000_000) == 1
@@ -90,6 +90,7 @@ def test_small_models_insert_more_rows_a_call():
     assert insert_scale(164_480) == INSERT_SCALE_MAX == 4
     toy = shapes_for(slots=64, flops_per_token=164_480)
     assert (toy.insert_rows, toy.insert_tails, toy.insert_dests, toy.admit_rows) == (16, 32, 512, 32)
+    assert toy.prefill_rows == 8
     assert shapes_for(slots=16, flops_per_token=164_480).admit_rows == 16  # never more than the slots
 
 
@@ -198,3 +199,17 @@ def test_score_plan_by_hand():
     assert remaining(pending, take) == [(a, [2]), (b, [3])]
     take, *_ = plan_score_batch(pending, conts, width=64, budget=7)
     assert take == [(a, [0, 1, 2]), (b, [3])]
+
+
+def test_row_packer_places_first_fit_one_prefix_a_row():
+    """By hand: rows of 8, two rows; a row takes sequences of one prefix only."""
+    from gradual_jax.sampling.packing import RowPacker
+
+    p = RowPacker(2, 8)
+    assert p.add(5, "a") and p.add(3, "a")  # row 0 full
+    assert p.add(4, "b")                    # row 1, prefix b
+    assert not p.add(2, "a")                # no row of prefix a (or empty) has room
+    assert p.add(4, "b")
+    assert (p.row, p.col, p.owner) == ([0, 0, 1, 1], [0, 5, 0, 4], ["a", "b"])
+    with pytest.raises(ValueError, match="does not fit"):
+        p.add(9, "c")

@@ -30,7 +30,7 @@ import numpy as np
 
 from gradual_jax.models.transformer import KVCache, as_dtype
 from gradual_jax.sampling.kernels import ADMIT_DONATES, DONATE_CARRY, Decoding, Rows
-from gradual_jax.sampling.packing import pack_rows
+from gradual_jax.sampling.packing import RowPacker, pack_rows
 from gradual_jax.sampling.records import Generation
 
 
@@ -207,16 +207,13 @@ class DecodeLoop:
         seqs: list[tuple[int, ...]] = []
         keys: list[tuple[int, ...]] = []
         used = untested = 0
+        packer = RowPacker(sh.insert_rows, sh.insert_width)
         while pending and used < sh.insert_dests and len(seqs) < sh.insert_tails:
             job = pending[0]
             room = sh.insert_dests - used
             if job.alive is None:
                 room = min(room, len(free) - untested)
-            if room <= 0:
-                break
-            _, fits = pack_rows(seqs + [job.tail], keys + [job.prefix], sh.insert_rows, sh.insert_width,
-                                len(seqs) + 1)
-            if fits <= len(seqs):
+            if room <= 0 or not packer.add(len(job.tail), job.prefix):
                 break
             k = min(len(job.rows), room)
             taken.append((job, job.rows[:k]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ INSERT_TAILS = 8           # tails prefilled per insert
 ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
 # A program call costs its dispatch whatever its size. Where INSERT_ROWS rows of tails are
 # little work (a model of a few layers of width 64), an insert takes proportionally more rows
-# and tails, and an admit more rows, up to INSERT_SCALE_MAX times, so that an insert's tails
+# and tails, and an admit or a prefix prefill more rows, up to INSERT_SCALE_MAX times, so that an insert's tails
 # are about INSERT_WORK FLOPs: a greedy probe's one-row tails then need a few large inserts
 # instead of many small ones. Models from SmolLM2-135M up keep the base sizes.
 INSERT_WORK = 1 << 30
@@ -59,9 +60,10 @@ def score_scale(vocab: int) -> int:
 
 
 def insert_scale(flops_per_token: int) -> int:
-    """How many times INSERT_ROWS, INSERT_TAILS and ADMIT_ROWS an insert takes for a model
-    whose layers cost `flops_per_token` (0: unknown): the largest power of two keeping the
-    tails of the narrowest insert within INSERT_WORK FLOPs, at least 1, at most INSERT_SCALE_MAX."""
+    """How many times INSERT_ROWS, INSERT_TAILS, ADMIT_ROWS and the prefill's rows a call takes
+    for a model whose layers cost `flops_per_token` (0: unknown): the largest power of two
+    keeping the tails of the narrowest insert within INSERT_WORK FLOPs, at least 1, at most
+    INSERT_SCALE_MAX."""
     if flops_per_token <= 0:
         return 1
     fit = max(INSERT_WORK // (flops_per_token * INSERT_ROWS * INSERT_WIDTH_MIN), 1)
@@ -143,7 +145,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     `prefixes` (at least STORE_ROWS_MIN and a scoring call's rows) and `k_cap` (largest top-k sampled) to a power of two
     from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
     more rows a call (`score_scale`); a model whose layers cost under INSERT_WORK /
-    (INSERT_ROWS * INSERT_WIDTH_MIN) FLOPs a token inserts and admits more rows a call
+    (INSERT_ROWS * INSERT_WIDTH_MIN) FLOPs a token inserts, admits and prefills more rows a call
     (`insert_scale`). Rows that hold work the devices split (prefills, scoring rows and tokens,
     slots) are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
@@ -155,7 +157,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
         # a scoring call's rows may each need their own stored prefix
         store_rows=next_pow2(max(prefixes, score_rows), STORE_ROWS_MIN),
-        prefill_rows=round_up(2, multiple),
+        prefill_rows=round_up(2 * inserts, multiple),
         insert_rows=INSERT_ROWS * inserts,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
         insert_dests=2 * slots * inserts,
@@ -253,6 +255,33 @@ class Packed:
     branch: np.ndarray
 
 
+class RowPacker:
+    """First-fit placement of sequences, one at a time, into `rows x width`, a row holding
+    sequences of one prefix only: sequence b goes to row `row[b]` from column `col[b]`."""
+
+    def __init__(self, rows: int, width: int):
+        self.width = width
+        self.free = [width] * rows
+        self.owner: list = [None] * rows
+        self.row: list[int] = []
+        self.col: list[int] = []
+
+    def add(self, length: int, prefix: Any) -> bool:
+        """Place a sequence of `length` tokens continuing `prefix`; False (and nothing placed)
+        when no row has room for it."""
+        if length > self.width:
+            raise ValueError(f"a sequence of {length} tokens does not fit rows of {self.width}")
+        r = next((i for i, (o, f) in enumerate(zip(self.owner, self.free))
+                  if o in (None, prefix) and f >= length), None)
+        if r is None:
+            return False
+        self.owner[r] = prefix
+        self.row.append(r)
+        self.col.append(self.width - self.free[r])
+        self.free[r] -= length
+        return True
+
+
 def pack_rows(seqs: Sequence[Sequence[int]], prefixes: Sequence, rows: int, width: int,
               limit: int, positions: Sequence[Sequence[int]] | None = None,
               branches: Sequence[Sequence[int]] | None = None) -> tuple[Packed, int]:
@@ -262,20 +291,11 @@ def pack_rows(seqs: Sequence[Sequence[int]], prefixes: Sequence, rows: int, widt
     `length` padded to `limit` with empty sequences) and how many sequences it holds.
     `positions[b]` / `branches[b]`: per-token positions (default 0, 1, ...) and branch ids
     (default 0) of sequence b."""
-    free = [width] * rows
-    owner: list = [None] * rows
-    row: list[int] = []
-    col: list[int] = []
+    packer = RowPacker(rows, width)
     for s, p in zip(seqs[:limit], prefixes[:limit]):
-        if len(s) > width:
-            raise ValueError(f"a sequence of {len(s)} tokens does not fit rows of {width}")
-        r = next((i for i in range(rows) if owner[i] in (None, p) and free[i] >= len(s)), None)
-        if r is None:
+        if not packer.add(len(s), p):
             break
-        owner[r] = p
-        row.append(r)
-        col.append(width - free[r])
-        free[r] -= len(s)
+    row, col, owner = packer.row, packer.col, packer.owner
     count = len(row)
     ids = np.zeros((rows, width), np.int32)
     pos = np.zeros((rows, width), np.int32)
