@@ -75,8 +75,14 @@ def _rehearse(name: str, family_models, world, tmp_path) -> None:
         assert any((root / f"seed_{s}" / "two_stage" / "stage1" / "adapter").is_dir() for s in cfg.seeds)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(p.stem for p in PAPER.glob("*.yaml")))
+# One rehearsal runs in the default suite (the quickest: full fine-tuning, about 3.5 minutes
+# here), the others with -m slow.
+IN_DEFAULT_SUITE = "llama3_8b_full"
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(p.stem, marks=() if p.stem == IN_DEFAULT_SUITE else pytest.mark.slow)
+    for p in sorted(PAPER.glob("*.yaml"))])
 def test_paper_rehearsal(name, family_models, world, tmp_path):
     _rehearse(name, family_models, world, tmp_path)
 
