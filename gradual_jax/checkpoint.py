@@ -320,11 +320,16 @@ class CheckpointManager:
 
     @_orbax_serialized
     def restore_best(self, epoch: int, abstract_params: Any) -> Any | None:
-        """The best params saved for ``epoch``, or None (with a warning) if they are missing or unreadable."""
+        """The best params saved for ``epoch``, or None if they are missing (quietly) or
+        unreadable (with a warning).
+
+        Missing is expected: a step checkpoint names the best epoch as it was when written, and
+        with step checkpoints written by time, two better epochs may have been saved since (the
+        two kept). A resumed run replays those epochs and finds them again; the trainer warns if
+        the best epoch's params are still missing at the end."""
         self._best.wait_until_finished()
         self._best.reload()
         if epoch not in self._best.all_steps():
-            warnings.warn(f"{self.directory}: best params of epoch {epoch} not found")
             return None
         try:
             return self._best.restore(epoch, args=ocp.args.StandardRestore(abstract_params))

@@ -96,6 +96,23 @@ def test_step_starts_after_the_best_params_it_names_are_on_disk(tmp_path):
     assert best == ["1"]
 
 
+def test_a_best_epoch_replaced_since_is_missing_quietly(tmp_path):
+    """Two bests are kept: the epoch an older step checkpoint names may be gone (its resumed run
+    replays the better epochs); restoring it returns None without a warning."""
+    import warnings
+
+    mngr = CheckpointManager(tmp_path, async_save=False)
+    mngr.bind("abc", "test")
+    for epoch in (2, 5, 7):
+        mngr.save_best(epoch, {"w": jnp.full(3, float(epoch))})
+    abstract = {"w": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mngr.restore_best(2, abstract) is None
+        assert float(mngr.restore_best(7, abstract)["w"][0]) == 7.0
+    mngr.close()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax, after the aborted read
 def test_corrupt_latest_falls_back_and_is_kept(tmp_path):
     mesh = make_mesh(8, 1, 1)
