@@ -215,15 +215,15 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     train_mesh, probe_mesh = res.train_mesh, res.probe_mesh
 
     local_mesh = process_mesh(probe_mesh)
+    # Each process probing its own questions on its own replicas takes its share of the slot
+    # batch, so a replica's batch is the single-process run's.
+    probe_batch = cfg.probe.batch_size if local_mesh is None else cfg.probe.batch_size // jax.process_count()
 
     def engine_factory(model: Any) -> JaxEngine:
         if local_mesh is None:
-            return JaxEngine(model, tokenizer, batch_size=cfg.probe.batch_size, mesh=probe_mesh)
-        # Each process probes its own questions on its own replicas with its share of the
-        # slot batch, so a replica's batch is the single-process run's.
+            return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh)
         return JaxEngine(process_local_model(model, probe_mesh, local_mesh), tokenizer,
-                         batch_size=cfg.probe.batch_size // jax.process_count(), mesh=local_mesh,
-                         process_local=True)
+                         batch_size=probe_batch, mesh=local_mesh, process_local=True)
 
     def trainer_fn(model: Any, examples: Sequence[QAExample], dev: Sequence[QAExample],
                    train_cfg: TrainConfig, *, ckpt_dir: Path, seed: int, metrics_dir: Path,
@@ -241,8 +241,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         # Dev accuracy as test accuracy (`accuracy_fn`) is measured: the probe's answer length
         # and slot batch, so both run in the probe engine's shapes (no second set of programs).
         dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh,
-                                 max_new_tokens=cfg.probe.max_new_tokens,
-                                 batch_size=cfg.probe.batch_size // (1 if local_mesh is None else jax.process_count()))
+                                 max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch)
         if local_mesh is not None:
             dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds,
@@ -275,8 +274,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
 
         local = process_local_model(model, probe_mesh, local_mesh)
         mine = answers_correct(local, tokenizer, shard_for_process(examples), template, mesh=local_mesh,
-                               max_new_tokens=cfg.probe.max_new_tokens,
-                               batch_size=cfg.probe.batch_size // jax.process_count())
+                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch)
         return dict(gather_records(list(mine.items())))
 
     def save_params(directory: Path, model: Any) -> None:

@@ -35,9 +35,9 @@ INSERT_TAILS = 8           # tails prefilled per insert
 ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
 # A program call costs its dispatch whatever its size. Where INSERT_ROWS rows of tails are
 # little work (a model of a few layers of width 64), an insert takes proportionally more rows
-# and tails, and an admit or a prefix prefill more rows, up to INSERT_SCALE_MAX times, so that an insert's tails
-# are about INSERT_WORK FLOPs: a greedy probe's one-row tails then need a few large inserts
-# instead of many small ones. Models from SmolLM2-135M up keep the base sizes.
+# and tails, and an admit or a prefix prefill more rows, up to INSERT_SCALE_MAX times, so that
+# an insert's tails are about INSERT_WORK FLOPs: a greedy probe's one-row tails then need a few
+# large inserts instead of many small ones. Models from SmolLM2-135M up keep the base sizes.
 INSERT_WORK = 1 << 30
 INSERT_SCALE_MAX = 4
 STORE_ROWS_MIN = 8
@@ -53,10 +53,7 @@ def score_scale(vocab: int) -> int:
     """How many times SCORE_TOKENS (and the 4 rows holding them) one scoring call takes for a
     vocabulary of `vocab` tokens (0: unknown): the largest power of two keeping the call's logits
     within SCORE_LOGITS, at least 1 and at most SCORE_SCALE_MAX."""
-    if vocab <= 0:
-        return 1
-    fit = max(SCORE_LOGITS // (vocab * SCORE_TOKENS), 1)
-    return min(1 << (fit.bit_length() - 1), SCORE_SCALE_MAX)
+    return _pow2_fit(SCORE_LOGITS, vocab * SCORE_TOKENS, SCORE_SCALE_MAX)
 
 
 def insert_scale(flops_per_token: int) -> int:
@@ -64,10 +61,16 @@ def insert_scale(flops_per_token: int) -> int:
     for a model whose layers cost `flops_per_token` (0: unknown): the largest power of two
     keeping the tails of the narrowest insert within INSERT_WORK FLOPs, at least 1, at most
     INSERT_SCALE_MAX."""
-    if flops_per_token <= 0:
+    return _pow2_fit(INSERT_WORK, flops_per_token * INSERT_ROWS * INSERT_WIDTH_MIN, INSERT_SCALE_MAX)
+
+
+def _pow2_fit(budget: int, cost: int, cap: int) -> int:
+    """The largest power of two n with n * cost <= budget, at least 1 and at most `cap` (1
+    when the cost is unknown, <= 0)."""
+    if cost <= 0:
         return 1
-    fit = max(INSERT_WORK // (flops_per_token * INSERT_ROWS * INSERT_WIDTH_MIN), 1)
-    return min(1 << (fit.bit_length() - 1), INSERT_SCALE_MAX)
+    fit = max(budget // cost, 1)
+    return min(1 << (fit.bit_length() - 1), cap)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -142,8 +145,8 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     PREFIX_STEP, tails to a power of two from INSERT_WIDTH_MIN, scored sequences to a power
     of two from SCORE_WIDTH, the continuation tokens one scoring call reads to a power of two
     from SCORE_TOKENS (covering the longest continuation), the store to a power of two of
-    `prefixes` (at least STORE_ROWS_MIN and a scoring call's rows) and `k_cap` (largest top-k sampled) to a power of two
-    from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
+    `prefixes` (at least STORE_ROWS_MIN and a scoring call's rows) and `k_cap` (largest top-k
+    sampled) to a power of two from 64. A `vocab` under SCORE_LOGITS / SCORE_TOKENS scores proportionally more tokens in
     more rows a call (`score_scale`); a model whose layers cost under INSERT_WORK /
     (INSERT_ROWS * INSERT_WIDTH_MIN) FLOPs a token inserts, admits and prefills more rows a call
     (`insert_scale`). Rows that hold work the devices split (prefills, scoring rows and tokens,
