@@ -128,8 +128,7 @@ class DecodeLoop:
             refill_at = sh.slots if not waiting else len(free) + min(max(1, sh.slots // REFILL_SHARE), waiting)
             # tested rows are read after every step: most are abandoned within one or two
             limit = 1 if testing else self.chunk if spanning else sh.new_tokens
-            args = (self.state, d, table, self._put_replicated(np.int32(limit)),
-                    self._put_replicated(np.int32(refill_at)))
+            args = (self.state, d, table, self._argument(int(limit)), self._argument(int(refill_at)))
             d, taken = self._compile("decode", self._decode_fn, args, dict(policy=self._policy),
                                      donate=DONATE_CARRY)(*args)
             taken = int(taken)

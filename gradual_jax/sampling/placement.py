@@ -17,11 +17,43 @@ from gradual_jax.models.transformer import as_dtype
 from gradual_jax.sharding import BATCH_AXES, INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
 
 
+# (source graph, mesh, source layout) -> the jitted fold, cast and reshard of a model's state,
+# shared by the samplers of one architecture (a LoRA stage's dev evaluations make a new sampler
+# a stage).
+_LAYOUT_PROGRAMS: dict[Any, Callable[[Any], Any]] = {}
+
+
 class MeshPlacement:
     """Placement of weights and host rows on the sampler's mesh."""
 
     mesh: Any
     config: Any
+
+    def _inference_weights(self, state: Any, fold: Callable[[Any], Any] | None, graph: int) -> Any:
+        """`state` (a model's `nnx.state`, graph `graph` interned) as the sampler runs it: `fold`
+        applied (LoRA adapters folded into the kernels; None: none) and, on a mesh, cast and
+        laid out as `_place` does. A state already on the mesh's devices takes one compiled
+        program (cast before the move: no folded float32 copy, half the bytes moved); one
+        elsewhere (a process-local sampler of a model on the whole run's mesh) is folded where
+        it lives, then placed."""
+        if self.mesh is None:
+            return state if fold is None else fold(state)
+        leaves = jax.tree.leaves(state)
+        devices = set(self.mesh.devices.flat)
+        if not all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
+            return self._place(state if fold is None else fold(state))
+        key = (graph, self.mesh, jax.tree.structure(state),
+               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+        program = _LAYOUT_PROGRAMS.get(key)
+        if program is None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+            dtypes, shardings = self._inference_layout(abstract if fold is None else fold(abstract))
+
+            def run(st: Any) -> Any:
+                return jax.tree.map(lambda x, d: x.astype(d), st if fold is None else fold(st), dtypes)
+
+            program = _LAYOUT_PROGRAMS.setdefault(key, jax.jit(run, out_shardings=shardings))
+        return program(state)
 
     def _place(self, state: Any) -> Any:
         """With a mesh, the weights as inference holds them (see `_inference_layout`)."""
@@ -134,6 +166,14 @@ class MeshPlacement:
             return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
         value = np.zeros(shape, dtype)
         return jax.device_put(value, sharding)
+
+    def _argument(self, value: int) -> Any:
+        """An int32 scalar argument of a program call, replicated; kept per value, so repeated
+        calls (decode limits, refill points) transfer nothing. Never part of a donated carry."""
+        cache = self.__dict__.setdefault("_arguments", {})
+        if value not in cache:
+            cache[value] = self._put_replicated(np.int32(value))
+        return cache[value]
 
     def _scalar(self, value: int) -> Any:
         """An int32 scalar, replicated (its ShapeDtypeStruct for an abstract sampler)."""

@@ -58,6 +58,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         """`chunk`: decode steps between host checks when a stop string spans tokens.
         `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
         self.graphdef, state = nnx.split(model)
+        self._source_graph = compile_cache.intern(self.graphdef)
         self._source_treedef = jax.tree.structure(state)
         # A model with LoRA adapters (a stage still training) is sampled with them folded into
         # its kernels: the base model's programs, without the adapters' matmuls.
@@ -78,7 +79,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
         self._codec = codec_for(tokenizer)
-        self.set_state(self._place(self._folded(state)))
+        self.set_state(self._inference_weights(state, self._fold, self._source_graph))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
@@ -90,7 +91,8 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     def refresh(self, model: Transformer, state: Any = None) -> None:
         """Use `model`'s current weights (same architecture) from now on; `state`: its
         `nnx.state`, when the caller has it already."""
-        self.set_state(self._place(self._folded(nnx.state(model) if state is None else state)))
+        state = nnx.state(model) if state is None else state
+        self.set_state(self._inference_weights(state, self._fold, self._source_graph))
 
     def fits(self, state: Any) -> bool:
         """Whether a model's `nnx.state` has the variables this sampler was built for (adding or
