@@ -75,7 +75,7 @@ def _rehearse(name: str, family_models, world, tmp_path) -> None:
         assert any((root / f"seed_{s}" / "two_stage" / "stage1" / "adapter").is_dir() for s in cfg.seeds)
 
 
-# One rehearsal runs in the default suite (the quickest: full fine-tuning, about 3.5 minutes
+# One rehearsal runs in the default suite (the quickest: full fine-tuning, about 2.5 minutes
 # here), the others with -m slow.
 IN_DEFAULT_SUITE = "llama3_8b_full"
 
