@@ -19,7 +19,8 @@ from gradual_jax.config import RunConfig, TrainConfig
 from gradual_jax.knowledge.data import QAExample
 from gradual_jax.knowledge.match import answer_prefix_test, exact_match
 from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
-from gradual_jax.sampling import Greedy, Sample, sampler_for
+from gradual_jax.sampling import Greedy, Sample, generate_batch, sampler_for
+from gradual_jax.sampling.sampler import SharedShapes
 
 STOP = ("\n",)
 # Host or device bytes the probe's prefix store may take (per-layer keys and values in fp32),
@@ -36,20 +37,26 @@ class JaxEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, mesh: Any = None,
-                 process_local: bool = False):
+                 process_local: bool = False, shapes: SharedShapes | None = None):
+        """``shapes``: a run's shared sampler shapes, which `warm_up` starts from and grows."""
         self.sampler = sampler_for(model, tokenizer, mesh)
         self.batch_size = batch_size
         self.process_local = process_local
+        self.shapes = shapes
 
     def warm_up(self, prompts: Sequence[tuple[str, str]], continuations: Sequence[str], *,
                 max_new_tokens: int, n_samples: int, top_k: int) -> None:
         """Fix the sampler's shapes for these prompts, their answers and their gold
         continuations, and compile its programs ahead of time (logged)."""
         s = self.sampler
+        if self.shapes is not None:
+            self.shapes.apply(s)
         s.prepare_for([q for _, q in prompts], prefix=[p for p, _ in prompts], max_new_tokens=max_new_tokens,
                       continuations=continuations, batch_size=self.batch_size,
                       k_cap=top_k if n_samples else 0)
         s.prepare(prefixes=probe_store_prefixes(s, len({p for p, _ in prompts})))
+        if self.shapes is not None:
+            self.shapes.record(s)
         made, seconds = s.warm_up()
         log.info("probe engine: %d programs compiled ahead of time in %.1f s (shapes %s)", made, seconds, s.shapes)
 
@@ -175,12 +182,14 @@ def _bounds(index: tuple, shape: tuple) -> tuple:
 
 
 def answers_correct(model: Any, tokenizer: Any, examples: Sequence[QAExample], template: str, *,
-                    max_new_tokens: int = 24, batch_size: int = 64, mesh: Any = None) -> dict[str, bool]:
+                    max_new_tokens: int = 24, batch_size: int = 64, mesh: Any = None,
+                    shapes: SharedShapes | None = None) -> dict[str, bool]:
     """Greedy exact match of the model's answer in the fine-tuning format, per example id
-    (generated on ``mesh``, the run's inference mesh, when given)."""
+    (generated on ``mesh``, the run's inference mesh, when given, in ``shapes``, a run's shared
+    sampler shapes, when given)."""
     prompts = [format_train_pair(e.question, "", template)[0] for e in examples]
-    gens = sampler_for(model, tokenizer, mesh).generate_batch(prompts, max_new_tokens=max_new_tokens,
-                                                              stop=STOP, batch_size=batch_size)
+    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, shapes=shapes, max_new_tokens=max_new_tokens,
+                          stop=STOP, batch_size=batch_size)
     return {e.id: bool(exact_match(clean_answer(g[0].text), list(e.answers)))
             for e, g in zip(examples, gens)}
 
@@ -219,11 +228,15 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     # batch, so a replica's batch is the single-process run's.
     probe_batch = cfg.probe.batch_size if local_mesh is None else cfg.probe.batch_size // jax.process_count()
 
+    # Every probe, dev evaluation and test accuracy of the run grows one set of sampler shapes
+    # and starts from it, so the run's samplers (one per stage model) share one set of programs.
+    shapes = SharedShapes()
+
     def engine_factory(model: Any) -> JaxEngine:
         if local_mesh is None:
-            return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh)
+            return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh, shapes=shapes)
         return JaxEngine(process_local_model(model, probe_mesh, local_mesh), tokenizer,
-                         batch_size=probe_batch, mesh=local_mesh, process_local=True)
+                         batch_size=probe_batch, mesh=local_mesh, process_local=True, shapes=shapes)
 
     def trainer_fn(model: Any, examples: Sequence[QAExample], dev: Sequence[QAExample],
                    train_cfg: TrainConfig, *, ckpt_dir: Path, seed: int, metrics_dir: Path,
@@ -239,9 +252,10 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
             apply_lora(work, train_cfg.lora.rank, train_cfg.lora.alpha, train_cfg.lora.targets, seed=seed)
         trainer = Trainer(work, tokenizer, mesh=train_mesh, seed=seed, progress=True)
         # Dev accuracy as test accuracy (`accuracy_fn`) is measured: the probe's answer length
-        # and slot batch, so both run in the probe engine's shapes (no second set of programs).
+        # and slot batch, in the run's shared shapes (no second set of programs).
         dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh,
-                                 max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch)
+                                 max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch,
+                                 shapes=shapes)
         if local_mesh is not None:
             dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds,
@@ -269,12 +283,13 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     def accuracy_fn(model: Any, examples: Sequence[QAExample], template: str) -> dict[str, bool]:
         if local_mesh is None:
             return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
-                                   max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size)
+                                   max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size,
+                                   shapes=shapes)
         from gradual_jax.distributed import gather_records, shard_for_process
 
         local = process_local_model(model, probe_mesh, local_mesh)
         mine = answers_correct(local, tokenizer, shard_for_process(examples), template, mesh=local_mesh,
-                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch)
+                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch, shapes=shapes)
         return dict(gather_records(list(mine.items())))
 
     def save_params(directory: Path, model: Any) -> None:

@@ -391,6 +391,30 @@ def test_continuous_batching_keeps_results(llama, tok):
     assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in many]
 
 
+def test_samplers_sharing_a_runs_shapes_compile_one_set_of_programs(llama, tok):
+    """A run's `SharedShapes`: the first sampler's work fixes the set; a second sampler (another
+    model of the same architecture, as each stage's is) for smaller work of another kind starts
+    from it and compiles nothing, with the answers it gets in shapes of its own; work the set does not
+    cover grows it for the samplers after."""
+    from gradual_jax.sampling.sampler import SharedShapes
+
+    _, ours = llama
+    other = nnx.clone(ours)
+    kw = dict(max_new_tokens=NEW, methods=Greedy(), batch_size=8)
+    shared = SharedShapes()
+    first = sampling.sampler_for(ours, tok)
+    sampling.generate_batch(first, tok, QUESTIONS, prefix=PREFIX, shapes=shared, **kw)
+    assert shared.shapes == first.shapes
+    compiled = len(compile_cache.COMPILED)
+    second = Sampler(other, tok)
+    got = sampling.generate_batch(second, tok, PROMPTS[:2], shapes=shared, **kw)
+    assert second.shapes == first.shapes and len(compile_cache.COMPILED) == compiled
+    alone = Sampler(other, tok).generate_batch(PROMPTS[:2], **kw)
+    assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in alone]
+    sampling.generate_batch(Sampler(other, tok), tok, QUESTIONS, prefix=PREFIX * 2, shapes=shared, **kw)
+    assert shared.shapes.covers(first.shapes) and shared.shapes != first.shapes
+
+
 def test_rows_rejected_by_alive_stop_there_and_the_rest_are_unchanged(llama, tok):
     """A row whose text the caller's `alive` test rejects stops at the first token that makes
     it so (finish_reason 'abandoned', its tokens a prefix of the unpruned row's); every other

@@ -12,7 +12,7 @@ from flax import nnx
 from gradual_jax.models.transformer import Transformer
 from gradual_jax.sampling.methods import method_of
 from gradual_jax.sampling.records import Generation, TokenScores
-from gradual_jax.sampling.sampler import DEFAULT_BATCH_SIZE, Sampler
+from gradual_jax.sampling.sampler import DEFAULT_BATCH_SIZE, Sampler, SharedShapes
 
 _SAMPLERS: "weakref.WeakKeyDictionary[Transformer, Sampler]" = weakref.WeakKeyDictionary()
 _SAMPLERS_LOCK = threading.Lock()
@@ -35,22 +35,31 @@ def sampler_for(model: Transformer | Sampler, tokenizer: Any, mesh: Any = None) 
 
 
 def generate_batch(model: Transformer | Sampler, tokenizer: Any, prompts: Sequence[str], *,
-                   mesh: Any = None, **kwargs: Any) -> list[list[Generation]]:
-    """`Sampler.generate_batch` on the model's cached sampler."""
-    return sampler_for(model, tokenizer, mesh).generate_batch(prompts, **kwargs)
+                   mesh: Any = None, shapes: SharedShapes | None = None,
+                   **kwargs: Any) -> list[list[Generation]]:
+    """`Sampler.generate_batch` on the model's cached sampler; with `shapes` (a run's shared
+    set), in those shapes grown to cover this work."""
+    sampler = sampler_for(model, tokenizer, mesh)
+    if shapes is not None:
+        shapes.apply(sampler)
+    out = sampler.generate_batch(prompts, **kwargs)
+    if shapes is not None:
+        shapes.record(sampler)
+    return out
 
 
 def generate(model: Transformer | Sampler, tokenizer: Any, prompts: Sequence[str], *,
              max_new_tokens: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              n: int = 1, stop: Sequence[str] = (), seed: int = 0,
-             batch_size: int = DEFAULT_BATCH_SIZE, mesh: Any = None) -> list[list[str]]:
+             batch_size: int = DEFAULT_BATCH_SIZE, mesh: Any = None,
+             shapes: SharedShapes | None = None) -> list[list[str]]:
     """For each prompt, `n` completions: the text after the prompt, cut before the first stop
     string (EOS ends a completion too). Temperature 0 is greedy. Bad arguments raise ValueError
-    before anything is compiled."""
+    before anything is compiled. `shapes`: a run's shared sampler shapes (see `SharedShapes`)."""
     method = method_of(temperature, top_k, top_p)
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, max_new_tokens=max_new_tokens,
+    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, shapes=shapes, max_new_tokens=max_new_tokens,
                           methods=method, n=n, stop=stop, seed=seed, batch_size=batch_size)
     return [[g.text for g in row] for row in gens]
 

@@ -119,15 +119,19 @@ class Shapes:
     def cache_len(self) -> int:
         return self.prefix_width + self.insert_width + self.new_tokens
 
+    def same_rows(self, other: "Shapes") -> bool:
+        """Whether both have the same row counts (slots and rows a call), so one can grow to
+        cover the other."""
+        same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "admit_rows",
+                "score_rows")
+        return all(getattr(self, f) == getattr(other, f) for f in same)
+
     def covers(self, other: "Shapes") -> bool:
         """Whether work planned for `other` runs in these shapes (every size at least as big,
         the row counts equal)."""
-        same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "admit_rows",
-                "score_rows")
         bigger = ("prefix_width", "store_rows", "insert_width", "new_tokens", "score_width",
                   "score_tokens", "k_cap")
-        return (all(getattr(self, f) == getattr(other, f) for f in same)
-                and all(getattr(self, f) >= getattr(other, f) for f in bigger))
+        return self.same_rows(other) and all(getattr(self, f) >= getattr(other, f) for f in bigger)
 
     def union(self, other: "Shapes") -> "Shapes":
         """The smallest shapes covering both (row counts must agree)."""

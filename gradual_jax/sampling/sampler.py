@@ -189,6 +189,12 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
                           longest_continuation=longest_continuation, prefixes=prefixes,
                           k_cap=k_cap, vocab=self.config.vocab_size,
                           flops_per_token=self.config.layer_flops_per_token(), multiple=self._dp())
+        return self.cover(need, top_p=top_p)
+
+    @serialized
+    def cover(self, need: Shapes, *, top_p: str = "off") -> Shapes:
+        """Grow the engine's shapes to cover `need` (shapes with the same row counts: another
+        sampler's of the same model, slots and mesh, such as a run's shared set) and return them."""
         if self.shapes is None or not self.shapes.covers(need):
             grown = need if self.shapes is None else self.shapes.union(need)
             if self.shapes is not None:
@@ -408,3 +414,32 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
             head = self._decode(prompt)
             out.append([self._finish(head, prompt, *results[i * m + j], stop) for j in range(m)])
         return out
+
+
+class SharedShapes:
+    """The shapes every sampler of a run grows into and leaves its own in: a probe or a dev
+    evaluation of one stage model starts from the run's set instead of from its own work, so a
+    run's samplers (one per model) share one set of compiled programs instead of compiling one
+    per kind of work. Safe from several threads (pipeline seeds)."""
+
+    def __init__(self) -> None:
+        self.shapes: Shapes | None = None
+        self._lock = threading.Lock()
+
+    def apply(self, sampler: Sampler) -> None:
+        """Grow `sampler`'s shapes to cover the run's (when their row counts agree)."""
+        with self._lock:
+            shapes = self.shapes
+        if shapes is not None and (sampler.shapes is None or sampler.shapes.same_rows(shapes)):
+            sampler.cover(shapes)
+
+    def record(self, sampler: Sampler) -> None:
+        """Grow the run's shapes to cover `sampler`'s."""
+        with self._lock:
+            mine = sampler.shapes
+            if mine is None:
+                return
+            if self.shapes is None:
+                self.shapes = mine
+            elif self.shapes.same_rows(mine) and not self.shapes.covers(mine):
+                self.shapes = self.shapes.union(mine)

@@ -146,12 +146,12 @@ def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: 
 
 
 def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, batch_size: int = 64,
-                  mesh: Mesh | None = None) -> EvalFn:
+                  mesh: Mesh | None = None, shapes: Any = None) -> EvalFn:
     """An eval_fn: greedy exact-match accuracy of ``model`` on QA examples with the training prompt.
 
     Uses ``gradual_jax.sampling.generate`` (on ``mesh``, the run's inference mesh, when given)
-    with ``batch_size`` decode slots; the answer is the completion (at most ``max_new_tokens``)
-    up to its first newline.
+    with ``batch_size`` decode slots, in ``shapes`` (a run's ``SharedShapes``) when given; the
+    answer is the completion (at most ``max_new_tokens``) up to its first newline.
     """
     from gradual_jax.knowledge.match import exact_match
     from gradual_jax.knowledge.prompts import clean_answer, format_train_pair
@@ -166,7 +166,7 @@ def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, ba
             chunk = examples[i:i + batch_size]
             prompts = [format_train_pair(ex.question, "", template)[0] for ex in chunk]
             outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                            stop=("\n",), mesh=mesh, batch_size=batch_size)
+                            stop=("\n",), mesh=mesh, batch_size=batch_size, shapes=shapes)
             correct += sum(exact_match(clean_answer(o[0]), ex.answers) for o, ex in zip(outs, chunk))
         return correct / len(examples)
 
