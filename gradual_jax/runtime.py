@@ -283,7 +283,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     def accuracy_fn(model: Any, examples: Sequence[QAExample], template: str) -> dict[str, bool]:
         if local_mesh is None:
             return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
-                                   max_new_tokens=cfg.probe.max_new_tokens, batch_size=cfg.probe.batch_size,
+                                   max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch,
                                    shapes=shapes)
         from gradual_jax.distributed import gather_records, shard_for_process
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gradual_jax.models.transformer import as_dtype
+from gradual_jax.sampling import compile_cache
 from gradual_jax.sharding import BATCH_AXES, INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
 
 
@@ -28,26 +29,28 @@ class MeshPlacement:
 
     mesh: Any
     config: Any
+    _source_graph: int  # the interned graph of the model the sampler was built from
+    _fold: Callable[[Any], Any] | None  # folds a state's LoRA adapters in (None: it has none)
+    _folded: Callable[[Any], Any]  # `_fold` applied when there is one
 
-    def _inference_weights(self, state: Any, fold: Callable[[Any], Any] | None, graph: int) -> Any:
-        """`state` (a model's `nnx.state`, graph `graph` interned) as the sampler runs it: `fold`
-        applied (LoRA adapters folded into the kernels; None: none) and, on a mesh, cast and
-        laid out as `_place` does. A state already on the mesh's devices takes one compiled
-        program (cast before the move: no folded float32 copy, half the bytes moved); one
-        elsewhere (a process-local sampler of a model on the whole run's mesh) is folded where
-        it lives, then placed."""
+    def _inference_weights(self, state: Any) -> Any:
+        """`state` (a model's `nnx.state`) as the sampler runs it: `_folded` (LoRA adapters folded
+        into the kernels) and, on a mesh, cast and laid out as `_place` does. A state already on
+        the mesh's devices takes one compiled program (cast before the move: no folded float32
+        copy, half the bytes moved); one elsewhere (a process-local sampler of a model on the
+        whole run's mesh) is folded where it lives, then placed."""
         if self.mesh is None:
-            return state if fold is None else fold(state)
+            return self._folded(state)
         leaves = jax.tree.leaves(state)
         devices = set(self.mesh.devices.flat)
         if not all(isinstance(x, jax.Array) and x.sharding.device_set == devices for x in leaves):
-            return self._place(state if fold is None else fold(state))
-        key = (graph, self.mesh, jax.tree.structure(state),
-               tuple((x.shape, x.dtype, x.sharding) for x in leaves))
+            return self._place(self._folded(state))
+        key = (self._source_graph, self.mesh, jax.tree.structure(state),
+               tuple(compile_cache.spec(x) for x in leaves))
         program = _LAYOUT_PROGRAMS.get(key)
         if program is None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-            dtypes, shardings = self._inference_layout(abstract if fold is None else fold(abstract))
+            dtypes, shardings = self._inference_layout(self._folded(compile_cache.abstract(state)))
+            fold = self._fold  # not the bound `_folded`: the shared cache must not keep this sampler
 
             def run(st: Any) -> Any:
                 return jax.tree.map(lambda x, d: x.astype(d), st if fold is None else fold(st), dtypes)

@@ -79,7 +79,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
         self._codec = codec_for(tokenizer)
-        self.set_state(self._inference_weights(state, self._fold, self._source_graph))
+        self.set_state(self._inference_weights(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
         self._stop_tables: dict[tuple[str, ...], np.ndarray] = {}
@@ -92,7 +92,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         """Use `model`'s current weights (same architecture) from now on; `state`: its
         `nnx.state`, when the caller has it already."""
         state = nnx.state(model) if state is None else state
-        self.set_state(self._inference_weights(state, self._fold, self._source_graph))
+        self.set_state(self._inference_weights(state))
 
     def fits(self, state: Any) -> bool:
         """Whether a model's `nnx.state` has the variables this sampler was built for (adding or
@@ -441,5 +441,5 @@ class SharedShapes:
                 return
             if self.shapes is None:
                 self.shapes = mine
-            elif self.shapes.same_rows(mine) and not self.shapes.covers(mine):
+            elif self.shapes.same_rows(mine):
                 self.shapes = self.shapes.union(mine)
