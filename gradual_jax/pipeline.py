@@ -178,6 +178,16 @@ class SeedRun:
             write_json(self.root / PROBE_INDEX, index)
         return records
 
+    def warm_up_probes(self) -> None:
+        """Fix the engine's shapes once for the train and test probes of this seed (the
+        questions of both on the run's prompt sets). Engines of a run share their shapes
+        (`runtime.make_runtime`), so later probes, dev evaluations and test accuracy start from
+        them; without this the stage-0 test probe grew the train probe's set and compiled a
+        second one."""
+        engine = self.engine_factory(self.res.model)
+        probe = Probe(engine, self.prompt_sets(), probe_settings(self.cfg, self.seed), model_id=self.res.model_id)
+        probe.warm_up([e for split in ("train", "test") for e in self.res.splits[split]])
+
     def _probe_index(self) -> dict[str, str]:
         path = self.root / PROBE_INDEX
         return read_json(path) if path.exists() else {}
@@ -205,6 +215,7 @@ class SeedRun:
         if done is not None:
             return done
         t0 = time.time()
+        self.warm_up_probes()
         records0 = {s: self.probe(self.res.model, s, self.root / "stage0" / f"{s}.jsonl")
                     for s in ("train", "test")}
         stage0 = {s: by_category(r) for s, r in records0.items()}

@@ -264,8 +264,9 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         if wandb_run is not None and run_root is not None:
             prefix = Path(metrics_dir).relative_to(run_root).as_posix() + "/"
         with MetricsWriter(metrics_dir, wandb_run=wandb_run, tag_prefix=prefix) as metrics:
+            # Batches shaped by the whole training set: every stage steps in one compiled shape.
             result = trainer.fit(examples, dev, train_cfg, eval_fn=dev_eval, checkpoint_manager=manager,
-                                 metrics=metrics)
+                                 metrics=metrics, shape_examples=res.splits["train"])
         if train_cfg.lora.rank > 0:
             # The stage's adapter, against the model it started from, for gradual_jax.export.
             # Every process gathers it (adapters may be sharded over hosts); process 0 writes.

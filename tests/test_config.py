@@ -93,7 +93,7 @@ def test_integer_accepted_for_float_but_not_the_reverse():
 def test_unknown_key_lists_valid_keys():
     msg = error(None, ["train.lrr=1e-4"])
     assert msg.startswith(
-        "unknown key 'train.lrr'; valid keys: batch_size, clip_norm, dev_eval_size, dropout, epochs,"
+        "unknown key 'train.lrr'; valid keys: batch_shapes, batch_size, clip_norm, dev_eval_size, dropout, epochs,"
     )
     assert "(did you mean 'lr'?)" in msg
     msg = error(None, ["trian.lr=1"])
@@ -155,7 +155,7 @@ def test_data_overlap_setting():
 
 def test_stage_select_and_train_overrides_are_validated(tmp_path):
     msg = error(None, ["stages.1.train.lrr=1e-6"])
-    assert msg.startswith("unknown key 'stages.1.train.lrr'; valid keys: batch_size,")
+    assert msg.startswith("unknown key 'stages.1.train.lrr'; valid keys: batch_shapes, batch_size,")
     assert error(None, ["stages.0.train.epochs=many"]) == (
         "config key 'stages.0.train.epochs': expected int, got 'many'"
     )

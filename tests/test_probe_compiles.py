@@ -70,3 +70,23 @@ def test_a_whole_probe_compiles_only_its_warm_up(tokenizer, eq_dir, mode, most):
     stats = engine.sampler.stats
     assert stats.warmup_compiles == 5  # prefill, first, admit, decode, score
     assert compiles.count == stats.compiles == stats.warmup_compiles <= most
+
+
+@pytest.mark.parametrize("axes", [(1, 1, 1), (4, 1, 2)])
+def test_warm_up_serves_meshes_with_axes_of_one_device(tokenizer, eq_dir, axes):
+    """A program's output over a one-device mesh axis comes back with that axis left out of its
+    spec (`P()` where the host placed `P(None, 'tensor')`): the warm-up's executables must
+    still serve the real calls (they were all compiled again on the launcher's one CPU device)."""
+    import jax
+
+    from gradual_jax.sharding import make_mesh
+
+    compile_cache.COMPILED.clear()
+    mesh = make_mesh(*axes, devices=jax.devices()[:axes[0] * axes[1] * axes[2]])
+    settings = ProbeSettings(mode="lazy", n_prompts=2, n_samples=4, max_new_tokens=6)
+    examples = load_entityquestions(eq_dir, "train", RELATIONS[:4], limit_per_relation=2)
+    engine = JaxEngine(_model(tokenizer), tokenizer, batch_size=settings.batch_size, mesh=mesh)
+    probe = Probe(engine, load_prompt_sets(PROMPTS), settings, progress=False)
+    probe.run(examples)
+    stats = engine.sampler.stats
+    assert stats.warmup_compiles == 5 and stats.compiles == 5

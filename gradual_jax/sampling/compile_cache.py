@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
 
 # (name, graphdef, mesh, statics, argument shapes) -> compiled executable. The functions are
 # pure over their arguments, so samplers of one architecture share them (a fresh sampler after
@@ -38,8 +39,27 @@ def intern(value: Any) -> int:
 
 
 def spec(x: Any) -> tuple:
-    """What a compiled program needs to match of an argument: shape, dtype and sharding."""
-    return (x.shape, str(x.dtype), getattr(x, "sharding", None))
+    """What a compiled program needs to match of an argument: shape, dtype and sharding (in a
+    canonical spelling: see `canonical_sharding`)."""
+    return (x.shape, str(x.dtype), canonical_sharding(getattr(x, "sharding", None)))
+
+
+def canonical_sharding(sharding: Any) -> Any:
+    """A NamedSharding as (mesh, spec, memory kind) with the mesh axes of size 1 and trailing
+    Nones left out of its spec, so that one layout has one key: a program's output over a
+    one-device axis comes back as `P()` where the host placed `P(None, 'tensor')`, and without
+    this the first real call recompiled every program that warm-up had compiled."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    sizes = sharding.mesh.shape
+    entries = []
+    for entry in sharding.spec:
+        names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        names = tuple(n for n in names if sizes[n] > 1)
+        entries.append(None if not names else names[0] if len(names) == 1 else names)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return (sharding.mesh, tuple(entries), sharding.memory_kind)
 
 
 def abstract(tree: Any) -> Any:

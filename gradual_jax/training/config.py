@@ -75,6 +75,11 @@ class TrainConfig:
     """Dev questions in each evaluation."""
     packing: bool = False
     """Pack several examples into one row."""
+    batch_shapes: Literal["fixed", "bucketed"] = "fixed"
+    """fixed: every step of a run in one shape (batch_size x grad_accum rows, as long as the
+    run's longest training example, rounded up to a power of two), so the step compiles once a
+    run; bucketed: each batch cut to power-of-two rows and length of its own (less padding, one
+    compile per shape met)."""
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:

@@ -6,11 +6,15 @@ token, labels the sequence shifted by one, and the loss mask is 1 exactly where 
 target token or the EOS.
 
 Order is a pure function of ``(seed, epoch)``: a resumed run sees the same batches. Without
-packing, each batch is padded on the right to a power-of-two length bucket (at most
-``max_seq_len``), and examples of similar length are batched together within windows of a
-shuffled order. With packing, examples are laid end to end in rows of ``max_seq_len`` tokens;
-``segment_ids`` and ``positions`` keep them apart (the trainer masks attention across segments).
-A last, short batch is filled with empty rows (loss mask 0), so no example is dropped.
+packing, examples of similar length are batched together within windows of a shuffled order.
+With packing, examples are laid end to end in rows of ``max_seq_len`` tokens; ``segment_ids`` and
+``positions`` keep them apart (the trainer masks attention across segments). A last, short batch
+is filled with empty rows (loss mask 0), so no example is dropped.
+
+Batch shapes: given a ``BatchShape`` (``run_batch_shape``: one for a whole run's examples) every
+batch has it, so the train step compiles once; without one, each batch is cut to power-of-two
+rows and lengths of its own (``bucket_rows``, ``bucket_length``): less padding, one compile per
+shape met.
 """
 
 from __future__ import annotations
@@ -59,13 +63,16 @@ class TokenizedExample:
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """Arrays ``[rows, T]``: int32 ``input_ids``, ``labels``, ``segment_ids`` (0 = padding),
-    ``positions``; float32 ``loss_mask`` (1 on answer tokens and EOS)."""
+    ``positions``; float32 ``loss_mask`` (1 on answer tokens and EOS). ``loss_tokens``: the
+    positions a row the loss is read at (``loss_positions``' K; None: a bucket of this batch's
+    own)."""
 
     input_ids: np.ndarray
     labels: np.ndarray
     loss_mask: np.ndarray
     segment_ids: np.ndarray
     positions: np.ndarray
+    loss_tokens: int | None = None
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in BATCH_KEYS}
@@ -78,6 +85,16 @@ class Batch:
     def num_tokens(self) -> int:
         """Real (non-padding) positions in the batch."""
         return int((self.segment_ids > 0).sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """One shape for every batch: ``rows`` rows of ``length`` positions, the loss read at
+    ``loss_tokens`` positions a row (``length``: at every position)."""
+
+    rows: int
+    length: int
+    loss_tokens: int
 
 
 def _eos_id(tokenizer: Any) -> int:
@@ -148,12 +165,38 @@ def _row_arrays(examples: Sequence[TokenizedExample], length: int) -> tuple[np.n
     return ids, labels, mask, seg, pos
 
 
-def _make_batch(rows: Sequence[Sequence[TokenizedExample]], n_rows: int, length: int) -> Batch:
+def _make_batch(rows: Sequence[Sequence[TokenizedExample]], n_rows: int, length: int,
+                loss_tokens: int | None = None) -> Batch:
     arrays = [np.zeros((n_rows, length), np.float32 if k == "loss_mask" else np.int32) for k in BATCH_KEYS]
     for r, row in enumerate(rows):
         for arr, values in zip(arrays, _row_arrays(row, length)):
             arr[r] = values
-    return Batch(*arrays)
+    return Batch(*arrays, loss_tokens=loss_tokens)
+
+
+def _loss_count(ex: TokenizedExample) -> int:
+    """Positions of ``ex`` that carry loss (its target tokens and EOS)."""
+    return len(ex.tokens) - ex.prompt_len
+
+
+def run_batch_shape(examples: Sequence[TokenizedExample], *, batch_rows: int, max_seq_len: int,
+                    packing: bool = False) -> BatchShape:
+    """The one shape that holds every batch ``epoch_batches`` makes of ``examples`` or of any
+    subset of them, in any epoch: ``batch_rows`` rows; as long as the longest example's bucket
+    (packing: ``max_seq_len``, a packed row's capacity); the loss read at a bucket of the most
+    loss positions a row can hold (packed rows: their capacity times the highest ratio of loss
+    positions to positions of any example), or at every position when that bucket is the length.
+
+    A run gives its whole training set, so every stage's steps share one compiled program."""
+    if not examples:
+        raise TrainingError("training set is empty: nothing to fine-tune on")
+    if packing:
+        length = max_seq_len
+        need = math.ceil(length * max(_loss_count(e) / e.length for e in examples))
+    else:
+        length = bucket_length(max(e.length for e in examples), max_seq_len)
+        need = max(_loss_count(e) for e in examples)
+    return BatchShape(batch_rows, length, min(bucket_length(need, length), length))
 
 
 def _pack_rows(order: Sequence[TokenizedExample], max_seq_len: int) -> list[list[TokenizedExample]]:
@@ -183,35 +226,49 @@ def bucket_rows(n: int, batch_rows: int, multiple: int | None) -> int:
 
 
 def epoch_batches(examples: Sequence[TokenizedExample], *, batch_rows: int, seed: int, epoch: int,
-                  max_seq_len: int, packing: bool = False, row_multiple: int | None = None) -> list[Batch]:
+                  max_seq_len: int, packing: bool = False, row_multiple: int | None = None,
+                  shape: BatchShape | None = None) -> list[Batch]:
     """Every batch of epoch ``epoch``, in training order; a pure function of its arguments.
 
-    ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together);
-    with ``row_multiple``, a batch of fewer rows of examples is cut to ``bucket_rows`` rows
-    (the trainer passes micro-batches x data-parallel ways, so every cut still splits evenly).
-    Padding rows carry no loss, so the cut changes no step's result beyond float rounding.
+    ``batch_rows`` rows per batch (one optimizer step's worth, all micro-batches together).
+    With ``shape`` every batch has that shape (ValueError if one does not fit it); otherwise,
+    with ``row_multiple``, a batch of fewer rows of examples is cut to ``bucket_rows`` rows (the
+    trainer passes micro-batches x data-parallel ways, so every cut still splits evenly) and
+    each batch is as long as its longest row's bucket. Padding carries no loss, so the shape
+    changes no step's result beyond float rounding.
     """
     if not examples:
         raise TrainingError("training set is empty: nothing to fine-tune on")
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    if shape is not None and shape.rows != batch_rows:
+        raise ValueError(f"shape has {shape.rows} rows, batches {batch_rows}")
     rng = epoch_rng(seed, epoch)
     order = [examples[i] for i in rng.permutation(len(examples))]
     if packing:
-        rows = _pack_rows(order, max_seq_len)
-        groups = [rows[i:i + batch_rows] for i in range(0, len(rows), batch_rows)]
-        return [_make_batch(g, bucket_rows(len(g), batch_rows, row_multiple),
-                            bucket_length(max(sum(e.length for e in r) for r in g), max_seq_len))
-                for g in groups]
-    window = batch_rows * SORT_WINDOW_BATCHES
-    groups = []
-    for w in range(0, len(order), window):
-        chunk = sorted(order[w:w + window], key=lambda e: e.length)  # stable: ties keep shuffled order
-        groups.extend(chunk[i:i + batch_rows] for i in range(0, len(chunk), batch_rows))
-    groups = [groups[i] for i in rng.permutation(len(groups))]
-    return [_make_batch([[e] for e in g], bucket_rows(len(g), batch_rows, row_multiple),
-                        bucket_length(max(e.length for e in g), max_seq_len))
-            for g in groups]
+        groups = _pack_rows(order, max_seq_len)
+        groups = [groups[i:i + batch_rows] for i in range(0, len(groups), batch_rows)]
+    else:
+        window = batch_rows * SORT_WINDOW_BATCHES
+        singles = []
+        for w in range(0, len(order), window):
+            chunk = sorted(order[w:w + window], key=lambda e: e.length)  # stable: ties keep shuffled order
+            singles.extend(chunk[i:i + batch_rows] for i in range(0, len(chunk), batch_rows))
+        groups = [[[e] for e in singles[i]] for i in rng.permutation(len(singles))]
+    return [_shaped_batch(g, batch_rows, max_seq_len, row_multiple, shape) for g in groups]
+
+
+def _shaped_batch(rows: Sequence[Sequence[TokenizedExample]], batch_rows: int, max_seq_len: int,
+                  row_multiple: int | None, shape: BatchShape | None) -> Batch:
+    longest = max(sum(e.length for e in r) for r in rows)
+    if shape is None:
+        return _make_batch(rows, bucket_rows(len(rows), batch_rows, row_multiple),
+                           bucket_length(longest, max_seq_len))
+    loss = max(sum(_loss_count(e) for e in r) for r in rows)
+    if longest > shape.length or loss > shape.loss_tokens:
+        raise ValueError(f"a batch needs {longest} positions and {loss} loss positions a row; "
+                         f"the shape holds {shape.length} and {shape.loss_tokens}")
+    return _make_batch(rows, shape.rows, shape.length, shape.loss_tokens)
 
 
 def steps_per_epoch(examples: Sequence[TokenizedExample], *, batch_rows: int, seed: int, epoch: int,
@@ -224,18 +281,22 @@ def steps_per_epoch(examples: Sequence[TokenizedExample], *, batch_rows: int, se
     return math.ceil(len(_pack_rows(order, max_seq_len)) / batch_rows)
 
 
-def loss_positions(loss_mask: np.ndarray) -> dict[str, np.ndarray] | None:
+def loss_positions(loss_mask: np.ndarray, k: int | None = None) -> dict[str, np.ndarray] | None:
     """Where the loss is, per row: ``loss_positions`` ``[rows, K]`` int32 and their weights
-    ``loss_weights`` ``[rows, K]`` (0 on padding), K a power-of-two bucket of the most loss
-    tokens in a row. None when K would not be smaller than the row length (then the loss is
-    computed at every position anyway).
+    ``loss_weights`` ``[rows, K]`` (0 on padding), K = ``k`` (a `BatchShape`'s; ValueError if a
+    row has more) or else a power-of-two bucket of the most loss tokens in a row. None when K is
+    not smaller than the row length (then the loss is computed at every position anyway).
 
     QA answers are a few tokens of each row, so projecting only these hidden states to the
     vocabulary saves most of the LM head's work.
     """
     rows, length = loss_mask.shape
     counts = (loss_mask > 0).sum(axis=1)
-    k = bucket_length(int(counts.max()) if rows else 0, length)
+    most = int(counts.max()) if rows else 0
+    if k is None:
+        k = bucket_length(most, length)
+    elif most > k:
+        raise ValueError(f"a row has {most} loss positions, more than k={k}")
     if k >= length:
         return None
     positions = np.zeros((rows, k), np.int32)

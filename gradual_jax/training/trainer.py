@@ -56,24 +56,36 @@ _STEP_CACHE_SIZE = 8
 
 EvalFn = Callable[[Transformer, Sequence[Any]], float]
 
-__all__ = ["Trainer", "TrainResult", "TrainingError", "clip_by_global_norm", "make_schedule", "make_optimizer",
-           "make_dev_eval", "packed_forward", "token_loss_sums"]
+__all__ = ["Trainer", "TrainResult", "TrainingError", "clip_by_global_norm", "learning_rates", "make_schedule",
+           "make_optimizer", "make_dev_eval", "packed_forward", "token_loss_sums"]
 
 
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
-    """Learning rate per step: linear warmup from 0 over ``warmup_steps``, then constant or
-    cosine decay to 0 at ``total_steps``."""
+def learning_rates(cfg: Any, total_steps: int) -> np.ndarray:
+    """The learning rate of steps ``0 .. total_steps`` (float32): linear warm-up from 0 over
+    ``warmup_steps``, then constant, or cosine decay to 0 at ``total_steps`` (the values of
+    optax's ``warmup_cosine_decay_schedule``). Computed on the host: the train step takes its
+    rate as an argument, so one compiled step serves every schedule."""
     lr, warmup = float(cfg.lr), int(cfg.warmup_steps)
-    if cfg.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), end_value=0.0)
-    if cfg.schedule != "constant":
+    if cfg.schedule not in ("constant", "cosine"):
         raise TrainingError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
-    if warmup == 0:
-        return optax.constant_schedule(lr)
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+    count = np.arange(int(total_steps) + 1, dtype=np.float64)
+    rates = np.full_like(count, lr)
+    if cfg.schedule == "cosine":
+        decay = max(int(total_steps), warmup + 1) - warmup
+        rates = lr * 0.5 * (1.0 + np.cos(np.pi * np.clip(count - warmup, 0, decay) / decay))
+    if warmup:
+        ramp = count < warmup
+        rates[ramp] = lr * count[ramp] / warmup
+    return rates.astype(np.float32)
+
+
+def make_schedule(cfg: Any, total_steps: int) -> optax.Schedule:
+    """`learning_rates` as an optax schedule (the last rate after ``total_steps``)."""
+    rates = jnp.asarray(learning_rates(cfg, total_steps))
+    return lambda count: rates[jnp.clip(count, 0, rates.shape[0] - 1)]
 
 
 def _decay_mask(params: Any) -> Any:
@@ -99,11 +111,23 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 def make_optimizer(cfg: Any, total_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping (``clip_norm`` > 0) then AdamW with the schedule and weight decay."""
-    adamw = optax.adamw(make_schedule(cfg, total_steps), b1=0.9, b2=0.999, eps=1e-8,
-                        weight_decay=float(cfg.weight_decay), mask=_decay_mask)
+    return _optimizer(cfg, make_schedule(cfg, total_steps), float(cfg.weight_decay))
+
+
+def _optimizer(cfg: Any, schedule: optax.Schedule, weight_decay: float | jax.Array) -> optax.GradientTransformation:
+    """`make_optimizer`'s transformation with the learning rate and weight decay given: the
+    train step builds it from traced values (`step_hyperparameters`), so one compiled step
+    serves every learning rate, schedule and decay; its state has the same structure."""
+    adamw = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, mask=_decay_mask)
     if cfg.clip_norm and cfg.clip_norm > 0:
         return optax.chain(clip_by_global_norm(float(cfg.clip_norm)), adamw)
     return adamw
+
+
+def step_hyperparameters(rates: np.ndarray, cfg: Any, step: int) -> dict[str, np.ndarray]:
+    """The values the train step takes for optimizer step ``step`` (counted from 0): its
+    learning rate of ``rates`` (`learning_rates`; the last one after them), the weight decay."""
+    return {"lr": rates[min(step, len(rates) - 1)], "weight_decay": np.float32(cfg.weight_decay)}
 
 
 # ----------------------------------------------------------------------------- forward / loss
@@ -275,9 +299,11 @@ class Trainer:
         nnx.update(self.model, shard_state(nnx.state(self.model), mesh))
         self._gd_model, self._trainable, self._frozen = nnx.split(self.model, self.wrt, ...)
         self._fingerprint = model_fingerprint(self.model)
-        program = self._program(cfg, self.total_steps, self._gd_model, self._trainable, self._frozen, self.wrt)
+        program = self._program(cfg, self._gd_model, self._trainable, self._frozen, self.wrt)
         self._gd_opt, self._opt_state = program.init(self._trainable, self._frozen)
         self._step_fn = program.step
+        self._rates = learning_rates(cfg, self.total_steps)
+        self._steps = 0
         self._ready = True
 
     def lower_step(self, cfg: Any, *, rows: int | None = None, seq_len: int | None = None,
@@ -306,13 +332,15 @@ class Trainer:
         try:
             wrt = trainable_filter(self.model)
             gd_model, trainable, frozen = nnx.split(self.model, wrt, ...)
-            program = self._program(cfg, int(total_steps), gd_model, trainable, frozen, wrt)
+            program = self._program(cfg, gd_model, trainable, frozen, wrt)
             grad_accum = int(cfg.grad_accum)
             rows = int(cfg.batch_size) * grad_accum if rows is None else int(rows)
             batch = self._abstract_batch(rows, int(cfg.max_seq_len) if seq_len is None else int(seq_len),
                                          loss_tokens, grad_accum)
+            hyper = step_hyperparameters(learning_rates(cfg, int(total_steps)), cfg, 0)
             args = (_abstract(trainable, self.mesh), _abstract(program.opt_state, self.mesh),
-                    _abstract(frozen, self.mesh), batch)
+                    _abstract(frozen, self.mesh), batch,
+                    {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in hyper.items()})
             with jax.set_mesh(self.mesh):  # as step() traces it: activations pinned to the batch axes
                 return program.step.lower(*args)
         finally:
@@ -336,23 +364,24 @@ class Trainer:
         if rank > 0 and float(getattr(lora, "dropout", 0.0) or 0.0) > 0:
             warnings.warn("lora.dropout is not supported by the model's LoRA path and is ignored")
 
-    def _program(self, cfg: Any, total_steps: int, gd_model: Any, trainable: Any, frozen: Any,
+    def _program(self, cfg: Any, gd_model: Any, trainable: Any, frozen: Any,
                  wrt: Any) -> "_StepProgram":
         """The init and jitted step functions for this model structure and ``cfg``.
 
-        Trainers with the same model structure, optimizer settings and mesh share them (pipeline
-        stages and arms often do), so ``lower_step`` lowers the function ``setup`` runs.
+        Trainers with the same model structure, mesh and step structure share them, whatever
+        their learning rate, schedule, length or weight decay (arguments of the step): pipeline
+        stages and arms do, and ``lower_step`` lowers the function ``setup`` runs.
         """
-        key = self._cache_key(cfg, total_steps, gd_model, wrt)
+        key = self._cache_key(cfg, gd_model, wrt)
         with _STEP_CACHE_LOCK:  # pipeline seeds may build trainers from several threads
             program = _STEP_CACHE.get(key)
             if program is not None:
                 _STEP_CACHE.move_to_end(key)
                 return program
             mesh = self.mesh
-            init_fn, gd_opt, opt_state = self._make_init_fn(make_optimizer(cfg, total_steps), gd_model,
+            init_fn, gd_opt, opt_state = self._make_init_fn(make_optimizer(cfg, 1), gd_model,
                                                             trainable, frozen, wrt)
-            step_fn = jax.jit(self._make_step_fn(cfg, make_schedule(cfg, total_steps), gd_model, gd_opt, wrt),
+            step_fn = jax.jit(self._make_step_fn(cfg, gd_model, gd_opt, wrt),
                               donate_argnums=(0, 1),
                               out_shardings=(state_shardings(trainable, mesh), state_shardings(opt_state, mesh),
                                              NamedSharding(mesh, PartitionSpec())),
@@ -363,10 +392,9 @@ class Trainer:
                 _STEP_CACHE.popitem(last=False)
             return program
 
-    def _cache_key(self, cfg: Any, total_steps: int, gd_model: Any, wrt: Any) -> tuple:
-        fields = tuple(float(getattr(cfg, k)) for k in ("lr", "warmup_steps", "weight_decay", "clip_norm", "dropout"))
-        return (gd_model, wrt, self.mesh, bool(getattr(cfg, "packing", False)), cfg.schedule, fields,
-                total_steps if cfg.schedule == "cosine" else None,
+    def _cache_key(self, cfg: Any, gd_model: Any, wrt: Any) -> tuple:
+        fields = tuple(float(getattr(cfg, k)) for k in ("clip_norm", "dropout"))
+        return (gd_model, wrt, self.mesh, bool(getattr(cfg, "packing", False)), fields,
                 self.seed if cfg.dropout > 0 else None,
                 tuple(sorted((self.compiler_options or {}).items())))
 
@@ -385,14 +413,16 @@ class Trainer:
                        compiler_options=self.compiler_options)
         return (lambda t, f: (gd_opt, init(t, f))), gd_opt, abstract_state
 
-    def _make_step_fn(self, cfg: Any, schedule: optax.Schedule, gd_model: Any, gd_opt: Any,
-                      wrt: Any) -> Callable:
+    def _make_step_fn(self, cfg: Any, gd_model: Any, gd_opt: Any, wrt: Any) -> Callable:
         packed = bool(getattr(cfg, "packing", False))
         dropout = float(cfg.dropout) > 0
         base_key = jax.random.key(self.seed)
 
-        def step_fn(trainable, opt_state, frozen, batch):
+        def step_fn(trainable, opt_state, frozen, batch, hyper):
             optimizer = nnx.merge(gd_opt, opt_state)
+            # The same transformation (and state structure) as the one the state was made by,
+            # on this step's learning rate and decay.
+            optimizer.tx = _optimizer(cfg, lambda _count: hyper["lr"], hyper["weight_decay"])
             step = optimizer.step[...]
             total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
             step_key = jax.random.fold_in(base_key, step)
@@ -421,7 +451,7 @@ class Trainer:
             model = nnx.merge(gd_model, trainable, frozen)
             grad_norm = optax.tree.norm(grads)
             optimizer.update(model, grads)
-            metrics = {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": schedule(step),
+            metrics = {"loss": loss_sum / total, "grad_norm": grad_norm, "lr": hyper["lr"],
                        "answer_tokens": total}
             return nnx.state(model, wrt), nnx.state(optimizer), metrics
 
@@ -438,7 +468,7 @@ class Trainer:
         grad_accum = self.grad_accum if grad_accum is None else grad_accum
         _check_batch_size(batch.rows // grad_accum, self.mesh)
         arrays = batch.as_dict()
-        arrays.update(data_lib.loss_positions(batch.loss_mask) or {})
+        arrays.update(data_lib.loss_positions(batch.loss_mask, batch.loss_tokens) or {})
         micro = data_lib.split_micro_batches(arrays, grad_accum)
         rows = process_rows(micro["input_ids"].shape[1])
         local = {k: v[:, rows] for k, v in micro.items()}
@@ -461,9 +491,11 @@ class Trainer:
         if not self._ready:
             raise TrainingError("Trainer.setup(cfg, total_steps) must run before step()")
         arrays = self._device_batch(batch)
+        hyper = step_hyperparameters(self._rates, self.cfg, self._steps)
         with jax.set_mesh(self.mesh):  # the model pins activations to the batch axes under it
             self._trainable, self._opt_state, metrics = run_program(
-                self._step_fn, self._trainable, self._opt_state, self._frozen, arrays)
+                self._step_fn, self._trainable, self._opt_state, self._frozen, arrays, hyper)
+        self._steps += 1
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
     def sync(self) -> Transformer:
@@ -486,6 +518,7 @@ class Trainer:
         self._opt_state = jax.tree.map(lambda x: x, self._opt_state)
         nnx.replace_by_pure_dict(self._trainable, tree["params"])
         nnx.replace_by_pure_dict(self._opt_state, tree["opt"])
+        self._steps = self.step_count
 
     def _set_trainable(self, params: Any) -> None:
         self._trainable = jax.tree.map(lambda x: x, self._trainable)
@@ -497,8 +530,15 @@ class Trainer:
     def fit(self, train_examples: Sequence[Any], dev_examples: Sequence[Any], cfg: Any, *,
             eval_fn: EvalFn | None = None, checkpoint_manager: CheckpointManager | None = None,
             metrics: MetricsWriter | None = None,
-            on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            shape_examples: Sequence[Any] | None = None) -> TrainResult:
         """Train for ``cfg.epochs`` epochs and leave the selected epoch's weights in ``model``.
+
+        With ``cfg.batch_shapes='fixed'`` every step has one batch shape
+        (`data.run_batch_shape`), fixed by ``shape_examples`` (which must include
+        ``train_examples``; a run passes its whole training set, so all its stages share one
+        compiled step) or, by default, by ``train_examples``; with ``'bucketed'`` each batch
+        has power-of-two rows and length of its own.
 
         Dev accuracy (``eval_fn(model, dev_subset)``, default greedy exact match through the
         sampler) is measured every ``eval_every_epochs`` epochs and after the last one on up
@@ -536,6 +576,12 @@ class Trainer:
                           packing=bool(cfg.packing))
         per_epoch = [data_lib.steps_per_epoch(tokenized, epoch=e, **order_args) for e in range(cfg.epochs)]
         row_multiple = int(cfg.grad_accum) * data_parallel_size(self.mesh)
+        shape = None
+        if cfg.batch_shapes == "fixed":
+            basis = tokenized if shape_examples is None else data_lib.tokenize_examples(
+                shape_examples, self.tokenizer, template=cfg.template, max_seq_len=int(cfg.max_seq_len))
+            shape = data_lib.run_batch_shape(basis, batch_rows=batch_rows, max_seq_len=int(cfg.max_seq_len),
+                                             packing=bool(cfg.packing))
         self.setup(cfg, sum(per_epoch))
 
         start_epoch, start_pos, history = 0, 0, []
@@ -564,7 +610,8 @@ class Trainer:
         bar = _progress(total=sum(per_epoch), initial=step, disable=not self.progress)
         try:
             for epoch in range(start_epoch, cfg.epochs):
-                batches = data_lib.epoch_batches(tokenized, epoch=epoch, row_multiple=row_multiple, **order_args)
+                batches = data_lib.epoch_batches(tokenized, epoch=epoch, row_multiple=row_multiple, shape=shape,
+                                                 **order_args)
                 losses = []
                 t_epoch = time.perf_counter()
                 for pos in range(start_pos if epoch == start_epoch else 0, len(batches)):

@@ -153,3 +153,62 @@ def test_epoch_batches_cut_short_batches_to_bucket_rows(tokenizer):
                 b = whole.as_dict()[name]
                 np.testing.assert_array_equal(a, b[:cut.rows])
                 assert not b[cut.rows:].any()
+
+
+def _example(i: int, question: str, answer: str) -> QAExample:
+    return QAExample(f"q{i}", "P0", question, (answer,), "train")
+
+
+def test_run_batch_shape_holds_the_longest_example_and_its_loss_positions(tokenizer):
+    examples = [_example(0, "Where is Paris?", "France"),
+                _example(1, "Which country has the city that is called Ulaanbaatar, the capital?",
+                         "Mongolia, a country in East Asia between Russia and China")]
+    toks = D.tokenize_examples(examples, tokenizer, template="qa", max_seq_len=128)
+    longest = max(t.length for t in toks)
+    most_loss = max(len(t.tokens) - t.prompt_len for t in toks)
+    shape = D.run_batch_shape(toks, batch_rows=8, max_seq_len=128)
+    assert shape == D.BatchShape(8, D.bucket_length(longest, 128), D.bucket_length(most_loss, 128))
+    # Packed rows: the row's capacity, the loss bound by the highest loss share of an example.
+    packed = D.run_batch_shape(toks, batch_rows=4, max_seq_len=128, packing=True)
+    share = max((len(t.tokens) - t.prompt_len) / t.length for t in toks)
+    assert packed == D.BatchShape(4, 128, D.bucket_length(int(np.ceil(128 * share)), 128))
+    with pytest.raises(TrainingError):
+        D.run_batch_shape([], batch_rows=8, max_seq_len=128)
+
+
+def test_batches_in_a_run_shape_hold_the_bucketed_batches_and_padding_only(tokenizer):
+    toks = D.tokenize_examples(capital_examples(12), tokenizer, template="qa", max_seq_len=64)
+    for packing in (False, True):
+        shape = D.run_batch_shape(toks, batch_rows=8, max_seq_len=64, packing=packing)
+        for subset in (toks, toks[:3], toks[5:]):  # a stage trains on part of the run's set
+            for epoch in (0, 1):
+                args = dict(batch_rows=8, seed=1, epoch=epoch, max_seq_len=64, packing=packing)
+                fixed = D.epoch_batches(subset, shape=shape, **args)
+                free = D.epoch_batches(subset, row_multiple=1, **args)
+                assert len(fixed) == len(free)
+                for a, b in zip(fixed, free):
+                    assert a.input_ids.shape == (shape.rows, shape.length) and a.loss_tokens == shape.loss_tokens
+                    for name, x in a.as_dict().items():
+                        y = b.as_dict()[name]
+                        np.testing.assert_array_equal(x[:b.rows, :y.shape[1]], y)
+                        assert not x[b.rows:].any() and not x[:, y.shape[1]:].any()
+                    where = D.loss_positions(a.loss_mask, a.loss_tokens)
+                    if shape.loss_tokens < shape.length:
+                        assert where["loss_positions"].shape == (shape.rows, shape.loss_tokens)
+                        assert where["loss_weights"].sum() == a.loss_mask.sum()
+                    else:
+                        assert where is None
+
+
+def test_a_batch_outside_its_shape_is_refused(tokenizer):
+    toks = D.tokenize_examples(capital_examples(6), tokenizer, template="qa", max_seq_len=64)
+    small = D.BatchShape(4, 4, 2)
+    with pytest.raises(ValueError, match="shape holds"):
+        D.epoch_batches(toks, batch_rows=4, seed=0, epoch=0, max_seq_len=64, shape=small)
+    with pytest.raises(ValueError, match="rows"):
+        D.epoch_batches(toks, batch_rows=8, seed=0, epoch=0, max_seq_len=64, shape=small)
+    mask = np.zeros((2, 16), np.float32)
+    mask[0, 3:9] = 1
+    with pytest.raises(ValueError, match="more than k=4"):
+        D.loss_positions(mask, 4)
+    assert D.loss_positions(mask, 8)["loss_positions"].shape == (2, 8)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 
@@ -143,12 +144,7 @@ def test_step_pins_activations_to_the_batch_axes(tokenizer, tiny_config):
     """Under the trainer's mesh every block output carries a batch sharding constraint."""
     model = tiny_model(tiny_config, seed=1)
     trainer = Trainer(model, tokenizer, mesh=make_mesh(2, 2, 2), progress=False, compiler_options=FAST_COMPILE)
-    trainer.setup(train_config(**STEP_CFG), total_steps=10)
-    toks = D.tokenize_examples(capital_examples(8), tokenizer, template="qa", max_seq_len=32)
-    batch = D.epoch_batches(toks, batch_rows=4, seed=0, epoch=0, max_seq_len=32)[0]
-    arrays = trainer._device_batch(batch)
-    with jax.set_mesh(trainer.mesh):
-        text = trainer._step_fn.lower(trainer._trainable, trainer._opt_state, trainer._frozen, arrays).as_text()
+    text = trainer.lower_step(train_config(**STEP_CFG), rows=4, seq_len=32, total_steps=10).as_text()
     constraints = text.count("sharding_constraint")
     assert constraints >= tiny_config.num_layers + 1, constraints  # embeddings + every block
 
@@ -293,3 +289,85 @@ def test_default_dev_eval_uses_the_sampler(tokenizer, tiny_config):
     result = trainer.fit(examples, examples, cfg)
     assert [h["dev_accuracy"] for h in result.history if h["dev_accuracy"] is not None][-1] == 1.0
     assert result.best_score == 1.0
+
+
+def _stage_compiles(tokenizer, tiny_config, batch_shapes: str) -> list[int]:
+    """Compiles of each of two stages of a run: the first trains on a long question and some
+    capitals, the second on fewer capitals (shorter batches, fewer rows)."""
+    from gradual_jax.compile_stats import CompileCounter
+    from gradual_jax.knowledge.data import QAExample
+
+    long = QAExample("P36.train.long", "P36", "What is the capital of the country whose largest city "
+                     "is also its capital, in Europe?", ("Paris",), "train")
+    run = [long] + capital_examples(12)
+    lengths = [t.length for t in D.tokenize_examples(run, tokenizer, template="qa", max_seq_len=64)]
+    assert D.bucket_length(lengths[0], 64) > D.bucket_length(max(lengths[1:]), 64)
+    config = dataclasses.replace(tiny_config, intermediate_size=40)  # programs no other test compiled
+    counts = []
+    for stage in (run[:8], run[8:]):
+        trainer = Trainer(tiny_model(config, seed=0), tokenizer, progress=False, compiler_options=FAST_COMPILE)
+        with CompileCounter() as compiles:
+            trainer.fit(stage, [], train_config(epochs=1, batch_size=8, max_seq_len=64,
+                                                     batch_shapes=batch_shapes),
+                        shape_examples=run)
+        counts.append(compiles.count)
+    return counts
+
+
+def test_stages_of_a_run_share_one_compiled_step_in_fixed_shapes(tokenizer, tiny_config):
+    first, second = _stage_compiles(tokenizer, tiny_config, "fixed")
+    assert first > 0 and second == 0
+    # Bucketed batches of the shorter stage compile a step of their own.
+    _, second = _stage_compiles(tokenizer, tiny_config, "bucketed")
+    assert second > 0
+
+
+def _optax_reference(model, tokenizer, cfg, examples, schedule):
+    """The params after ``cfg.epochs`` epochs of a plain optax loop: clipping then AdamW on
+    ``schedule``, over the batches ``fit`` makes (its run shape, its order)."""
+    graphdef, params = nnx.split(model)
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm),
+                     optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
+                                 mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    opt = tx.init(params)
+    toks = D.tokenize_examples(examples, tokenizer, template=cfg.template, max_seq_len=cfg.max_seq_len)
+    shape = D.run_batch_shape(toks, batch_rows=cfg.batch_size, max_seq_len=cfg.max_seq_len)
+
+    def loss(p, batch):
+        total = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+        return token_loss_sums(nnx.merge(graphdef, p), batch, packed=False)[0] / total
+
+    for epoch in range(cfg.epochs):
+        for batch in D.epoch_batches(toks, batch_rows=cfg.batch_size, seed=0, epoch=epoch,
+                                     max_seq_len=cfg.max_seq_len, shape=shape):
+            arrays = {**batch.as_dict(), **(D.loss_positions(batch.loss_mask, batch.loss_tokens) or {})}
+            grads = jax.grad(loss)(params, {k: jnp.asarray(v) for k, v in arrays.items()})
+            updates, opt = tx.update(grads, opt, params)
+            params = optax.apply_updates(params, updates)
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(params))
+
+
+def test_learning_rate_schedule_and_decay_are_step_arguments_equal_to_optax(tokenizer, tiny_config):
+    """Stages of other learning rates, schedules, lengths and weight decay run one compiled step,
+    and each trains as a plain optax loop on its own schedule does."""
+    from gradual_jax.compile_stats import CompileCounter
+
+    config = dataclasses.replace(tiny_config, intermediate_size=48)  # programs no other test compiled
+    examples = capital_examples(8)
+    stages = [(dict(lr=1e-2, epochs=2, weight_decay=0.0, schedule="constant", warmup_steps=0),
+               optax.constant_schedule(1e-2)),
+              (dict(lr=3e-3, epochs=3, weight_decay=0.1, schedule="cosine", warmup_steps=2),
+               optax.warmup_cosine_decay_schedule(0.0, 3e-3, 2, 6, end_value=0.0))]
+    compiles = []
+    for settings, schedule in stages:
+        cfg = train_config(batch_size=4, clip_norm=0.5, **settings)
+        model = tiny_model(config, seed=2)
+        reference = _optax_reference(tiny_model(config, seed=2), tokenizer, cfg, examples, schedule)
+        trainer = Trainer(model, tokenizer, mesh=make_mesh(devices=jax.devices()[:1]), progress=False,
+                          compiler_options=FAST_COMPILE)
+        with CompileCounter() as counter:
+            result = trainer.fit(examples, [], cfg)
+        compiles.append(counter.count)
+        assert result.steps == 2 * cfg.epochs
+        _assert_trees_close(_params(model), reference, atol=5e-5)  # a missed decay step moves 1e-4
+    assert compiles[0] > 0 and compiles[1] == 0
