@@ -138,3 +138,42 @@ def test_greedy_retest_draws_no_sample_and_keeps_the_greedy_categories(resources
     CountingEngine.calls = 0
     again = run.probe(copy_of(resources.model), "test", tmp_path / "c" / "test.jsonl", greedy=True)
     assert CountingEngine.calls == 0 and again == greedy  # greedy records reused for greedy only
+
+
+def test_a_seeds_probe_shapes_are_fixed_before_stage_0(resources, tmp_path):
+    """`warm_up_probes` sizes the run's shared sampler shapes for the train and test probes at
+    once: neither stage-0 probe grows them (a test question longer than any train question
+    would have grown them, and compiled a second set of programs, when the test probe came)."""
+    import dataclasses
+
+    from gradual_jax.pipeline import Resources
+    from gradual_jax.sampling.sampler import SharedShapes
+
+    test = list(resources.splits["test"])
+    tail = " Answer with the name as it is written in the records of the world, in full, please?"
+    long = dataclasses.replace(test[0], id=test[0].id + ".long", question=test[0].question + 2 * tail)
+    splits = {**resources.splits, "test": test + [long]}
+
+    def unused(*_args, **_kw):
+        raise AssertionError("the probe step must not train, evaluate or load")
+
+    def stage0(root, warm: bool):
+        # A model of its own: a model's sampler keeps the shapes it grew to.
+        res = Resources(model=copy_of(resources.model), tokenizer=resources.tokenizer, model_id="smoke",
+                        splits=splits)
+        shared = SharedShapes()
+        run = SeedRun(load_config(SMOKE), res, 0, root,
+                      engine_factory=lambda m: JaxEngine(m, res.tokenizer, batch_size=64, shapes=shared),
+                      trainer_fn=unused, accuracy_fn=unused, params_io=(unused, unused))
+        if warm:
+            run.warm_up_probes()
+        seen = [shared.shapes]
+        for split in ("train", "test"):
+            run.probe(res.model, split, root / f"{split}.jsonl")
+            seen.append(shared.shapes)
+        return seen
+
+    _, alone_train, alone_test = stage0(tmp_path / "cold", warm=False)
+    assert alone_train != alone_test  # the test probe grew the train probe's shapes
+    before, after_train, after_test = stage0(tmp_path / "warm", warm=True)
+    assert before == after_train == after_test == alone_test
