@@ -5,6 +5,7 @@ stage snapshots. Kept apart from `pipeline.py` so the pipeline's control flow re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import shutil
@@ -215,6 +216,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     from gradual_jax.distributed import barrier, on_main
     from gradual_jax.models.peft import STAGE_ADAPTER_DIR, adapter_from_model, save_adapter
     from gradual_jax.models.transformer import abstract_model
+    from gradual_jax.training.data import BatchShape, run_batch_shape, tokenize_examples
     from gradual_jax.training.lora import apply_lora, merge_lora
     from gradual_jax.training.metrics import MetricsWriter
     from gradual_jax.training.trainer import Trainer, make_dev_eval
@@ -237,6 +239,17 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
             return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh, shapes=shapes)
         return JaxEngine(process_local_model(model, probe_mesh, local_mesh), tokenizer,
                          batch_size=probe_batch, mesh=local_mesh, process_local=True, shapes=shapes)
+
+    @functools.lru_cache(maxsize=None)
+    def batch_shape_for(template: str, max_seq_len: int, batch_rows: int, packing: bool) -> BatchShape:
+        toks = tokenize_examples(res.splits["train"], tokenizer, template=template, max_seq_len=max_seq_len)
+        return run_batch_shape(toks, batch_rows=batch_rows, max_seq_len=max_seq_len, packing=packing)
+
+    def stage_batch_shape(train_cfg: TrainConfig) -> BatchShape:
+        # Batches shaped by the whole training set, tokenized once for the stages' settings:
+        # every stage steps in one compiled shape.
+        return batch_shape_for(train_cfg.template, int(train_cfg.max_seq_len),
+                               int(train_cfg.batch_size) * int(train_cfg.grad_accum), bool(train_cfg.packing))
 
     def trainer_fn(model: Any, examples: Sequence[QAExample], dev: Sequence[QAExample],
                    train_cfg: TrainConfig, *, ckpt_dir: Path, seed: int, metrics_dir: Path,
@@ -264,9 +277,8 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         if wandb_run is not None and run_root is not None:
             prefix = Path(metrics_dir).relative_to(run_root).as_posix() + "/"
         with MetricsWriter(metrics_dir, wandb_run=wandb_run, tag_prefix=prefix) as metrics:
-            # Batches shaped by the whole training set: every stage steps in one compiled shape.
             result = trainer.fit(examples, dev, train_cfg, eval_fn=dev_eval, checkpoint_manager=manager,
-                                 metrics=metrics, shape_examples=res.splits["train"])
+                                 metrics=metrics, batch_shape=stage_batch_shape(train_cfg))
         if train_cfg.lora.rank > 0:
             # The stage's adapter, against the model it started from, for gradual_jax.export.
             # Every process gathers it (adapters may be sharded over hosts); process 0 writes.

@@ -303,7 +303,7 @@ class Trainer:
         self._gd_opt, self._opt_state = program.init(self._trainable, self._frozen)
         self._step_fn = program.step
         self._rates = learning_rates(cfg, self.total_steps)
-        self._steps = 0
+        self._steps = 0  # `step_count` on the host: reading it from the device would sync every step
         self._ready = True
 
     def lower_step(self, cfg: Any, *, rows: int | None = None, seq_len: int | None = None,
@@ -531,14 +531,14 @@ class Trainer:
             eval_fn: EvalFn | None = None, checkpoint_manager: CheckpointManager | None = None,
             metrics: MetricsWriter | None = None,
             on_step: Callable[[int, dict[str, float]], None] | None = None,
-            shape_examples: Sequence[Any] | None = None) -> TrainResult:
+            batch_shape: data_lib.BatchShape | None = None) -> TrainResult:
         """Train for ``cfg.epochs`` epochs and leave the selected epoch's weights in ``model``.
 
-        With ``cfg.batch_shapes='fixed'`` every step has one batch shape
-        (`data.run_batch_shape`), fixed by ``shape_examples`` (which must include
-        ``train_examples``; a run passes its whole training set, so all its stages share one
-        compiled step) or, by default, by ``train_examples``; with ``'bucketed'`` each batch
-        has power-of-two rows and length of its own.
+        With ``cfg.batch_shapes='fixed'`` every step has one batch shape: ``batch_shape`` (a
+        run passes `data.run_batch_shape` of its whole training set, so all its stages share
+        one compiled step; ValueError if a batch does not fit it) or, by default, the one of
+        ``train_examples``; with ``'bucketed'`` each batch has power-of-two rows and length of
+        its own.
 
         Dev accuracy (``eval_fn(model, dev_subset)``, default greedy exact match through the
         sampler) is measured every ``eval_every_epochs`` epochs and after the last one on up
@@ -578,10 +578,8 @@ class Trainer:
         row_multiple = int(cfg.grad_accum) * data_parallel_size(self.mesh)
         shape = None
         if cfg.batch_shapes == "fixed":
-            basis = tokenized if shape_examples is None else data_lib.tokenize_examples(
-                shape_examples, self.tokenizer, template=cfg.template, max_seq_len=int(cfg.max_seq_len))
-            shape = data_lib.run_batch_shape(basis, batch_rows=batch_rows, max_seq_len=int(cfg.max_seq_len),
-                                             packing=bool(cfg.packing))
+            shape = batch_shape or data_lib.run_batch_shape(
+                tokenized, batch_rows=batch_rows, max_seq_len=int(cfg.max_seq_len), packing=bool(cfg.packing))
         self.setup(cfg, sum(per_epoch))
 
         start_epoch, start_pos, history = 0, 0, []

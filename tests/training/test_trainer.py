@@ -303,13 +303,15 @@ def _stage_compiles(tokenizer, tiny_config, batch_shapes: str) -> list[int]:
     lengths = [t.length for t in D.tokenize_examples(run, tokenizer, template="qa", max_seq_len=64)]
     assert D.bucket_length(lengths[0], 64) > D.bucket_length(max(lengths[1:]), 64)
     config = dataclasses.replace(tiny_config, intermediate_size=40)  # programs no other test compiled
+    shape = D.run_batch_shape(D.tokenize_examples(run, tokenizer, template="qa", max_seq_len=64),
+                              batch_rows=8, max_seq_len=64)
     counts = []
     for stage in (run[:8], run[8:]):
         trainer = Trainer(tiny_model(config, seed=0), tokenizer, progress=False, compiler_options=FAST_COMPILE)
         with CompileCounter() as compiles:
             trainer.fit(stage, [], train_config(epochs=1, batch_size=8, max_seq_len=64,
                                                      batch_shapes=batch_shapes),
-                        shape_examples=run)
+                        batch_shape=shape if batch_shapes == "fixed" else None)
         counts.append(compiles.count)
     return counts
 
