@@ -93,10 +93,12 @@ class JaxEngine:
         out: list[list[float]] = [[] for _ in prompts]
         if not questions:
             return out
-        scores = self.sampler.score(questions, conts, prefix=prefixes, temperature=temperature,
-                                    top_k=top_k, batch_size=self.batch_size)
-        for r, s in zip(owner, scores):
-            out[r].append(math.exp(sum(s.logprobs)) if s.logprobs else 0.0)
+        # right after `greedy` on the same prompts: the sampler skips continuations no sample
+        # can start with
+        chances = self.sampler.sample_probability(questions, conts, prefix=prefixes, temperature=temperature,
+                                                  top_k=top_k, batch_size=self.batch_size)
+        for r, p in zip(owner, chances):
+            out[r].append(p)
         return out
 
 

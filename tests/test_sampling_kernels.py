@@ -111,8 +111,9 @@ def test_each_replica_runs_the_top_k_of_its_own_rows():
     sh = sampler.prepare(batch_size=16, longest_prefix=40, longest_tail=10, new_tokens=4,
                          longest_scored=14, longest_continuation=4, k_cap=5)
     lowered = sampler.lower_programs()
-    rows = {"first": sh.insert_dests, "decode": sh.slots, "score": sh.score_tokens}
-    for name, total in rows.items():
+    # first: its rows' draws and its tails' best logits (kept for scoring)
+    rows = {"first": {sh.insert_dests, sh.insert_tails}, "decode": {sh.slots}, "score": {sh.score_tokens}}
+    for name, totals in rows.items():
         text = lowered[name].compile().as_text()
         top_k = re.findall(r"= \((?:f32|bf16)\[(\d+),\d+\][^)]*\) custom-call\([^)]*\), custom_call_target=\"TopK\"", text)
-        assert top_k and {int(r) for r in top_k} == {total // 8}, (name, top_k)
+        assert top_k and {int(r) for r in top_k} == {t // 8 for t in totals}, (name, top_k)

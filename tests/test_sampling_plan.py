@@ -55,26 +55,26 @@ def test_shapes_round_up_fixed_ladders():
                     longest_continuation=5, prefixes=30, k_cap=40, multiple=8)
     assert (sh.slots, sh.prefix_width, sh.store_rows) == (64, 128, 32)
     assert (sh.insert_rows, sh.insert_width, sh.insert_dests) == (4, 32, 128)
-    assert (sh.score_width, sh.score_tokens, sh.k_cap, sh.admit_rows) == (128, 256, 64, 8)
+    assert (sh.score_width, sh.score_tokens, sh.k_cap, sh.admit_rows) == (64, 256, 64, 8)
     assert sh.prefill_rows == 8 and sh.score_rows == 8  # rows the data axes split: multiples of 8
     assert shapes_for(slots=8, longest_continuation=300, multiple=3).score_tokens == 513
     assert shapes_for(slots=4).admit_rows == 4  # never more than the slots
     assert sh.cache_len == 128 + 32 + 16
     # sizes anywhere on the same rungs give the same shapes: no new compile
-    same = shapes_for(slots=60, longest_prefix=120, longest_tail=30, new_tokens=16, longest_scored=100,
+    same = shapes_for(slots=60, longest_prefix=120, longest_tail=30, new_tokens=16, longest_scored=64,
                       longest_continuation=8, prefixes=17, k_cap=64, multiple=8)
     assert same == sh
 
 
 def test_small_vocabularies_score_more_tokens_a_call():
     """A scoring call holds at most SCORE_LOGITS logits: SmolLM2 (49,152) and larger keep 256
-    tokens in 4 rows, Llama-2's 32,000 takes twice that, a toy vocabulary the capped 16x."""
+    tokens in 8 rows, Llama-2's 32,000 takes twice that, a toy vocabulary the capped 16x."""
     from gradual_jax.sampling.packing import score_scale
 
     assert [score_scale(v) for v in (0, 151_936, 128_256, 49_152, 32_000, 640)] == [1, 1, 1, 1, 2, 16]
     toy = shapes_for(slots=64, longest_continuation=5, vocab=640, multiple=8)
-    assert (toy.score_rows, toy.score_tokens) == (64, 4096)
-    assert toy.store_rows == 64  # room for every scored row's own prefix
+    assert (toy.score_rows, toy.score_tokens) == (128, 4096)
+    assert toy.store_rows == 128  # room for every scored row's own prefix
     smol = shapes_for(slots=64, longest_continuation=5, vocab=49_152, multiple=8)
     assert (smol.score_rows, smol.score_tokens) == (8, 256)
 

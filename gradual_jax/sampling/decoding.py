@@ -235,12 +235,14 @@ class DecodeLoop:
                                             "prefix": prefix, "row": packed.row, "col": packed.col,
                                             "length": packed.length}, draw))
         args = (self.state, self._store, pack, draw)
-        mini, token, logp, raw = self._compile("first", self._first_fn, args,
-                                               dict(policy=self._policy))(*args)
+        mini, token, logp, raw, best, best_ids = self._compile("first", self._first_fn, args,
+                                                               dict(policy=self._policy))(*args)
         self.stats.inserts += 1
         self.stats.prefill_tokens += packed.ids.size
         self.stats.logit_rows += sh.insert_tails
-        token, logp, raw = _host(token, logp, raw)
+        token, logp, raw, best, best_ids = _host(token, logp, raw, best, best_ids)
+        for t, (prefix_ids, tail) in enumerate(zip(keys, seqs)):
+            self._first_tokens.add((prefix_ids, tail), best[t], best_ids[t])
         ends = self.stop_table(stop)
         n = sh.new_tokens
         admit: list[tuple[int, Row, int, int]] = []  # (slot, row, tail, draw index)

@@ -257,15 +257,16 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
 
 def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callable[[Any], Any],
                   local: Callable[[Callable], Callable], state: Any, store: PrefixStore, pack: dict, draw: dict, *,
-                  policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array]:
+                  policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
     """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
     col, length `[T]`) against their stored prefixes and choose the first token of each row
     `draw` asks for (source tail `[D]`; temperature, top_k, top_p; key seed, prompt key and
-    sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`)
-    and per row its first token, log-prob under its sampling distribution and under the
-    model. The logits are computed once per tail, however many rows draw from it; the rows'
-    choices are `split` over the replicas (each draws its share, `local`), the rest is
-    `constrain`ed."""
+    sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`),
+    per row its first token, log-prob under its sampling distribution and under the model,
+    and per tail its `k_cap` largest next-token logits, descending, with their tokens
+    `[T, k_cap]` (what a later scoring of the same prompt may skip: `first_tokens`). The
+    logits are computed once per tail, however many rows draw from it; the rows' choices are
+    `split` over the replicas (each draws its share, `local`), the rest is `constrain`ed."""
     model = nnx.merge(graphdef, state)
     h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
     w = pack["ids"].shape[1]
@@ -276,7 +277,8 @@ def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callabl
     rows = Rows(draw["temperature"], draw["top_k"], draw["top_p"], keys)
     token, logp, raw = local(functools.partial(choose, policy=policy))(
         split(logits[draw["source"]]), rows, jnp.zeros(keys.shape[:1], jnp.int32))
-    return constrain(mini), token, logp, raw
+    best, best_ids = local(lambda x: jax.lax.top_k(x, policy.k_cap))(split(logits))
+    return constrain(mini), token, logp, raw, best, best_ids.astype(jnp.int32)
 
 
 def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, pack: dict,

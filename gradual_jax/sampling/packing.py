@@ -25,7 +25,8 @@ MIN_SHARED_PREFIX = 16
 PREFIX_STEP = 32           # prefix widths: multiples of 32
 INSERT_WIDTH_MIN = 32      # tail widths: powers of two from 32
 INSERT_ROWS = 4            # packed rows per insert, each of its own stored prefix
-SCORE_WIDTH = 128          # scored sequences (tail + continuation) per packed row
+SCORE_WIDTH = 64           # scored sequences (tail + continuations) per packed row
+SCORE_ROWS = 8             # packed rows per scoring call, each of its own stored prefix
 SCORE_TOKENS = 256         # continuation tokens scored per call (more for a longer continuation)
 # Logits one scoring call holds (tokens x vocabulary; SmolLM2: 256 x 49,152): a smaller
 # vocabulary scores more tokens a call, in proportionally more rows, up to SCORE_SCALE_MAX times.
@@ -50,7 +51,7 @@ def next_pow2(n: int, minimum: int = 1) -> int:
 
 
 def score_scale(vocab: int) -> int:
-    """How many times SCORE_TOKENS (and the 4 rows holding them) one scoring call takes for a
+    """How many times SCORE_TOKENS (and the SCORE_ROWS rows holding them) one scoring call takes for a
     vocabulary of `vocab` tokens (0: unknown): the largest power of two keeping the call's logits
     within SCORE_LOGITS, at least 1 and at most SCORE_SCALE_MAX."""
     return _pow2_fit(SCORE_LOGITS, vocab * SCORE_TOKENS, SCORE_SCALE_MAX)
@@ -154,11 +155,11 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
     more rows a call (`score_scale`); a model whose layers cost under INSERT_WORK /
     (INSERT_ROWS * INSERT_WIDTH_MIN) FLOPs a token inserts, admits and prefills more rows a call
     (`insert_scale`). Rows that hold work the devices split (prefills, scoring rows and tokens,
-    slots) are multiples of `multiple`."""
+    slots, an insert's tails) are multiples of `multiple`."""
     slots = round_up(max(slots, 1), multiple)
     scale = score_scale(vocab)
     inserts = insert_scale(flops_per_token)
-    score_rows = round_up(4 * scale, multiple)
+    score_rows = round_up(SCORE_ROWS * scale, multiple)
     return Shapes(
         slots=slots,
         prefix_width=round_up(max(longest_prefix, 1), PREFIX_STEP),
@@ -168,7 +169,7 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         insert_rows=INSERT_ROWS * inserts,
         insert_width=next_pow2(longest_tail, INSERT_WIDTH_MIN),
         insert_dests=2 * slots * inserts,
-        insert_tails=INSERT_TAILS * inserts,
+        insert_tails=round_up(INSERT_TAILS * inserts, multiple),
         admit_rows=min(slots, ADMIT_ROWS * inserts),
         new_tokens=max(1, new_tokens),
         score_rows=score_rows,

@@ -39,7 +39,8 @@ class SamplerStats:
     """Work done by a `Sampler` since creation (or `reset_stats`). Token counts include padding,
     so they measure what the hardware computed. `prefixes`: prefixes prefilled into the store;
     `inserts`: insert calls (each prefills packed tails and starts slots); `abandoned`: rows
-    stopped by an `alive` test; `warmup_*`: the
+    stopped by an `alive` test; `scores_skipped`: continuations `sample_probability` knew to
+    have chance 0 without scoring them; `warmup_*`: the
     compiles `Sampler.warm_up` did ahead of time (also counted in `compiles`)."""
 
     compiles: int = 0
@@ -51,5 +52,6 @@ class SamplerStats:
     inserts: int = 0
     prefixes: int = 0
     abandoned: int = 0
+    scores_skipped: int = 0
     warmup_compiles: int = 0
     warmup_seconds: float = 0.0

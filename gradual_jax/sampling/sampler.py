@@ -24,6 +24,7 @@ from gradual_jax.models.transformer import KVCache, Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
 from gradual_jax.sampling.codec import codec_for
 from gradual_jax.sampling.decoding import DecodeLoop, Job, Row
+from gradual_jax.sampling.first_tokens import FirstTokens, exclusion_margin
 from gradual_jax.sampling.kernels import (
     ADMIT_DONATES,
     DONATE_CARRY,
@@ -79,6 +80,10 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         self._abstract = False
         self._prefix_ids: dict[str, list[int]] = {}
         self._codec = codec_for(tokenizer)
+        # each prefilled prompt's best next-token logits, for scoring calls to skip what no
+        # sample can start with (`first_tokens`); dropped whenever the weights change
+        self._first_tokens = FirstTokens()
+        self._exclusion_margin = exclusion_margin(np.dtype(as_dtype(self.config.dtype)))
         self.set_state(self._inference_weights(state))
         self.stats = SamplerStats()
         self._vocab_text: list[str] | None = None
@@ -120,6 +125,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
             (self._state_treedef, tuple(compile_cache.spec(x) for x in self._state_leaves)))
         if not unchanged:
             self._store_index.clear()
+            self._first_tokens.clear()
 
     def reset_stats(self) -> None:
         """Zero `stats`."""

@@ -12,15 +12,17 @@ scoring runs in the engine's fixed shapes whatever the continuations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from gradual_jax.sampling.first_tokens import excluded
 from gradual_jax.sampling.kernels import score_program
 from gradual_jax.sampling.methods import check_prompts, check_sampling
-from gradual_jax.sampling.packing import DEFAULT_BATCH_SIZE, pack_rows
+from gradual_jax.sampling.packing import DEFAULT_BATCH_SIZE, Split, pack_rows
 from gradual_jax.sampling.records import TokenScores
 from gradual_jax.sampling.serial import serialized
 
@@ -95,6 +97,43 @@ class Scoring:
         what was generated. Temperature 0 scores 0 for the argmax token and -inf elsewhere.
         `prefix`: as in `generate_batch`.
         """
+        splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
+        out: list[TokenScores] = [TokenScores((), (), ())] * len(conts)
+        self._score_splits(splits, conts, [i for i, c in enumerate(conts) if c], temperature,
+                           top_k, batch_size, out)
+        return out
+
+    @serialized
+    def sample_probability(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
+                           temperature: float, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
+                           prefix: str | Sequence[str] = "") -> list[float]:
+        """The chance that one sample of each prompt at `temperature` and `top_k` is exactly its
+        continuation: `exp(sum(logprobs))` of `score` (0 for an empty continuation).
+
+        A continuation whose first token the sampling distribution excludes (outside the
+        top-k, or not the argmax at temperature 0) has chance 0 whatever follows. Where this
+        sampler prefilled the same prompt since its weights last changed (a generation call),
+        it knows the prompt's best next-token logits and does not score such continuations
+        (`first_tokens`; `stats.scores_skipped` counts them); the rest are scored."""
+        splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
+        todo = []
+        for i, c in enumerate(conts):
+            if not c:
+                continue
+            seen = self._first_tokens.get((splits[i].prefix, splits[i].tail))
+            if seen is not None and excluded(*seen, c[0], temperature=temperature, top_k=top_k,
+                                             margin=self._exclusion_margin):
+                self.stats.scores_skipped += 1
+            else:
+                todo.append(i)
+        out: list[TokenScores] = [TokenScores((), (), ())] * len(conts)
+        self._score_splits(splits, conts, todo, temperature, top_k, batch_size, out)
+        return [math.exp(sum(s.logprobs)) if s.logprobs else 0.0 for s in out]
+
+    def _scoring_input(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]],
+                       temperature: float, top_k: int, batch_size: int,
+                       prefix: str | Sequence[str]) -> tuple[list[Split], list[list[int]]]:
+        """A scoring call's arguments checked: the prompts split, the continuations tokenized."""
         prompts = check_prompts(prompts)
         if isinstance(continuations, str) or len(continuations) != len(prompts):
             raise ValueError(f"need one continuation per prompt ({len(prompts)})")
@@ -105,10 +144,14 @@ class Scoring:
         conts = [self._encode_plain(c) if isinstance(c, str) else [int(t) for t in c]
                  for c in continuations]
         self._validate_lengths(splits, [len(c) for c in conts])
-        out: list[TokenScores] = [TokenScores((), (), ())] * len(prompts)
-        todo = [i for i in range(len(prompts)) if conts[i]]
+        return splits, conts
+
+    def _score_splits(self, splits: list[Split], conts: list[list[int]], todo: list[int],
+                      temperature: float, top_k: int, batch_size: int, out: list[TokenScores]) -> None:
+        """Score continuations `todo` (indices into `splits` and `conts`, each non-empty) into
+        `out`."""
         if not todo:
-            return out
+            return
         longest = max(len(splits[i].tail) + len(conts[i]) for i in todo)
         sh = self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
                           longest_tail=1, new_tokens=1, longest_scored=longest,
@@ -128,7 +171,6 @@ class Scoring:
             take = take[:count]
             pending = remaining(pending, take)
             self._score_packed(packed, take, conts, temperature, top_k, out)
-        return out
 
     def _score_packed(self, packed: Any, take: list, conts: list[list[int]], temperature: float,
                       top_k: int, out: list[TokenScores]) -> None:
