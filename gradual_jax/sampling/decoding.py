@@ -15,7 +15,7 @@ for waiting rows.
 
 `DecodeLoop` is a mixin of `Sampler`: it uses the sampler's shapes, compiled programs, prefix
 store (`_store_rows`), placement (`_put`, `_put_replicated`), tokenizer (`_decode`), `_eos`,
-`chunk` and `stats`.
+`chunk` and `stats`, and keeps every insert's best next-token logits in `_first_tokens`.
 """
 
 from __future__ import annotations

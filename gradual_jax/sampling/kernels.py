@@ -6,7 +6,8 @@ positions and where keys and values go are built here.
 - `prefill_program`: prefixes, `[prefill_rows, prefix_width]`, into rows of the prefix store.
 - `first_program`: tails packed `[insert_rows, insert_width]` (one stored prefix per row)
   prefilled against their prefixes, the first token of every row (prompt x sample) that will
-  continue them chosen; the tails' cache stays on the device.
+  continue them chosen; the tails' cache stays on the device, each tail's best next-token
+  logits go to the host (`first_tokens`: what later scoring of the prompt may skip).
 - `admit_program`: the rows the host admits (those that did not end at their first token and
   that the caller still wants) started in decode slots: each gets its tail's prefix and tail
   keys copied in, its settings and its first token. The host reads the first tokens between
