@@ -883,6 +883,16 @@ def _gguf_tokenizer(path: Path) -> Any:
     return tokenizer
 
 
+def _needs_torch(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is PyTorch missing."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, ModuleNotFoundError) and (seen.name == "torch" or "'torch'" in str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
     """A transformers fast tokenizer from an HF directory, a Hub repo id, or a `.gguf` file."""
     from transformers import AutoTokenizer
@@ -900,6 +910,14 @@ def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
             tokenizer = (generic or AutoTokenizer).from_pretrained(str(directory))
     except CheckpointError:
         raise
+    except ModuleNotFoundError as e:
+        if not _needs_torch(e):
+            raise
+        raise CheckpointError(
+            f"{s}: reading a GGUF file's tokenizer needs PyTorch (transformers' GGUF reader imports "
+            "it; the weights load without it): pip install 'gradual_jax[gguf]', a CPU build of "
+            "torch is enough. Converted once, the tokenizer is kept in the cache and read back "
+            "without PyTorch.") from None
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{s}: cannot load a tokenizer ({reason})") from None

@@ -378,6 +378,46 @@ def test_two_processes_convert_one_gguf_tokenizer_into_one_cache(tmp_path):
     assert (saved[0] / "tokenizer.json").is_file()
 
 
+# Run before anything else in a child process: PyTorch absent as on a machine without it
+# (transformers asks importlib.util.find_spec whether it is installed; an import fails).
+WITHOUT_TORCH = """
+import importlib.abc, importlib.util, sys
+class Hide(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Hide())
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: None if name.split(".")[0] == "torch" else _find(name, package)
+from gradual_jax.models import CheckpointError, load_tokenizer
+try:
+    print(load_tokenizer(sys.argv[1])("the cat the").input_ids)
+except CheckpointError as e:
+    print("CheckpointError", e)
+assert "torch" not in sys.modules
+"""
+
+
+def test_a_gguf_tokenizer_without_pytorch(tmp_path, monkeypatch):
+    """transformers' GGUF reader imports PyTorch, which the base install lacks: converting a GGUF
+    file's tokenizer then fails with what to install, and one converted before (where PyTorch
+    was present) is read back from the cache without it."""
+    src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    env = {**os.environ, "GRADUAL_JAX_CACHE": str(tmp_path / "cache")}
+
+    def without_torch() -> str:
+        out = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(src)], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip()
+
+    first = without_torch()
+    assert first.startswith("CheckpointError") and "gradual_jax[gguf]" in first
+    monkeypatch.setenv("GRADUAL_JAX_CACHE", env["GRADUAL_JAX_CACHE"])
+    here = load_tokenizer(src)("the cat the").input_ids  # converted with PyTorch, kept
+    assert without_torch() == str(here)
+
+
 def _same_as_gguf_reader(path: Path) -> None:
     """Our one-pass header reader against the gguf package's reader: every key (string arrays
     by length), every tensor's name, shape, type and raw data."""
