@@ -518,38 +518,42 @@ def test_scores_of_generated_tokens_equal_generation_logprobs(llama, tok):
 
 
 def test_sample_probability_skips_only_what_no_sample_starts_with(llama, tok):
-    """After answering prompts greedily, `sample_probability` knows their best next-token
-    logits and skips continuations whose first token is outside the top-k: every chance still
-    equals exp(sum) of the full scoring (0 for the skipped), and it skips exactly those whose
-    first token scores -inf. Without the greedy pass, or once the weights change, it scores
-    everything."""
+    """`sample_probability` skips continuations whose first token is outside the top-k of the
+    prompt's next-token logits (from the sampler's last prefill of the prompt, or a one-token
+    prefill of its own): every chance equals exp(sum) of the full scoring (0 for the skipped),
+    exactly those whose first token scores -inf are skipped, and the results are the same
+    bits whether or not the prompts were answered before (what the sampler kept changes
+    nothing). After the weights change, the new model's first tokens decide."""
     _, ours = llama
     answers = Sampler(ours, tok).generate_batch(QUESTIONS, max_new_tokens=2, prefix=PREFIX)
     prompts = [q for q in QUESTIONS for _ in range(4)]
     # each prompt's own greedy answer (its first token the argmax) and three strings
     conts = [c for row in answers for c in (row[0].token_ids, " France\n", " the cat", " Japan\n")]
     kw = dict(temperature=0.5, top_k=3, prefix=PREFIX)
-    full = Sampler(ours, tok).score(prompts, conts, **kw)
-    want = [math.exp(sum(s.logprobs)) for s in full]
-    first_out = sum(s.logprobs[0] == -math.inf for s in full)
-    assert 0 < first_out < len(conts)  # some continuations skippable, some not
 
-    sampler = Sampler(ours, tok)
-    assert sampler.sample_probability(prompts, conts, **kw) == pytest.approx(want, rel=1e-5, abs=0)
-    assert sampler.stats.scores_skipped == 0  # nothing prefilled yet: everything scored
-    sampler.generate_batch(QUESTIONS, max_new_tokens=2, prefix=PREFIX)
-    got = sampler.sample_probability(prompts, conts, **kw)
-    assert got == pytest.approx(want, rel=1e-5, abs=0)
-    assert sampler.stats.scores_skipped == first_out
+    def expected(model, **settings):
+        full = Sampler(model, tok).score(prompts, conts, **settings)
+        return [math.exp(sum(s.logprobs)) for s in full], sum(s.logprobs[0] == -math.inf for s in full)
+
+    want, first_out = expected(ours, **kw)
+    assert 0 < first_out < len(conts)  # some continuations skippable, some not
+    fresh = Sampler(ours, tok)
+    cold = fresh.sample_probability(prompts, conts, **kw)  # nothing prefilled before
+    assert cold == pytest.approx(want, rel=1e-5, abs=0) and fresh.stats.scores_skipped == first_out
+    answered = Sampler(ours, tok)
+    answered.generate_batch(QUESTIONS, max_new_tokens=2, prefix=PREFIX)
+    assert answered.sample_probability(prompts, conts, **kw) == cold  # the same bits
+    assert answered.stats.scores_skipped == first_out
     # greedy (temperature 0): only the argmax first token can be drawn
-    greedy = [math.exp(sum(s.logprobs)) for s in Sampler(ours, tok).score(prompts, conts, temperature=0, prefix=PREFIX)]
-    assert sampler.sample_probability(prompts, conts, temperature=0, prefix=PREFIX) == greedy
+    greedy, _ = expected(ours, temperature=0, prefix=PREFIX)
+    assert answered.sample_probability(prompts, conts, temperature=0, prefix=PREFIX) == greedy
 
     other = to_ours(tiny_hf("llama", len(tok), seed=5, embed_std=0.3))
-    sampler.refresh(other)
-    sampler.reset_stats()
-    sampler.sample_probability(prompts, conts, **kw)
-    assert sampler.stats.scores_skipped == 0  # the kept logits were the old weights'
+    want_other, first_out_other = expected(other, **kw)
+    answered.refresh(other)
+    answered.reset_stats()
+    assert answered.sample_probability(prompts, conts, **kw) == pytest.approx(want_other, rel=1e-5, abs=0)
+    assert answered.stats.scores_skipped == first_out_other
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,16 +111,25 @@ class Scoring:
         continuation: `exp(sum(logprobs))` of `score` (0 for an empty continuation).
 
         A continuation whose first token the sampling distribution excludes (outside the
-        top-k, or not the argmax at temperature 0) has chance 0 whatever follows. Where this
-        sampler prefilled the same prompt since its weights last changed (a generation call),
-        it knows the prompt's best next-token logits and does not score such continuations
-        (`first_tokens`; `stats.scores_skipped` counts them); the rest are scored."""
+        top-k, or not the argmax at temperature 0) has chance 0 whatever follows, and is not
+        scored (`stats.scores_skipped` counts them); the rest are. The prompts' best next-token
+        logits come from the sampler's last prefill of each (`first_tokens`: a generation call
+        since the weights last changed, as the probe's greedy pass right before); prompts it
+        has not prefilled are prefilled first (one greedy token), so which continuations are
+        scored, and so the packing and every result, depend on this call's arguments only."""
         splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
+        pres = [prefix] * len(splits) if isinstance(prefix, str) else list(prefix)
+        skippable = temperature <= 0 or 0 < top_k <= self._policy.k_cap
+        unseen = sorted({i for i, c in enumerate(conts) if c and skippable
+                         and self._first_tokens.get((splits[i].prefix, splits[i].tail)) is None})
+        if unseen:
+            self.generate_batch([prompts[i] for i in unseen], prefix=[pres[i] for i in unseen],
+                                max_new_tokens=1, batch_size=batch_size)
         todo = []
         for i, c in enumerate(conts):
             if not c:
                 continue
-            seen = self._first_tokens.get((splits[i].prefix, splits[i].tail))
+            seen = self._first_tokens.get((splits[i].prefix, splits[i].tail)) if skippable else None
             if seen is not None and excluded(*seen, c[0], temperature=temperature, top_k=top_k,
                                              margin=self._exclusion_margin):
                 self.stats.scores_skipped += 1
