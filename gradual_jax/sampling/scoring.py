@@ -118,23 +118,23 @@ class Scoring:
         has not prefilled are prefilled first (one greedy token), so which continuations are
         scored, and so the packing and every result, depend on this call's arguments only."""
         splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
-        pres = [prefix] * len(splits) if isinstance(prefix, str) else list(prefix)
-        skippable = temperature <= 0 or 0 < top_k <= self._policy.k_cap
-        unseen = sorted({i for i, c in enumerate(conts) if c and skippable
-                         and self._first_tokens.get((splits[i].prefix, splits[i].tail)) is None})
-        if unseen:
-            self.generate_batch([prompts[i] for i in unseen], prefix=[pres[i] for i in unseen],
-                                max_new_tokens=1, batch_size=batch_size)
-        todo = []
-        for i, c in enumerate(conts):
-            if not c:
-                continue
-            seen = self._first_tokens.get((splits[i].prefix, splits[i].tail)) if skippable else None
-            if seen is not None and excluded(*seen, c[0], temperature=temperature, top_k=top_k,
-                                             margin=self._exclusion_margin):
-                self.stats.scores_skipped += 1
-            else:
-                todo.append(i)
+        todo = [i for i, c in enumerate(conts) if c]
+        if temperature <= 0 or 0 < top_k <= self._policy.k_cap:
+            keys = {i: (splits[i].prefix, splits[i].tail) for i in todo}
+            # one prompt of each key not prefilled yet (a prompt is often asked with several
+            # continuations)
+            unseen = {k: i for i, k in keys.items() if self._first_tokens.get(k) is None}
+            if unseen:
+                pres = [prefix] * len(splits) if isinstance(prefix, str) else list(prefix)
+                self.generate_batch([prompts[i] for i in unseen.values()],
+                                    prefix=[pres[i] for i in unseen.values()], max_new_tokens=1,
+                                    batch_size=batch_size)
+            seen = {i: self._first_tokens.get(keys[i]) for i in todo}  # None only past its capacity
+            kept = [i for i in todo if seen[i] is None
+                    or not excluded(*seen[i], conts[i][0], temperature=temperature, top_k=top_k,
+                                    margin=self._exclusion_margin)]
+            self.stats.scores_skipped += len(todo) - len(kept)
+            todo = kept
         out: list[TokenScores] = [TokenScores((), (), ())] * len(conts)
         self._score_splits(splits, conts, todo, temperature, top_k, batch_size, out)
         return [math.exp(sum(s.logprobs)) if s.logprobs else 0.0 for s in out]

@@ -578,7 +578,7 @@ class Trainer:
         row_multiple = int(cfg.grad_accum) * data_parallel_size(self.mesh)
         shape = None
         if cfg.batch_shapes == "fixed":
-            shape = batch_shape or data_lib.run_batch_shape(
+            shape = batch_shape if batch_shape is not None else data_lib.run_batch_shape(
                 tokenized, batch_rows=batch_rows, max_seq_len=int(cfg.max_seq_len), packing=bool(cfg.packing))
         self.setup(cfg, sum(per_epoch))
 
