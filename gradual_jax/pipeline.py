@@ -101,6 +101,11 @@ def probe_settings(cfg: RunConfig, seed: int, *, greedy: bool = False) -> ProbeS
     return dataclasses.replace(settings, n_samples=0, gold_probability=False) if greedy else settings
 
 
+def stage_seed(seed: int, k: int) -> int:
+    """The seed of stage ``k`` (0-based) of run seed ``seed``: its selection and its training."""
+    return seed * 1_000 + k
+
+
 def by_category(records: Sequence[dict]) -> dict[str, str]:
     return {r["id"]: r["category"] for r in records}
 
@@ -310,7 +315,7 @@ class SeedRun:
         train_cfg: TrainConfig = stage_train_config(self.cfg, stage_cfg)
         spec = stage_cfg.spec()
         try:
-            ids = curriculum.select(state, spec, rng=self.seed * 1_000 + k)
+            ids = curriculum.select(state, spec, rng=stage_seed(self.seed, k))
         except curriculum.EmptySelection as err:
             if k == 0:
                 raise PipelineError(f"arm {arm}, stage {stage_cfg.name}: {err}") from None
@@ -326,7 +331,7 @@ class SeedRun:
         else:
             examples = [self.by_id[i] for i in ids]
             model, info = self.trainer_fn(model, examples, self.selection_dev, train_cfg,
-                                          ckpt_dir=stage_dir / "ckpt", seed=self.seed * 1_000 + k,
+                                          ckpt_dir=stage_dir / "ckpt", seed=stage_seed(self.seed, k),
                                           metrics_dir=stage_dir, **limits)
             self.save_params(params_dir, model)
             info = {**info, "name": stage_cfg.name, "trained_ids": list(ids),

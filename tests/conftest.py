@@ -45,3 +45,18 @@ def smoke_model(smoke_world):
     from gradual_jax.models import load_hf, load_tokenizer
 
     return load_hf(smoke_world.model_dir), load_tokenizer(smoke_world.model_dir)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_world):
+    """The smoke config run once through `python -m gradual_jax.launch`: (its run directory,
+    its wall seconds). Tests read it; those that change a run copy it first."""
+    import time
+
+    from gradual_jax.launch import main
+
+    run_dir = tmp_path_factory.mktemp("runs")
+    t0 = time.time()
+    assert main([str(REPO / "configs" / "smoke.yaml"), f"run_dir={run_dir}"]) == 0
+    return run_dir / "smoke", time.time() - t0
+

@@ -26,14 +26,6 @@ def _report_numbers(report: dict) -> dict:
     return {k: v for k, v in report.items() if k not in drop}
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, smoke_world):
-    run_dir = tmp_path_factory.mktemp("runs")
-    t0 = time.time()
-    assert main([SMOKE, f"run_dir={run_dir}"]) == 0
-    return run_dir / "smoke", time.time() - t0
-
-
 def test_smoke_report_has_every_field(smoke_run):
     root, seconds = smoke_run
     report = json.loads((root / "report.json").read_text())
