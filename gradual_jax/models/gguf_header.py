@@ -4,14 +4,16 @@
 tokenizer's 49,152 tokens and 48,900 merges take seconds to parse each time a model is opened
 (SmolLM2: about 3-5 s here, paid once for the config and again for the weights). The loader
 needs the scalar keys, the length of the token list and the tensors; this reader keeps scalars
-and numeric arrays, steps over string arrays (their length is kept), and memory-maps the tensor
-data in the layout `gguf.quants.dequantize` takes (the reader's own `tensors[i].data`).
+and numeric arrays, steps over string arrays (their length is kept) but those it is asked for
+(the tokenizer's tokens and merges), and memory-maps the tensor data in the layout
+`gguf.quants.dequantize` takes (the reader's own `tensors[i].data`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Container
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +58,14 @@ class Tensor:
 
 class GGUFHeader:
     """`fields` (key -> Field) and `tensors` (in file order) of a GGUF file, data memory-mapped.
+    String arrays are stepped over unless named in ``strings`` (then read as a list of str).
     Raises ValueError for a file that is not GGUF or is cut short."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, strings: Container[str] = ()):
         import gguf
 
         self.path = Path(path)
+        self._strings = strings
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         self._buf = memoryview(self._map)
         self._pos = 0
@@ -114,6 +118,9 @@ class GGUFHeader:
             return Field(name, values.tolist(), values)
         if elem != _STRING:
             raise ValueError(f"GGUF key {name!r}: arrays of type {elem} are not supported")
+        if name in self._strings:
+            values = [self._string() for _ in range(count)]
+            return Field(name, values, values)
         for _ in range(count):  # step over each string: length, then bytes
             self._take(self._unpack("<Q"))
         return Field(name, range(count), range(count))

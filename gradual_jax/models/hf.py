@@ -854,12 +854,25 @@ def _generic_tokenizer_class(directory: Path) -> Any:
     return None
 
 
+def _convert_gguf_tokenizer(path: Path) -> Any:
+    """The fast tokenizer of a GGUF file's vocabulary: built from our header reader where
+    `gguf_tokenizer.build_gguf_tokenizer` can (no PyTorch, about 0.5 s for SmolLM2's), else by
+    transformers' `AutoTokenizer` (which needs PyTorch; 5-10 s here)."""
+    from gradual_jax.models.gguf_tokenizer import build_gguf_tokenizer
+
+    tokenizer = build_gguf_tokenizer(path)
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def _gguf_tokenizer(path: Path) -> Any:
-    """The fast tokenizer transformers converts from a GGUF file's vocabulary (about 15 s for
-    SmolLM2's: the file's metadata is parsed whole, then the BPE rebuilt), kept converted in the
-    cache (`xla_cache.local_cache('tokenizers')`) under the file's resolved path, size and mtime,
-    so later loads read it back in a fraction of a second. The saved copy appears whole or not
-    at all (`io.atomic_write_dir`; a concurrent writer's copy is as good)."""
+    """A GGUF file's tokenizer (`_convert_gguf_tokenizer`), kept converted in the cache
+    (`xla_cache.local_cache('tokenizers')`) under the file's resolved path, size and mtime, so
+    later loads read it back in a fraction of a second. The saved copy appears whole or not at
+    all (`io.atomic_write_dir`; a concurrent writer's copy is as good)."""
     import hashlib
 
     from transformers import AutoTokenizer
@@ -868,14 +881,14 @@ def _gguf_tokenizer(path: Path) -> Any:
 
     root = local_cache("tokenizers")
     if root is None:
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _convert_gguf_tokenizer(path)
     real = path.resolve()
     st = real.stat()
     key = hashlib.sha256(f"{real}\x00{st.st_size}\x00{st.st_mtime_ns}".encode()).hexdigest()[:16]
     saved = root / f"{path.stem}-{key}"
     if (saved / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(saved))
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = _convert_gguf_tokenizer(path)
     try:
         io.atomic_write_dir(saved, lambda tmp: tokenizer.save_pretrained(str(tmp)))
     except OSError:  # an unwritable cache: the tokenizer is still good
@@ -914,8 +927,9 @@ def load_tokenizer(path_or_gguf: str | os.PathLike) -> Any:
         if not _needs_torch(e):
             raise
         raise CheckpointError(
-            f"{s}: reading a GGUF file's tokenizer needs PyTorch (transformers' GGUF reader imports "
-            "it; the weights load without it): pip install 'gradual_jax[gguf]', a CPU build of "
+            f"{s}: reading this GGUF file's tokenizer needs PyTorch (its model type has a "
+            "tokenizer class of its own, built by transformers' GGUF reader, which imports it; "
+            "the weights load without it): pip install 'gradual_jax[gguf]', a CPU build of "
             "torch is enough. Converted once, the tokenizer is kept in the cache and read back "
             "without PyTorch.") from None
     except (OSError, ValueError, KeyError) as e:

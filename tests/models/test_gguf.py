@@ -5,6 +5,7 @@ transformers' own GGUF loading."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -338,18 +339,15 @@ def test_packaged_gguf_is_found_without_importing_the_package():
 
 
 def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    from gradual_jax.models import gguf_tokenizer
+
     src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
     monkeypatch.setenv("GRADUAL_JAX_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = transformers.AutoTokenizer.from_pretrained
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("gguf_file"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", counting)
+    real = gguf_tokenizer.build_gguf_tokenizer
+    monkeypatch.setattr(gguf_tokenizer, "build_gguf_tokenizer", lambda path: calls.append(Path(path).name) or real(path))
     converted, cached = load_tokenizer(src), load_tokenizer(src)
-    assert calls == ["tiny.gguf", None]  # converted from the file once, then read back
+    assert calls == ["tiny.gguf"]  # converted from the file once, then read back
     for text in ("the cat", "Q: the the\nA: t he\n\n", "<|endoftext|>the"):
         ids = converted(text).input_ids
         assert cached(text).input_ids == ids and cached.decode(ids) == converted.decode(ids)
@@ -357,10 +355,51 @@ def test_gguf_tokenizer_is_converted_once_then_read_from_the_cache(tmp_path, mon
     st = src.stat()  # a changed file is converted again
     os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     load_tokenizer(src)
-    assert calls[-1] == "tiny.gguf"
+    assert calls == ["tiny.gguf"] * 2
     monkeypatch.setenv("GRADUAL_JAX_CACHE", "off")  # no cache: converted every time, nothing kept
     load_tokenizer(src)
-    assert calls[-1] == "tiny.gguf" and len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+    assert calls == ["tiny.gguf"] * 3 and len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
+
+
+def _same_tokenizer_as_transformers(path: Path, texts: list[str], tmp_path: Path) -> None:
+    """Our header-built tokenizer against `AutoTokenizer(gguf_file=...)`: the same saved
+    tokenizer.json and chat template, the same tokenizer_config but for transformers' record of
+    where it loaded from, and the same ids and decoded text for every text."""
+    from gradual_jax.models.gguf_tokenizer import build_gguf_tokenizer
+
+    ours = build_gguf_tokenizer(path)
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    assert type(ours) is type(ref)
+    ours.save_pretrained(tmp_path / "ours")
+    ref.save_pretrained(tmp_path / "ref")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    for f in (tmp_path / "ref").iterdir():
+        mine = (tmp_path / "ours" / f.name).read_text()
+        if f.name == "tokenizer_config.json":
+            where = {"is_local", "local_files_only", "name_or_path"}
+            theirs = {k: v for k, v in json.loads(f.read_text()).items() if k not in where}
+            assert {k: v for k, v in json.loads(mine).items() if k not in where} == theirs
+        else:
+            assert mine == f.read_text(), f.name
+    for text in texts:
+        ids = ref(text).input_ids
+        assert ours(text).input_ids == ids and ours.decode(ids) == ref.decode(ids), text
+    assert ours.all_special_tokens == ref.all_special_tokens
+
+
+def test_gguf_tokenizer_from_our_header_equals_transformers(tmp_path):
+    src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    _same_tokenizer_as_transformers(src, ["the cat", "Q: the the\nA: t he\n\n", "<|endoftext|>the"], tmp_path)
+
+
+def test_smollm2_tokenizer_from_our_header_equals_transformers(tmp_path, eq_dir):
+    """On real prompts: four-shot EntityQuestions questions and answers, a chat template."""
+    from gradual_jax.knowledge.data import load_entityquestions
+
+    examples = load_entityquestions(eq_dir, split="dev", relations=["P36", "P17", "P106"], limit_per_relation=10)
+    texts = [f"Q: {e.question}\nA: {e.answers[0]}\n\n" for e in examples]
+    texts += ["".join(texts[:4]) + "Q: What is the capital of Ruritania?\nA:", "<|im_start|>user\nhi<|im_end|>"]
+    _same_tokenizer_as_transformers(Path(smollm2_gguf()), texts, tmp_path)
 
 
 def test_two_processes_convert_one_gguf_tokenizer_into_one_cache(tmp_path):
@@ -399,23 +438,28 @@ assert "torch" not in sys.modules
 
 
 def test_a_gguf_tokenizer_without_pytorch(tmp_path, monkeypatch):
-    """transformers' GGUF reader imports PyTorch, which the base install lacks: converting a GGUF
-    file's tokenizer then fails with what to install, and one converted before (where PyTorch
-    was present) is read back from the cache without it."""
-    src = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    """The base install has no PyTorch. A Llama-type file's tokenizer is built from our header
+    reader without it, equal to transformers' (which needs it). A model type with a tokenizer
+    class of its own goes through transformers' GGUF reader: without PyTorch that fails with
+    what to install, and one converted before (where PyTorch was present) is read back from
+    the cache without it."""
+    llama = write_gguf(tmp_path / "tiny.gguf", tiny_llama(), Q.Q8_0)
+    qwen = write_gguf(tmp_path / "qwen.gguf", tiny_llama(), Q.Q8_0, arch="qwen2")
     env = {**os.environ, "GRADUAL_JAX_CACHE": str(tmp_path / "cache")}
 
-    def without_torch() -> str:
+    def without_torch(src: Path) -> str:
         out = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(src)], env=env, capture_output=True,
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-2000:]
         return out.stdout.strip()
 
-    first = without_torch()
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="tiny.gguf")
+    assert without_torch(llama) == str(reference("the cat the").input_ids)
+    first = without_torch(qwen)
     assert first.startswith("CheckpointError") and "gradual_jax[gguf]" in first
     monkeypatch.setenv("GRADUAL_JAX_CACHE", env["GRADUAL_JAX_CACHE"])
-    here = load_tokenizer(src)("the cat the").input_ids  # converted with PyTorch, kept
-    assert without_torch() == str(here)
+    here = load_tokenizer(qwen)("the cat the").input_ids  # converted with PyTorch, kept
+    assert without_torch(qwen) == str(here)
 
 
 def _same_as_gguf_reader(path: Path) -> None:
