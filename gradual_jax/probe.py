@@ -123,8 +123,7 @@ def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter",
     """The `--stats-json` figures of one probe: `seconds` its wall time, `compiles` every XLA
     compilation inside it (as JAX reports them), `warmup_seconds` the part of `seconds` spent
     tracing, lowering and compiling the engine's programs ahead of time before the first
-    question, or loading those an earlier process kept on disk (wall time, so it can exceed
-    the backend compile seconds in `compile_seconds`)."""
+    question (wall time, so it can exceed the backend compile seconds in `compile_seconds`)."""
     return {
         "questions": len(records),
         "seconds": round(seconds, 3),

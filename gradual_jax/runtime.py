@@ -58,10 +58,8 @@ class JaxEngine:
         s.prepare(prefixes=probe_store_prefixes(s, len({p for p, _ in prompts})))
         if self.shapes is not None:
             self.shapes.record(s)
-        loaded = s.stats.programs_loaded
         made, seconds = s.warm_up()
-        log.info("probe engine: warm-up %.1f s, %d programs compiled, %d loaded from disk (shapes %s)",
-                 seconds, made, s.stats.programs_loaded - loaded, s.shapes)
+        log.info("probe engine: %d programs compiled ahead of time in %.1f s (shapes %s)", made, seconds, s.shapes)
 
     def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]:
         gens = self.sampler.generate_batch([q for _, q in prompts], prefix=[p for p, _ in prompts],

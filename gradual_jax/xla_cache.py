@@ -1,17 +1,12 @@
 """Where the package keeps its caches (`$GRADUAL_JAX_CACHE`, default `~/.cache/gradual_jax`:
-built worlds, tokenizers converted from GGUF files, XLA executables, the sampler's serialized
-programs), and JAX's persistent compilation cache, turned on the same way by every entry point
-(the launcher, the probe CLI, the benchmarks)."""
+built worlds, tokenizers converted from GGUF files, XLA executables), and JAX's persistent
+compilation cache, turned on the same way by every entry point (the launcher, the probe CLI,
+the benchmarks)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-# The sampler's serialized programs (`sampling.compile_cache`): a local directory once an entry
-# point has turned the caches on (`enable_compilation_cache`), else None (a library call or a
-# test keeps nothing on disk unless it asks).
-_PROGRAMS: Path | None = None
 
 
 def default_cache_base(environ: dict[str, str] | None = None) -> Path:
@@ -43,14 +38,11 @@ def cache_location(environ: dict[str, str] | None = None) -> str | None:
 
 
 def enable_compilation_cache() -> str | None:
-    """Keep XLA executables across runs (resumes and repeated runs compile nothing), and the
-    sampler's compiled programs in `local_cache('programs')` (`programs_dir`); returns the XLA
-    cache's location (see `cache_location`), created when it is a local path."""
+    """Keep XLA executables across runs (resumes and repeated runs compile nothing); returns
+    the location (see `cache_location`), created when it is a local path."""
     import jax
 
-    global _PROGRAMS
     where = cache_location()
-    _PROGRAMS = local_cache("programs")
     if where is None:
         return None
     if "://" not in where:
@@ -58,9 +50,3 @@ def enable_compilation_cache() -> str | None:
     jax.config.update("jax_compilation_cache_dir", where)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     return where
-
-
-def programs_dir() -> Path | None:
-    """Where the sampler keeps its compiled programs: set by `enable_compilation_cache` to
-    `$GRADUAL_JAX_CACHE/programs` (None before, or when the cache is off or remote)."""
-    return _PROGRAMS

@@ -60,13 +60,3 @@ def smoke_run(tmp_path_factory, smoke_world):
     assert main([str(REPO / "configs" / "smoke.yaml"), f"run_dir={run_dir}"]) == 0
     return run_dir / "smoke", time.time() - t0
 
-
-@pytest.fixture(autouse=True)
-def _no_programs_on_disk_unless_asked(monkeypatch):
-    """Each test starts without the sampler's on-disk program store: an entry point a test (or
-    the session's smoke run) started turns it on process-wide, and a test that counts compiles
-    must see its programs compiled."""
-    from gradual_jax import xla_cache
-
-    monkeypatch.setattr(xla_cache, "_PROGRAMS", None)
-

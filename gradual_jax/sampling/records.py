@@ -40,9 +40,8 @@ class SamplerStats:
     so they measure what the hardware computed. `prefixes`: prefixes prefilled into the store;
     `inserts`: insert calls (each prefills packed tails and starts slots); `abandoned`: rows
     stopped by an `alive` test; `scores_skipped`: continuations `sample_probability` knew to
-    have chance 0 without scoring them; `programs_loaded`: compiled programs read from disk
-    instead of compiled (`compile_cache`); `warmup_*`: the compiles `Sampler.warm_up` did ahead
-    of time (also counted in `compiles`) and the seconds it took, loading included."""
+    have chance 0 without scoring them; `warmup_*`: the
+    compiles `Sampler.warm_up` did ahead of time (also counted in `compiles`)."""
 
     compiles: int = 0
     compile_seconds: float = 0.0
@@ -54,6 +53,5 @@ class SamplerStats:
     prefixes: int = 0
     abandoned: int = 0
     scores_skipped: int = 0
-    programs_loaded: int = 0
     warmup_compiles: int = 0
     warmup_seconds: float = 0.0

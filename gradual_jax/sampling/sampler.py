@@ -12,7 +12,6 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -230,16 +229,15 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
 
     @serialized
     def warm_up(self) -> tuple[int, float]:
-        """Compile every program of the current shapes ahead of time (or load those an earlier
-        process kept on disk: `compile_cache`); returns the compiles this made and the seconds
-        the whole warm-up took (also added to `stats`)."""
+        """Compile every program of the current shapes ahead of time; returns the compiles
+        this made and their seconds (also added to `stats`)."""
         if self.shapes is None:
             raise ValueError("warm_up needs shapes: call prepare first")
-        before, t0 = self.stats.compiles, time.perf_counter()
+        before, seconds = self.stats.compiles, self.stats.compile_seconds
         table = self._put_replicated(self.stop_table(()))
         for name, (fn, args, static, donate) in self._program_args(table).items():
             self._compile(name, fn, args, static, donate)
-        made, spent = self.stats.compiles - before, time.perf_counter() - t0
+        made, spent = self.stats.compiles - before, self.stats.compile_seconds - seconds
         self.stats.warmup_compiles += made
         self.stats.warmup_seconds += spent
         return made, spent
@@ -298,16 +296,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         key = (name, self._graph_id, self.mesh, tuple(sorted(static.items())),
                self._state_key if with_state else None, jax.tree.structure(rest),
                tuple(compile_cache.spec(x) for x in jax.tree.leaves(rest)))
-        def describe() -> tuple:
-            state = ((repr(self._state_treedef), tuple(compile_cache.spec(x) for x in self._state_leaves))
-                     if with_state else None)
-            return (name, compile_cache.graph_digest(self._graph_id, self.graphdef),
-                    compile_cache.mesh_description(self.mesh), tuple(sorted(static.items())), state,
-                    repr(jax.tree.structure(rest)), key[-1], donate)
-
-        compiled, seconds, loaded = compile_cache.cached(key, lambda: self._lower(fn, args, static, donate),
-                                                         describe)
-        self.stats.programs_loaded += loaded
+        compiled, seconds = compile_cache.cached(key, lambda: self._lower(fn, args, static, donate))
         if seconds is not None:
             self.stats.compile_seconds += seconds
             self.stats.compiles += 1
