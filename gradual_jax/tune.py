@@ -30,8 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from gradual_jax.config import RunConfig, stage_train_config
+from gradual_jax.errors import UserError
 
 log = logging.getLogger("gradual_jax")
+
+
+class TuneError(UserError):
+    """Bad input to the tuner: its rates or its stage-0 records."""
 
 
 def best_rate(results: dict[str, dict]) -> str:
@@ -71,7 +76,7 @@ def tune_lr(cfg: RunConfig, lrs: Sequence[float], *, seed: int = 0, stage0: Path
     category = {r["id"]: r["category"] for r in records}
     missing = [i for i in seed_run.train_ids if i not in category]
     if missing:
-        raise ValueError(f"{stage0}: no stage-0 record for {len(missing)} of the run's "
+        raise TuneError(f"{stage0}: no stage-0 record for {len(missing)} of the run's "
                          f"{len(seed_run.train_ids)} train examples (first: {missing[0]})")
     state0 = curriculum.initial_state([{"id": i, "category": category[i]} for i in seed_run.train_ids])
     stage_cfg = cfg.stages[0]
@@ -119,7 +124,8 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: 0 when done, 2 for bad input (one line on stderr)."""
+    """The CLI: 0 when done, 2 for bad input (one line on stderr); anything else is an internal
+    failure and raises."""
     from gradual_jax.config import load_config
     from gradual_jax.errors import USER_ERRORS
     from gradual_jax.launch import resolve_config_path, shipped_name
@@ -138,14 +144,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     config = ns.args.pop(0) if ns.args and "=" not in ns.args[0] else None
     try:
-        lrs = [float(x) for x in ns.lrs.split(",") if x.strip()]
+        try:
+            lrs = [float(x) for x in ns.lrs.split(",") if x.strip()]
+        except ValueError:
+            lrs = []
         if not lrs or any(lr <= 0 for lr in lrs):
-            raise ValueError(f"--lrs: positive learning rates wanted, got {ns.lrs!r}")
+            raise TuneError(f"--lrs: positive learning rates wanted, got {ns.lrs!r}")
         path = resolve_config_path(config)
         cfg = load_config(path, ns.args)
         enable_compilation_cache()
         summary = tune_lr(cfg, lrs, seed=ns.seed, stage0=ns.stage0, shipped_config=shipped_name(path))
-    except (ValueError, *USER_ERRORS) as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(summary))

@@ -55,3 +55,13 @@ def test_the_config_rate_trains_what_the_run_trained(smoke_run, tmp_path, capsys
 def test_bad_rates_exit_2(tmp_path, capsys, lrs):
     assert main([SMOKE, f"run_dir={tmp_path}", "--lrs", lrs]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_stage0_records_missing_examples_exit_2(smoke_run, tmp_path, capsys):
+    root, _ = smoke_run
+    lines = (root / "seed_0" / "stage0" / "train.jsonl").read_text().splitlines()
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(lines[0] + "\n")
+    assert main([SMOKE, f"run_dir={tmp_path}", "--lrs", "1e-3", "--stage0", str(partial)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
+    assert last.startswith("error: ") and "no stage-0 record for" in last
