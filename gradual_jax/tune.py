@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -59,8 +58,9 @@ def tune_lr(cfg: RunConfig, lrs: Sequence[float], *, seed: int = 0, stage0: Path
     ``lr_scale`` still applies) and return ``{"rates": {rate: result}, "chosen": rate, ...}``,
     also written to ``<run_dir>/<name>-lr/lr.json``."""
     from gradual_jax import curriculum
+    from gradual_jax.knowledge.compare import read_records
     from gradual_jax.launch import load_resources, prepare_run_dir
-    from gradual_jax.pipeline import SeedRun, done_json, stage_seed, write_json
+    from gradual_jax.pipeline import SeedRun, by_category, done_json, stage_seed, write_json
     from gradual_jax.runtime import make_runtime
 
     tune_cfg = dataclasses.replace(cfg, name=f"{cfg.name}-lr")
@@ -72,8 +72,8 @@ def tune_lr(cfg: RunConfig, lrs: Sequence[float], *, seed: int = 0, stage0: Path
         seed_run.warm_up_probes()
         records = seed_run.probe(res.model, "train", root / f"seed_{seed}" / "stage0" / "train.jsonl")
     else:
-        records = [json.loads(line) for line in Path(stage0).read_text().splitlines() if line.strip()]
-    category = {r["id"]: r["category"] for r in records}
+        records = list(read_records(stage0).values())
+    category = by_category(records)
     missing = [i for i in seed_run.train_ids if i not in category]
     if missing:
         raise TuneError(f"{stage0}: no stage-0 record for {len(missing)} of the run's "
