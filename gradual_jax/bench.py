@@ -577,6 +577,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 # Dispatcher
 
 from gradual_jax.bench_device import add_device_args, run_device  # noqa: E402
+from gradual_jax.xla_flags import apply_xla_flags  # noqa: E402
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], dict[str, Any]]]] = {
@@ -595,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         add_args(p)
         p.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
     args = parser.parse_args(argv)
+    apply_xla_flags()
     if getattr(args, "model", None):
         from gradual_jax.models import CheckpointError, resolve_model_source
 

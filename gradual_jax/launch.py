@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from gradual_jax.configlib import ConfigError, to_dict
 from gradual_jax.errors import USER_ERRORS
 from gradual_jax.runlog import RUN_LOG, append_traceback, exit_process, open_run_log, stacks_on_signal
+from gradual_jax.xla_flags import apply_xla_flags
 
 __all__ = ["exit_process", "main", "run", "start"]
 
@@ -394,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     failure (one line on stderr; the traceback in the run's log on process 0, on stderr on
     the others)."""
     argv = sys.argv[1:] if argv is None else argv
+    apply_xla_flags()
     try:
         early = early_lock(argv)
     except USER_ERRORS as err:

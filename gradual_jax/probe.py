@@ -139,7 +139,9 @@ def probe_stats(records: list[dict], seconds: float, compiles: "CompileCounter",
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     from gradual_jax.errors import USER_ERRORS
+    from gradual_jax.xla_flags import apply_xla_flags
 
+    apply_xla_flags()
     try:
         run(ns)
     except USER_ERRORS as err:

@@ -130,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     from gradual_jax.errors import USER_ERRORS
     from gradual_jax.launch import resolve_config_path, shipped_name
     from gradual_jax.xla_cache import enable_compilation_cache
+    from gradual_jax.xla_flags import apply_xla_flags
 
+    apply_xla_flags()
     parser = argparse.ArgumentParser(prog="python -m gradual_jax.tune", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("args", nargs="*", help="CONFIG (first, optional) then key=value overrides")

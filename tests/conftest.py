@@ -7,6 +7,10 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
+from gradual_jax.xla_flags import apply_xla_flags  # noqa: E402
+
+apply_xla_flags()  # as every entry point does: the tests compile what users' runs compile
+
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402

@@ -173,7 +173,7 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     shapes = result["probe_shapes"]
     # The tiny byte-level prompts' shared prefix fits one 32-token step; probe.batch_size slots.
     assert shapes["prefix_width"] == 32 and shapes["slots"] == 16
-    assert shapes["cache_len"] == 32 + 32 + 4  # prefix + tail width + new tokens
+    assert shapes["cache_len"] == 32 + 4  # tail width + new tokens (the prefix stays in the store)
     assert result["decode_collective_bytes"] > 0
     assert result["model_flops_per_step"] == 6 * n * 16 * 32
     assert result["flops_per_step"] > 0
@@ -343,7 +343,8 @@ def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
         lowered = s.lower_programs()
         texts.append([lowered[name].as_text() for name in ("prefill", "first", "admit", "decode", "score")])
         carry = lowered["decode"].compile().out_info[0]
-        assert carry.cache.mask.shape == (16, 64 + 32 + 4)  # 16 slots: prefix + tail + new tokens
+        assert carry.cache.mask.shape == (16, 32 + 4)  # 16 slots: tail + new tokens
+        assert carry.prefix_mask.shape == (16, 64)  # each slot's prefix, read from the store
     assert texts[0] == texts[1]
 
 

@@ -3,6 +3,7 @@ seeds, stop strings, shared prefixes, teacher-forced scores, sharded batches, ba
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import threading
@@ -462,6 +463,31 @@ def test_shared_prefix_equals_unshared_and_transformers(llama, tok):
             np.testing.assert_allclose(x.raw_logprobs, y.raw_logprobs, atol=1e-4)
     want = hf_greedy(hf, tok, [PREFIX + q for q in QUESTIONS], NEW)
     assert [list(row[0].token_ids) for row in a] == want
+
+
+def test_slots_reading_more_prefixes_than_the_store_holds_get_each_prompt_alone(llama, tok, monkeypatch):
+    """Decode slots read their prompt's prefix from the store: 20 prompts with prefixes of their
+    own, 2 samples each ending at different lengths, in 16 slots over an 8-row store (a tiny
+    vocabulary would size the store for 128 scoring rows: held at 8 here). A stored row stays
+    while a slot reads it, so a prompt waits for a row to free; every row equals its prompt
+    generated alone."""
+    import gradual_jax.sampling.sampler as sampler_module
+
+    sized = sampler_module.shapes_for
+    monkeypatch.setattr(sampler_module, "shapes_for", lambda **kw: dataclasses.replace(
+        sized(**kw), store_rows=8, score_rows=8))
+    _, ours = llama
+    prefixes = [f"Fact {i}: {CORPUS[i % len(CORPUS)]}\n" for i in range(20)]
+    prompts = [QUESTIONS[i % len(QUESTIONS)] for i in range(20)]
+    kw = dict(max_new_tokens=NEW, methods=[Greedy(), Sample(2.0, 20)], stop=[" ", "e"], seed=3)
+    crowded = Sampler(ours, tok)
+    got = crowded.generate_batch(prompts, prefix=prefixes, batch_size=16, **kw)
+    assert crowded.shapes.store_rows == 8 and crowded.shapes.slots == 16
+    alone = Sampler(ours, tok)
+    want = [alone.generate_batch([q], prefix=[p], batch_size=16, prompt_keys=[i], **kw)[0]
+            for i, (p, q) in enumerate(zip(prefixes, prompts))]
+    assert [[g.token_ids for g in row] for row in got] == [[g.token_ids for g in row] for row in want]
+    assert crowded.stats.prefixes >= 20
 
 
 # --------------------------------------------------------------------------------------------

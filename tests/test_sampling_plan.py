@@ -59,7 +59,7 @@ def test_shapes_round_up_fixed_ladders():
     assert sh.prefill_rows == 8 and sh.score_rows == 8  # rows the data axes split: multiples of 8
     assert shapes_for(slots=8, longest_continuation=300, multiple=3).score_tokens == 513
     assert shapes_for(slots=4).admit_rows == 4  # never more than the slots
-    assert sh.cache_len == 128 + 32 + 16
+    assert sh.cache_len == 32 + 16  # a slot's own tail and generation; its prefix stays in the store
     # sizes anywhere on the same rungs give the same shapes: no new compile
     same = shapes_for(slots=60, longest_prefix=120, longest_tail=30, new_tokens=16, longest_scored=64,
                       longest_continuation=8, prefixes=17, k_cap=64, multiple=8)

@@ -178,6 +178,27 @@ class KVCache:
         return self.mask.sum(-1).astype(jnp.int32)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SharedPrefix:
+    """Keys and values that many rows read and none writes: stored prompt prefixes, each
+    computed once, that a cache's rows attend to before their own slots (decoding only).
+
+    `keys[i]`, `values[i]`: `[R, P, K, H]` for layer i, one stored prefix a row. Cache row b
+    reads stored row `rows[b]`, at the slots where `mask[b]` (`[B, P]`) is true; its own
+    tokens' positions continue after them.
+    """
+
+    keys: list[jax.Array]
+    values: list[jax.Array]
+    rows: jax.Array
+    mask: jax.Array
+
+    def lengths(self) -> jax.Array:
+        """Real prefix tokens per cache row, `[B]` int32."""
+        return self.mask.sum(-1).astype(jnp.int32)
+
+
 def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
     """`buffer` `[B, S, ...]` with `new` `[B, T, ...]` written from slot `end`: one slot for
     every row (a scalar: a plain dynamic update, which partitions without communication) or
@@ -334,9 +355,12 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None):
+                 mask: jax.Array, kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                 prefix: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
         """`mask` `[B, T, S]`: may query t attend key s. `kv`: (cache_k, cache_v, end) or None;
-        with a cache the new keys and values are written from slot `end` first (see `write_at`)."""
+        with a cache the new keys and values are written from slot `end` first (see `write_at`).
+        `prefix` (one token a row, with a cache): this layer's shared prefix keys and values
+        `[R, P, K, H]`, each row's stored row `[B]` and mask `[B, P]`, attended before the cache."""
         q, k, v = self.q(x), self.k(x), self.v(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -347,8 +371,10 @@ class Attention(nnx.Module):
             cache_k, cache_v = write_at(cache_k, k, end), write_at(cache_v, v, end)
             new_kv = (cache_k, cache_v)
             if q.shape[1] == 1:
-                return self.o(self.decode(q, cache_k, cache_v, mask[:, 0]).astype(x.dtype)), new_kv
+                return self.o(self.decode(q, cache_k, cache_v, mask[:, 0], prefix).astype(x.dtype)), new_kv
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
+        if prefix is not None:
+            raise ValueError("a shared prefix is read by one-token (decode) calls only")
         b, t, n, h = q.shape
         groups = n // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, h)
@@ -359,19 +385,34 @@ class Attention(nnx.Module):
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(b, t, n, h)
         return self.o(out), new_kv
 
-    def decode(self, q: jax.Array, cache_k: jax.Array, cache_v: jax.Array,
-               kv_mask: jax.Array) -> jax.Array:
-        """Attention of one query token per row `[B, 1, N, H]` over the cache, as a broadcast
-        multiply-reduce. The einsum form makes XLA:CPU transpose every layer's whole cache on
-        every step; this one reads the cache in place and measured about twice as fast for a
-        SmolLM2-sized decode step."""
+    def decode(self, q: jax.Array, cache_k: jax.Array, cache_v: jax.Array, kv_mask: jax.Array,
+               prefix: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+        """Attention of one query token per row `[B, 1, N, H]` over the cache (after each row's
+        shared `prefix`, when given), as a broadcast multiply-reduce. The einsum form makes
+        XLA:CPU transpose every layer's whole cache on every step; this one reads the cache in
+        place and measured about twice as fast for a SmolLM2-sized decode step."""
         b, _, n, h = q.shape
         kv_heads = cache_k.shape[2]
         q = q.reshape(b, 1, kv_heads, n // kv_heads, h).astype(jnp.float32)
-        scores = jnp.sum(q * cache_k[:, :, :, None, :].astype(jnp.float32), axis=-1) / math.sqrt(h)
-        scores = jnp.where(kv_mask[:, :, None, None], scores, jnp.finfo(jnp.float32).min)  # [B,S,K,G]
-        probs = jax.nn.softmax(scores, axis=1)
-        out = jnp.sum(probs[..., None] * cache_v[:, :, :, None, :].astype(jnp.float32), axis=1)
+
+        def scores_over(keys: jax.Array, mask: jax.Array) -> jax.Array:  # [B, S, K, G]
+            s = jnp.sum(q * keys[:, :, :, None, :].astype(jnp.float32), axis=-1) / math.sqrt(h)
+            return jnp.where(mask[:, :, None, None], s, jnp.finfo(jnp.float32).min)
+
+        def weighted(probs: jax.Array, values: jax.Array) -> jax.Array:  # [B, K, G, H]
+            return jnp.sum(probs[..., None] * values[:, :, :, None, :].astype(jnp.float32), axis=1)
+
+        scores = scores_over(cache_k, kv_mask)
+        if prefix is None:
+            out = weighted(jax.nn.softmax(scores, axis=1), cache_v)
+        else:
+            keys, values, rows, mask = prefix
+            # Tied to this layer's query: otherwise XLA gathers every layer's prefixes at once
+            # (or once before a decode loop), holding the copy a shared prefix saves.
+            rows, q = jax.lax.optimization_barrier((rows, q))
+            p = mask.shape[1]
+            probs = jax.nn.softmax(jnp.concatenate([scores_over(keys[rows], mask), scores], axis=1), axis=1)
+            out = weighted(probs[:, :p], values[rows]) + weighted(probs[:, p:], cache_v)
         return out.reshape(b, 1, n, h)
 
 
@@ -402,11 +443,11 @@ class Block(nnx.Module):
         keep = jax.random.bernoulli(key, 1.0 - self.dropout_rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.dropout_rate), 0).astype(x.dtype)
 
-    def __call__(self, x, positions, inv_freq, mask, kv=None, dropout_key=None):
+    def __call__(self, x, positions, inv_freq, mask, kv=None, dropout_key=None, prefix=None):
         k1 = k2 = None
         if dropout_key is not None:
             k1, k2 = jax.random.split(dropout_key)
-        h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, mask, kv)
+        h, new_kv = self.attn(self.attn_norm(x), positions, inv_freq, mask, kv, prefix)
         x = x + self._dropout(h, k1)
         x = x + self._dropout(self.mlp(self.mlp_norm(x)), k2)
         return x, new_kv
@@ -414,7 +455,7 @@ class Block(nnx.Module):
 
 def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, dropout_key: jax.Array | None = None,
-                *, remat: bool = False) -> tuple[jax.Array, Any]:
+                *, remat: bool = False, prefix: tuple | None = None) -> tuple[jax.Array, Any]:
     """`layer(x, ...)`, with the output pinned to the batch sharding.
 
     With `remat` (and no cache), the layer runs as a pure function of its state under
@@ -424,7 +465,7 @@ def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.
     `nnx.remat` inside `value_and_grad`.
     """
     if not remat or kv is not None:
-        y, new_kv = layer(x, positions, inv_freq, mask, kv, dropout_key)
+        y, new_kv = layer(x, positions, inv_freq, mask, kv, dropout_key, prefix)
         return constrain_batch(y), new_kv
     graphdef, state = nnx.split(layer)
 
@@ -505,7 +546,8 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                  branch_ids: jax.Array | None = None, cache: KVCache | None = None,
-                 dropout_key: jax.Array | None = None, return_hidden: bool = False):
+                 prefix: SharedPrefix | None = None, dropout_key: jax.Array | None = None,
+                 return_hidden: bool = False):
         """Logits `[B, T, V]` float32 (final-normed hidden states `[B, T, D]` with
         `return_hidden`); with `cache`, `(logits or hidden, updated_cache)`.
 
@@ -541,8 +583,11 @@ class Transformer(nnx.Module):
             return h if return_hidden else self.hidden_to_logits(h)
         end = cache.end.astype(jnp.int32)
         ends = jnp.broadcast_to(end, (b,))
+        if prefix is not None and t != 1:
+            raise ValueError(f"a shared prefix is read by one-token (decode) calls only, got {t} tokens")
         if positions is None:
-            positions = positions_from_mask(attention_mask, cache.lengths())
+            before = cache.lengths() if prefix is None else cache.lengths() + prefix.lengths()
+            positions = positions_from_mask(attention_mask, before)
         kv_mask = write_at(cache.mask, attention_mask, end)
         # Slot s relative to row b's new block: inside it, causal (and within the segment);
         # outside it, every real cached slot, wherever it sits.
@@ -559,7 +604,9 @@ class Transformer(nnx.Module):
         mask = jnp.where(in_block, block, cache.mask[:, None, :])
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
-            x, (k, v) = apply_block(layer, x, positions, inv_freq, mask, (cache.keys[i], cache.values[i], end))
+            shared = None if prefix is None else (prefix.keys[i], prefix.values[i], prefix.rows, prefix.mask)
+            x, (k, v) = apply_block(layer, x, positions, inv_freq, mask, (cache.keys[i], cache.values[i], end),
+                                    prefix=shared)
             new_k.append(k)
             new_v.append(v)
         h = self.final_norm(x)

@@ -95,7 +95,8 @@ class DecodeLoop:
                     key=z((b, key_width), np.uint32))
         # every slot starts done (empty): `done` is the one array not zero
         done = self._put(np.ones(b, bool)) if not getattr(self, "_abstract", False) else z((b,), bool)
-        return Decoding(cache=cache, rows=rows, token=z((b,), np.int32), done=done,
+        return Decoding(cache=cache, prefix_rows=z((b,), np.int32), prefix_mask=z((b, sh.prefix_width), bool),
+                        rows=rows, token=z((b,), np.int32), done=done,
                         step=z((b,), np.int32), tokens=z((b, n), np.int32),
                         logp=z((b, n), np.float32), raw_logp=z((b, n), np.float32))
 
@@ -119,8 +120,10 @@ class DecodeLoop:
         while True:
             free = np.flatnonzero(owner < 0)
             while pending and len(free):
-                d = self._insert(d, pending, free, owner, table, slot_job, results, stop)
+                d, started = self._insert(d, pending, free, owner, table, slot_job, results, stop)
                 free = np.flatnonzero(owner < 0)
+                if not started:  # the store is full of live slots' prefixes: decode first
+                    break
             live = sh.slots - len(free)
             if live == 0:
                 break
@@ -128,7 +131,7 @@ class DecodeLoop:
             refill_at = sh.slots if not waiting else len(free) + min(max(1, sh.slots // REFILL_SHARE), waiting)
             # tested rows are read after every step: most are abandoned within one or two
             limit = 1 if testing else self.chunk if spanning else sh.new_tokens
-            args = (self.state, d, table, self._argument(int(limit)), self._argument(int(refill_at)))
+            args = (self.state, d, self._store, table, self._argument(int(limit)), self._argument(int(refill_at)))
             d, taken = self._compile("decode", self._decode_fn, args, dict(policy=self._policy),
                                      donate=DONATE_CARRY)(*args)
             taken = int(taken)
@@ -194,14 +197,17 @@ class DecodeLoop:
 
     def _insert(self, d: Decoding, pending: collections.deque, free: np.ndarray, owner: np.ndarray,
                 table: jax.Array, slot_job: list[Job | None], results: dict[int, RowResult],
-                stop: tuple[str, ...]) -> Decoding:
+                stop: tuple[str, ...]) -> tuple[Decoding, bool]:
         """Start waiting rows: the next jobs' tails, as many as one packing holds, are prefilled
         and every row taken draws its first token (`first_program`); the host then finishes the
         rows that ended there, abandons those their job's `alive` test rejects, and admits the
         rest into free slots (`admit_program`). Rows of untested jobs are taken only as far as
         slots are free; tested rows up to `insert_dests`, and any that find no free slot go back
-        to the front of the line (redrawn later from the same key, so the same token)."""
+        to the front of the line (redrawn later from the same key, so the same token).
+        Live slots read their prefixes from the store, so those rows stay: a job whose prefix
+        would need a row they all hold waits. Returns the carry and whether any row was taken."""
         sh = self.shapes
+        held = {slot_job[s].prefix for s in np.flatnonzero(owner >= 0)}
         taken: list[tuple[Job, list[Row]]] = []
         seqs: list[tuple[int, ...]] = []
         keys: list[tuple[int, ...]] = []
@@ -212,6 +218,8 @@ class DecodeLoop:
             room = sh.insert_dests - used
             if job.alive is None:
                 room = min(room, len(free) - untested)
+            if job.prefix not in held and job.prefix not in keys and len(held.union(keys)) >= sh.store_rows:
+                break
             if room <= 0 or not packer.add(len(job.tail), job.prefix):
                 break
             k = min(len(job.rows), room)
@@ -224,9 +232,11 @@ class DecodeLoop:
                 pending.popleft()
             else:
                 job.rows = job.rows[k:]
+        if not taken:
+            return d, False
         packed, count = pack_rows(seqs, keys, sh.insert_rows, sh.insert_width, sh.insert_tails)
         assert count == len(seqs)
-        store_rows = self._store_rows([p for p in packed.prefix if p is not None])
+        store_rows = self._store_rows([p for p in packed.prefix if p is not None], held=held)
         prefix = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
         drawn = [(job, r, t) for t, (job, rows) in enumerate(taken) for r in rows]
         draw = self._settings(sh.insert_dests, [(r, t) for _, r, t in drawn])
@@ -277,7 +287,7 @@ class DecodeLoop:
                 place["token"][a], place["logp"][a], place["raw"][a] = token[i], logp[i], raw[i]
             args = (d, mini, pack, self._put_replicated(place), table)
             d = self._compile("admit", self._admit_fn, args, {}, donate=ADMIT_DONATES)(*args)
-        return d
+        return d, True
 
     @staticmethod
     def _settings(size: int, rows: list[tuple[Row, int]]) -> dict[str, np.ndarray]:

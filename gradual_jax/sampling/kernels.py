@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.random import threefry2x32_p
 
-from gradual_jax.models.transformer import KVCache, as_dtype
+from gradual_jax.models.transformer import KVCache, SharedPrefix, as_dtype
 
 # --------------------------------------------------------------------------------------------
 # Choosing tokens
@@ -177,9 +177,13 @@ class PrefixStore:
 @dataclasses.dataclass
 class Decoding:
     """The decode slots. Every array has the slot first; slot s holds one (prompt, sample)
-    row from its insert until the host collects it once `done`."""
+    row from its insert until the host collects it once `done`. A slot's cache holds its own
+    tokens (prompt tail, then generation); its prompt's prefix stays in the prefix store, in
+    row `prefix_rows[s]`, which the slot reads while it decodes."""
 
     cache: KVCache
+    prefix_rows: jax.Array  # [B] the store row of each slot's prefix
+    prefix_mask: jax.Array  # [B, P] that row's real slots
     rows: Rows
     token: jax.Array       # [B] last chosen token (fed next)
     done: jax.Array        # [B] stopped, or empty
@@ -287,8 +291,8 @@ def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, p
     """Start slots `place` (slot `[A]`, out of range: none; source tail `[A]`; temperature,
     top_k, top_p; key seed, prompt key and sample; the first token chosen by `first_program`
     with its log-probs) on the tails of `mini`, the cache `first_program` returned for `pack`
-    (the same packing): each slot gets its tail's prefix and tail keys, its settings
-    and its first token."""
+    (the same packing): each slot gets its tail's keys, the store row of its prefix, its
+    settings and its first token."""
     w = pack["ids"].shape[1]
     p = mini.mask.shape[1] - w
     src = place["source"]
@@ -300,23 +304,22 @@ def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, p
     slot = place["slot"]
 
     def copy(buf: jax.Array, part: jax.Array) -> jax.Array:
-        own = jnp.where(valid[..., None, None], part[r_idx, c_idx], 0)
-        rows = jnp.concatenate([part[row, :p], own], axis=1).astype(buf.dtype)  # [A, P + W, K, H]
-        return buf.at[slot, :p + w].set(rows, mode="drop")
+        own = jnp.where(valid[..., None, None], part[r_idx, c_idx], 0).astype(buf.dtype)  # [A, W, K, H]
+        return buf.at[slot, :w].set(own, mode="drop")
 
-    new_mask = jnp.concatenate([mini.mask[row, :p], valid,
-                                jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.bool_)], axis=1)
+    put = lambda buf, new: buf.at[slot].set(new, mode="drop")  # noqa: E731
+    new_mask = jnp.concatenate([valid, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.bool_)], axis=1)
     cache = KVCache(keys=[copy(a, b) for a, b in zip(d.cache.keys, mini.keys)],
                     values=[copy(a, b) for a, b in zip(d.cache.values, mini.values)],
-                    mask=d.cache.mask.at[slot].set(new_mask, mode="drop"), end=d.cache.end)
-    put = lambda buf, new: buf.at[slot].set(new, mode="drop")  # noqa: E731
+                    mask=put(d.cache.mask, new_mask), end=d.cache.end)
     keys = row_keys(place["seed"], place["prompt_key"], place["sample"])
     rows = Rows(temperature=put(d.rows.temperature, place["temperature"]),
                 top_k=put(d.rows.top_k, place["top_k"]), top_p=put(d.rows.top_p, place["top_p"]),
                 key=put(d.rows.key, keys))
     n = d.tokens.shape[1]
     d = dataclasses.replace(
-        d, cache=cache, rows=rows, done=put(d.done, jnp.zeros(slot.shape, bool)),
+        d, cache=cache, rows=rows, prefix_rows=put(d.prefix_rows, pack["prefix"][row]),
+        prefix_mask=put(d.prefix_mask, mini.mask[row, :p]), done=put(d.done, jnp.zeros(slot.shape, bool)),
         step=put(d.step, jnp.zeros_like(slot)),
         tokens=put(d.tokens, jnp.full((slot.shape[0], n), -1, jnp.int32)),
         logp=put(d.logp, jnp.zeros((slot.shape[0], n), jnp.float32)),
@@ -329,12 +332,13 @@ def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, p
 
 
 def decode_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callable[[Callable], Callable],
-                   state: Any, d: Decoding,
+                   state: Any, d: Decoding, store: PrefixStore,
                    stop_table: jax.Array, limit: jax.Array, refill_at: jax.Array, *,
                    policy: Policy) -> tuple[Decoding, jax.Array]:
     """Decode steps until `limit` steps are taken, every slot is done, or at least `refill_at`
-    slots are done (the host then refills them). Returns the carry and the steps taken. Each
-    replica chooses its own slots' tokens (`local`)."""
+    slots are done (the host then refills them), each slot attending to its prefix in `store`
+    and to its own cache. Returns the carry and the steps taken. Each replica chooses its own
+    slots' tokens (`local`)."""
     model = nnx.merge(graphdef, state)
     choose_local = local(functools.partial(choose, policy=policy))
 
@@ -344,7 +348,8 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callab
     def body(carry: tuple[jax.Array, Decoding]) -> tuple[jax.Array, Decoding]:
         i, d = carry
         live = ~d.done
-        logits, cache = model(d.token[:, None], live[:, None], cache=d.cache)
+        prefix = SharedPrefix(store.keys, store.values, d.prefix_rows, d.prefix_mask)
+        logits, cache = model(d.token[:, None], live[:, None], cache=d.cache, prefix=prefix)
         cache = dataclasses.replace(cache, end=first + (cache.end - first) % n)
         token, logp, raw = choose_local(logits[:, 0], d.rows, d.step)
         return i + 1, record(dataclasses.replace(d, cache=cache), token, logp, raw, stop_table, live)

@@ -97,7 +97,8 @@ def common_prefix(rows: Sequence[Sequence[int]]) -> int:
 @dataclasses.dataclass(frozen=True)
 class Shapes:
     """Every shape the engine's programs take. `slots` decode rows, each `cache_len` =
-    `prefix_width + insert_width + new_tokens` cache slots (prefix, tail, generation);
+    `insert_width + new_tokens` cache slots of its own (tail, generation) after its prefix's
+    `prefix_width` slots in one of the store's `store_rows` rows;
     `insert_dests`: most rows one insert draws a first token for; `admit_rows`: most rows one
     admit call starts (an admit's work is proportional to it, not to the slots)."""
 
@@ -118,7 +119,7 @@ class Shapes:
 
     @property
     def cache_len(self) -> int:
-        return self.prefix_width + self.insert_width + self.new_tokens
+        return self.insert_width + self.new_tokens
 
     def same_rows(self, other: "Shapes") -> bool:
         """Whether both have the same row counts (slots and rows a call), so one can grow to

@@ -7,7 +7,7 @@ key/value store, least recently used rows making room, kept until the weights ch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -31,14 +31,16 @@ class PrefixStoreRows:
             self._store_index.clear()
         return self._store
 
-    def _store_rows(self, prefixes: Sequence[tuple[int, ...]]) -> dict[tuple[int, ...], int]:
+    def _store_rows(self, prefixes: Sequence[tuple[int, ...]],
+                    held: Collection[tuple[int, ...]] = ()) -> dict[tuple[int, ...], int]:
         """Store rows holding `prefixes`, prefilling the missing ones (least recently used rows
-        not among `prefixes` make room)."""
+        neither among `prefixes` nor `held`, the prefixes decode slots are reading, make room;
+        together they must fit the store)."""
         sh = self.shapes
         store = self._store_or_new()
         index = self._store_index
         missing = list(dict.fromkeys(p for p in prefixes if p not in index))
-        keep = set(prefixes)
+        keep = set(prefixes).union(held)
         for start in range(0, len(missing), sh.prefill_rows):
             part = missing[start:start + sh.prefill_rows]
             rows = []

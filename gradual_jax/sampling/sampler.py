@@ -252,7 +252,7 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         first = (self.state, store, pack, draw)
         admit = (carry, self._empty_tails(), pack, place, table)
         scalar = z((), np.int32, rows=False)
-        decode = (self.state, carry, table, scalar, scalar)
+        decode = (self.state, carry, store, table, scalar, scalar)
         score = (self.state, store, *self._empty_score())
         policy = dict(policy=self._policy)
         return {"prefill": (self._prefill_fn, prefill, {}, (1,)),
