@@ -407,8 +407,10 @@ class Attention(nnx.Module):
             out = weighted(jax.nn.softmax(scores, axis=1), cache_v)
         else:
             keys, values, rows, mask = prefix
-            # Tied to this layer's query: otherwise XLA gathers every layer's prefixes at once
-            # (or once before a decode loop), holding the copy a shared prefix saves.
+            # The gathered rows are a copy (XLA:CPU does not fuse a gather into the reduction).
+            # Tied to this layer's query, one layer's copy is live at a time under the
+            # memory-minimizing scheduler (gradual_jax.xla_flags); untied, a decode loop hoists
+            # every layer's copy out of the loop: the memory a shared prefix saves.
             rows, q = jax.lax.optimization_barrier((rows, q))
             p = mask.shape[1]
             probs = jax.nn.softmax(jnp.concatenate([scores_over(keys[rows], mask), scores], axis=1), axis=1)
