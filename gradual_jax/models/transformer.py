@@ -373,8 +373,6 @@ class Attention(nnx.Module):
             if q.shape[1] == 1:
                 return self.o(self.decode(q, cache_k, cache_v, mask[:, 0], prefix).astype(x.dtype)), new_kv
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        if prefix is not None:
-            raise ValueError("a shared prefix is read by one-token (decode) calls only")
         b, t, n, h = q.shape
         groups = n // self.num_kv_heads
         q = q.reshape(b, t, self.num_kv_heads, groups, h)
