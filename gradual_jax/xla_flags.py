@@ -40,9 +40,9 @@ def apply_xla_flags(environ: dict[str, str] | None = None) -> str:
     any flag the user set alone and adding none where the host has several CPU devices (see the
     module docstring); returns the new value."""
     env = os.environ if environ is None else environ
-    current = env.get("XLA_FLAGS", "").split()
     if cpu_device_count(env) > 1:
         return env.get("XLA_FLAGS", "")
+    current = env.get("XLA_FLAGS", "").split()
     named = {f.split("=", 1)[0] for f in current}
     added = [f for f in PACKAGE_FLAGS if f.split("=", 1)[0] not in named]
     env["XLA_FLAGS"] = " ".join(current + added)

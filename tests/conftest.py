@@ -7,9 +7,7 @@ _flag = "--xla_force_host_platform_device_count=8"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
-from gradual_jax.xla_flags import apply_xla_flags  # noqa: E402
-
-apply_xla_flags()  # as every entry point does (a no-op with 8 devices: gradual_jax.xla_flags)
+# No package XLA flags here: with 8 devices `apply_xla_flags` adds none (gradual_jax.xla_flags).
 
 from pathlib import Path  # noqa: E402
 

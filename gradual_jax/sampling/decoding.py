@@ -208,6 +208,7 @@ class DecodeLoop:
         would need a row they all hold waits. Returns the carry and whether any row was taken."""
         sh = self.shapes
         held = {slot_job[s].prefix for s in np.flatnonzero(owner >= 0)}
+        needed = set(held)  # store rows this insert must keep: held, then its jobs' prefixes
         taken: list[tuple[Job, list[Row]]] = []
         seqs: list[tuple[int, ...]] = []
         keys: list[tuple[int, ...]] = []
@@ -218,7 +219,7 @@ class DecodeLoop:
             room = sh.insert_dests - used
             if job.alive is None:
                 room = min(room, len(free) - untested)
-            if job.prefix not in held and job.prefix not in keys and len(held.union(keys)) >= sh.store_rows:
+            if job.prefix not in needed and len(needed) >= sh.store_rows:
                 break
             if room <= 0 or not packer.add(len(job.tail), job.prefix):
                 break
@@ -226,6 +227,7 @@ class DecodeLoop:
             taken.append((job, job.rows[:k]))
             seqs.append(job.tail)
             keys.append(job.prefix)
+            needed.add(job.prefix)
             used += k
             untested += k if job.alive is None else 0
             if k == len(job.rows):
