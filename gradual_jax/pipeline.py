@@ -20,6 +20,12 @@ and ends with the same numbers:
 With several processes, process 0 writes every one of these but the Orbax shards in ckpt/ and
 params/ (which every process writes), and makes every skip-or-redo decision for all of them
 (`done_json`, `cached_json`); each process probes its share of the questions (`Probe.run`).
+
+What a resume keeps is checked, not assumed: result.json and arm.json are summaries of the
+probes and count only under the probe's current gold scoring (`GOLD_SCORING`: older probe files
+are updated by `Probe.run` and the summaries made again); a stage's trained model counts only
+if it trained on what the curriculum selects now, else it and everything after it in its arm
+are trained and probed again.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from gradual_jax.config import RunConfig, StageConfig, TrainConfig, stage_train_
 from gradual_jax.errors import UserError
 from gradual_jax.knowledge.categories import HIGHLY_KNOWN, MAYBE_KNOWN
 from gradual_jax.knowledge.data import QAExample
-from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
+from gradual_jax.knowledge.probe import GOLD_SCORING, Probe, ProbeSettings, category_counts
 
 log = logging.getLogger("gradual_jax")
 
@@ -80,6 +86,30 @@ def done_json(path: Path, *also: Path) -> Any | None:
     """The JSON at `path` when it and every path in `also` exist, else None: a resume decision,
     made on process 0 and handed to every process (a collective)."""
     return on_main(lambda: read_json(path) if path.exists() and all(p.exists() for p in also) else None)
+
+
+def summary_json(path: Path) -> Any | None:
+    """`done_json` of a summary of probes (result.json, arm.json): None as well when it was made
+    from probes under an older gold scoring."""
+    done = done_json(path)
+    if done is not None and done.get("gold_scoring") != GOLD_SCORING:
+        log.info("%s summarises probes of an older gold scoring: made again", path)
+        return None
+    return done
+
+
+def discard(path: Path) -> None:
+    """Remove a stale output file on process 0; a collective, so every process goes on only
+    after it is gone."""
+    on_main(lambda: path.unlink(missing_ok=True))
+
+
+def _fingerprint_of(records: Path) -> str | None:
+    """The configuration fingerprint in a probe records file's sidecar (None: none readable)."""
+    try:
+        return json.loads(records.with_name(records.name + ".meta.json").read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def cached_json(path: Path, compute: Callable[[], Any]) -> Any:
@@ -170,11 +200,11 @@ class SeedRun:
                 self._digests[model] = self.model_digest(model)
             kind = "noise" if noise else "greedy" if greedy else "probe"
             key = f"{self._digests[model]}/{split}/{kind}"
-            if is_main_process():  # the records file is process 0's; Probe.run tells the others
-                self._reuse_records(key, out)
         engine = self.engine_factory(model)
         probe = Probe(engine, self.prompt_sets(noise), probe_settings(self.cfg, seed, greedy=greedy),
                       model_id=self.res.model_id)
+        if key is not None and is_main_process():  # the records file is process 0's; Probe.run tells the others
+            self._reuse_records(key, out, probe.fingerprint())
         log.info("probe %s -> %s", split, out)
         records = probe.run(self.res.splits[split], out, split=getattr(engine, "process_local", False))
         if key is not None and is_main_process():
@@ -197,26 +227,44 @@ class SeedRun:
         path = self.root / PROBE_INDEX
         return read_json(path) if path.exists() else {}
 
-    def _reuse_records(self, key: str, out: Path) -> None:
+    def _reuse_records(self, key: str, out: Path, fingerprint: str) -> None:
         """Copy the finished records indexed under `key` to `out` (and its fingerprint sidecar),
-        unless `out` already has records. The records file appears whole or not at all."""
+        unless `out` already has records of fingerprint `fingerprint` or the indexed ones are
+        not of it (an older gold scoring's, which `Probe.run` would update). The records file
+        appears whole or not at all."""
         done = self._probe_index().get(key)
-        if done is None or out.exists():
+        if done is None or (out.exists() and _fingerprint_of(out) == fingerprint):
             return
         src = self.root / done
         meta = src.with_name(src.name + ".meta.json")
-        if src == out or not src.exists() or not meta.exists():
+        if src == out or not src.exists() or _fingerprint_of(src) != fingerprint:
             return
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(meta, out.with_name(out.name + ".meta.json"))
+        sidecar = out.with_name(out.name + ".meta.json")
+        # Over an older scoring's records, the records land first (as `RecordFile.replace`): a
+        # kill between leaves them marked stale, and updating current records changes nothing.
+        if not out.exists():
+            shutil.copyfile(meta, sidecar)
         io.atomic_write(out, lambda tmp: shutil.copyfile(src, tmp))
+        io.atomic_write(sidecar, lambda tmp: shutil.copyfile(meta, tmp))
         log.info("probe %s: same weights as %s, records reused", out, src)
+
+    def _discard_stage(self, stage_dir: Path) -> None:
+        """Remove a stale stage's outputs, and the probe index's entries that point into them
+        (another model's records will take their paths)."""
+        def remove() -> None:
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            index = self._probe_index()
+            kept = {k: v for k, v in index.items() if not (self.root / v).is_relative_to(stage_dir)}
+            if kept != index:
+                write_json(self.root / PROBE_INDEX, kept)
+        on_main(remove)
 
     # ---------------------------------------------------------------- arms
 
     def run(self) -> dict:
         result_path = self.root / "result.json"
-        done = done_json(result_path)
+        done = summary_json(result_path)
         if done is not None:
             return done
         t0 = time.time()
@@ -236,7 +284,7 @@ class SeedRun:
             arms[arm] = self.run_arm(arm, state0, arms)
         result = {"seed": self.seed, "stage0": stage0, "noise_control": noise, "arms": arms,
                   "stage0_p_gold": {s: by_p_gold(r) for s, r in records0.items()},
-                  "wall_seconds": time.time() - t0}
+                  "wall_seconds": time.time() - t0, "gold_scoring": GOLD_SCORING}
         write_json(result_path, result)
         return result
 
@@ -267,7 +315,7 @@ class SeedRun:
     def run_arm(self, arm: str, state0: curriculum.CurriculumState, arms_done: dict[str, dict]) -> dict:
         arm_dir = self.root / arm
         summary_path = arm_dir / "arm.json"
-        done = done_json(summary_path)
+        done = summary_json(summary_path)
         if done is not None:
             return done
         state = state0
@@ -280,6 +328,7 @@ class SeedRun:
             plan = self._arm_stages(arm, arms_done, state0)
             extra = 0
         k = 0
+        retrained = False  # a stage trained again: what followed it in this arm is stale
         while k < len(plan) or extra > 0:
             if k >= len(plan):
                 if not curriculum.should_continue(state, self.cfg.min_moved_up):
@@ -289,12 +338,16 @@ class SeedRun:
                 extra -= 1
             stage_cfg, limits = plan[k]
             test_before = stages[-1]["test_after"] if stages else self.stage0_test
-            model, state, info = self.run_stage(arm, k, stage_cfg, limits, model, state, test_before)
+            model, state, info, trained = self.run_stage(arm, k, stage_cfg, limits, model, state,
+                                                         test_before, stale=retrained)
+            retrained = retrained or trained
             stages.append(info)
             k += 1
+        if retrained:
+            discard(arm_dir / "test_correct.json")
         test_correct = cached_json(arm_dir / "test_correct.json", lambda: self.accuracy_fn(
             model, self.res.splits["test"], stage_train_config(self.cfg, plan[-1][0]).template))
-        summary = {"stages": stages, "test_correct": test_correct}
+        summary = {"stages": stages, "test_correct": test_correct, "gold_scoring": GOLD_SCORING}
         write_json(summary_path, summary)
         return summary
 
@@ -310,7 +363,10 @@ class SeedRun:
                        "test_probe": test_probe}
 
     def run_stage(self, arm: str, k: int, stage_cfg: StageConfig, limits: dict, model: Any,
-                  state: curriculum.CurriculumState, test_before: dict[str, str]):
+                  state: curriculum.CurriculumState, test_before: dict[str, str], *, stale: bool = False):
+        """(model, state, stage summary, whether it trained now). `stale`: an earlier stage of
+        the arm trained again, so what this stage's directory holds started from another model
+        and is trained and probed again."""
         stage_dir = self.root / arm / stage_cfg.name
         train_cfg: TrainConfig = stage_train_config(self.cfg, stage_cfg)
         spec = stage_cfg.spec()
@@ -322,10 +378,21 @@ class SeedRun:
             # Nothing moved up after the previous stage: the method has nothing to add.
             log.warning("arm %s, stage %s: nothing selected, stage skipped (%s)", arm, stage_cfg.name, err)
             state, info = self._skipped_stage(stage_cfg, state, test_before, self.cfg.probe.test_after_training)
-            return model, state, info
+            if stale:
+                self._discard_stage(stage_dir)
+            return model, state, info, False
         params_dir = stage_dir / "params"
         info_path = stage_dir / "stage.json"
         info = done_json(info_path, params_dir)
+        if info is not None and (stale or info.get("trained_ids") != list(ids)):
+            log.warning("arm %s, stage %s: %s; trained and probed again", arm, stage_cfg.name,
+                        "an earlier stage trained again" if stale else
+                        "the saved model trained on other examples than the curriculum selects now")
+            self._discard_stage(stage_dir)
+            info = None
+        elif info is None and stale:
+            self._discard_stage(stage_dir)
+        trained = info is None
         if info is not None:
             model = self.load_params(params_dir)
         else:
@@ -346,6 +413,6 @@ class SeedRun:
         write_json(stage_dir / "state.json", curriculum.to_json(state))
         return model, state, {**info, "train_after": train_after, "test_after": test_after,
                               "test_probe": test_probe, "train_p_gold": by_p_gold(train_records),
-                              "test_p_gold": by_p_gold(test_records)}
+                              "test_p_gold": by_p_gold(test_records)}, trained
 
 

@@ -54,7 +54,7 @@ class JaxEngine:
             self.shapes.apply(s)
         s.prepare_for([q for _, q in prompts], prefix=[p for p, _ in prompts], max_new_tokens=max_new_tokens,
                       continuations=continuations, batch_size=self.batch_size,
-                      k_cap=top_k if n_samples else 0)
+                      k_cap=top_k if n_samples else 0, stop=STOP)
         s.prepare(prefixes=probe_store_prefixes(s, len({p for p, _ in prompts})))
         if self.shapes is not None:
             self.shapes.record(s)
@@ -94,9 +94,9 @@ class JaxEngine:
         if not questions:
             return out
         # right after `greedy` on the same prompts: the sampler skips continuations no sample
-        # can start with
+        # can start with. A sample is the answer when it ends there, at STOP or at an EOS.
         chances = self.sampler.sample_probability(questions, conts, prefix=prefixes, temperature=temperature,
-                                                  top_k=top_k, batch_size=self.batch_size)
+                                                  top_k=top_k, batch_size=self.batch_size, stop=STOP)
         for r, p in zip(owner, chances):
             out[r].append(p)
         return out

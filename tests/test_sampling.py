@@ -582,6 +582,31 @@ def test_sample_probability_skips_only_what_no_sample_starts_with(llama, tok):
     assert answered.stats.scores_skipped == first_out_other
 
 
+def test_chance_of_a_text_sums_every_way_a_sample_can_end_it(llama, tok):
+    """With `stop`, a continuation is a text a generation returns: its chance is that of the
+    text then the stop string plus that of the text then each EOS token (each a separate
+    sample), here against `score` of those token sequences written out by hand."""
+    _, ours = llama
+    s = Sampler(ours, tok)
+    assert s._eos  # the tokenizer's EOS: the ending a fine-tuned model puts after its answer
+    texts = [" France", " the cat", " Japan"]
+    ends = {t: [tok.encode(t + "\n")] + [tok.encode(t) + [e] for e in s._eos] for t in texts}
+    assert all(s.endings(t, ("\n",)) == ends[t] for t in texts)
+    prompts = [q for q in QUESTIONS for _ in texts]
+    conts = texts * len(QUESTIONS)
+    for kw in (dict(temperature=0.7, top_k=0), dict(temperature=0.5, top_k=3)):
+        got = s.sample_probability(prompts, conts, prefix=PREFIX, stop=("\n",), **kw)
+        rows = [(p, e) for p, t in zip(prompts, conts) for e in ends[t]]
+        scores = Sampler(ours, tok).score([p for p, _ in rows], [e for _, e in rows], prefix=PREFIX, **kw)
+        chance = [math.exp(sum(sc.logprobs)) for sc in scores]
+        per = len(ends[texts[0]])
+        want = [sum(chance[i * per:(i + 1) * per]) for i in range(len(conts))]
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-12)
+        assert kw["top_k"] or all(w > 0 for w in want)  # no top-k: every ending can be drawn
+    with pytest.raises(ValueError, match="must be a text"):
+        s.sample_probability(QUESTIONS[:1], [tok.encode(" France")], temperature=1.0, stop=("\n",))
+
+
 # --------------------------------------------------------------------------------------------
 # Mesh, bad input
 

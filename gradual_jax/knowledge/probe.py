@@ -19,7 +19,8 @@ Every mode also records, for every question, the continuous knowledge measure: `
 with `gold_probability` off, only screened mode computes it, for the questions it screens.
 
 Records are appended to a JSONL file in chunks; a restarted probe skips the examples already
-written and refuses an output file written under another configuration.
+written and refuses an output file written under another configuration. A file written under an
+older gold-answer scoring (`GOLD_SCORING`) is brought up to date instead (`Probe.run`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ from gradual_jax.knowledge.prompts import PromptSets, clean_answer, format_probe
 Mode = Literal["lazy", "exhaustive", "screened"]
 log = logging.getLogger("gradual_jax")
 
+# What `q` counts. 1: ` {answer}\n` only, missing the samples that end the answer with an EOS
+# token, which is how a model fine-tuned on answer+EOS ends it (its q fell to ~0 and screening
+# then skipped sampling it). 2: ` {answer}` then a stop string or an EOS.
+GOLD_SCORING = 2
+
 
 class ProbeError(UserError):
     """Bad probe input or an output file that belongs to another configuration."""
@@ -75,7 +81,9 @@ class AnswerEngine(Protocol):
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
-                           top_k: int) -> list[list[float]]: ...
+                           top_k: int) -> list[list[float]]:
+        """Per prompt, per continuation text: the chance that one sample (at `temperature`,
+        top-k renormalised) is exactly that text, ended there by a stop (newline) or an EOS."""
 
 
 def row_seed(seed: int, example_id: str, prompt_index: int) -> int:
@@ -86,7 +94,8 @@ def row_seed(seed: int, example_id: str, prompt_index: int) -> int:
 
 def answer_variants(answer: str) -> list[str]:
     """Surface forms a sample could take that normalise to `answer`: case of the first letter,
-    a leading 'the'. Each is scored as ` {variant}\\n`; the list has no duplicates."""
+    a leading 'the'. Each is scored as the sample ` {variant}` (then a stop or EOS); the list has
+    no duplicates."""
     base = answer.strip()
     forms = [base, base[:1].upper() + base[1:], base[:1].lower() + base[1:]]
     if not normalize_answer(base).startswith("the ") and not base.lower().startswith("the "):
@@ -117,37 +126,60 @@ def _screen_stats(q: Sequence[float], n_samples: int) -> tuple[float, float]:
     return expected, -math.expm1(log_none)
 
 
-def fingerprint(settings: ProbeSettings, prompt_sets: PromptSets, model_id: str) -> str:
-    blob = json.dumps({"settings": settings.fingerprint_fields(), "prompts": prompt_sets,
-                       "model": model_id}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def scores_gold(settings: ProbeSettings) -> bool:
+    """Whether a probe under `settings` computes `q` for any question."""
+    return settings.gold_probability or (settings.mode == "screened" and settings.n_samples > 0)
+
+
+def fingerprint(settings: ProbeSettings, prompt_sets: PromptSets, model_id: str, *,
+                scoring: int = GOLD_SCORING) -> str:
+    """The configuration a records file belongs to. The gold scoring counts only where the probe
+    scores (greedy-only records are the same under every scoring); scoring 1 hashes as before
+    the field existed, so files of that time are recognised."""
+    fields = {"settings": settings.fingerprint_fields(), "prompts": prompt_sets, "model": model_id}
+    if scoring > 1 and scores_gold(settings):
+        fields["gold_scoring"] = scoring
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RecordFile:
     """Append-only JSONL of probe records with a sidecar holding the configuration fingerprint.
-    One writer per file: in a multi-process run only process 0 opens it (`Probe.run`)."""
+    One writer per file: in a multi-process run only process 0 opens it (`Probe.run`).
+    `stale_fp`: the fingerprint of the same configuration under an older gold scoring, whose
+    records `Probe.run` brings up to date (None: there is none)."""
 
-    def __init__(self, path: str | Path, fp: str):
+    def __init__(self, path: str | Path, fp: str, stale_fp: str | None = None):
         self.path = Path(path)
         self.meta = self.path.with_name(self.path.name + ".meta.json")
         self.fp = fp
+        self.stale_fp = stale_fp if stale_fp != fp else None
 
-    def open_for(self) -> dict[str, dict]:
-        """Done records keyed by id; creates the files or checks they belong to this config."""
+    def open_for(self) -> dict:
+        """{"done": records keyed by id, "stale": whether they need `Probe.run`'s update};
+        creates the files or checks they belong to this config."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        stale = False
         if self.path.exists() or self.meta.exists():
             try:
                 meta = json.loads(self.meta.read_text())
             except (OSError, json.JSONDecodeError):
                 raise ProbeError(f"{self.path} exists without a readable {self.meta.name}; "
                                  "it was not written by this probe: choose another --out") from None
-            if meta.get("fingerprint") != self.fp:
+            stale = self.stale_fp is not None and meta.get("fingerprint") == self.stale_fp
+            if meta.get("fingerprint") != self.fp and not stale:
                 raise ProbeError(f"{self.path} holds a probe of a different configuration "
                                  f"(fingerprint {meta.get('fingerprint')} != {self.fp}); "
                                  "choose another output path")
         else:
             io.write_json(self.meta, {"fingerprint": self.fp})
-        return self._read_done()
+        return {"done": self._read_done(), "stale": stale}
+
+    def replace(self, records: Sequence[dict]) -> None:
+        """Rewrite the file as `records` under this configuration's fingerprint. The records
+        land first: a kill before the sidecar leaves a file still marked stale, and updating
+        updated records changes nothing."""
+        io.atomic_write(self.path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in records)))
+        io.write_json(self.meta, {"fingerprint": self.fp})
 
     def _read_done(self) -> dict[str, dict]:
         done: dict[str, dict] = {}
@@ -203,8 +235,8 @@ class Probe:
                 raise ProbeError(f"prompt sets of relation {rel} hold {len(sets)} prompts; "
                                  f"the probe needs n_prompts={settings.n_prompts}")
 
-    def fingerprint(self) -> str:
-        return fingerprint(self.settings, self.prompt_sets, self.model_id)
+    def fingerprint(self, scoring: int = GOLD_SCORING) -> str:
+        return fingerprint(self.settings, self.prompt_sets, self.model_id, scoring=scoring)
 
     def run(self, examples: Sequence[QAExample], out: str | Path | None = None, *,
             split: bool = False) -> list[dict]:
@@ -216,6 +248,10 @@ class Probe:
         chunk (`distributed.shard_for_process`) and the chunk's records are gathered in question
         order before process 0 appends them, so the file holds one line per question whatever
         the process count; without it every process probes every question.
+
+        Records written under an older gold scoring (`GOLD_SCORING`) are updated first, then the
+        file is rewritten whole (`update_chunk`): what a fresh probe would write, at the cost of
+        rescoring and of sampling only the questions the new scores no longer screen out.
         """
         import jax
 
@@ -224,13 +260,19 @@ class Probe:
         self._check(examples)
         done: dict[str, dict] = {}
         file = None
-        if out is not None:
-            file = RecordFile(out, self.fingerprint())
-            done = distributed.on_main(file.open_for)
-        todo = [e for e in examples if e.id not in done]
-        self.warm_up(todo)
         split = split and jax.process_count() > 1
         main = distributed.is_main_process()
+        if out is not None:
+            file = RecordFile(out, self.fingerprint(), stale_fp=self.fingerprint(scoring=1))
+            opened = distributed.on_main(file.open_for)
+            done = opened["done"]
+            if opened["stale"]:
+                done = self._update(examples, done, split)
+                if main:
+                    file.replace(list(done.values()))
+                log.info("probe %s: %d records updated to gold scoring %d", out, len(done), GOLD_SCORING)
+        todo = [e for e in examples if e.id not in done]
+        self.warm_up(todo)
         bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="probe",
                    unit="q", disable=not self.progress or not main, dynamic_ncols=True)
         size = self.settings.chunk_size
@@ -254,6 +296,58 @@ class Probe:
                      jax.process_index(), jax.process_count(), len(mine), len(todo))
             log.debug("probe %s: process %d probed ids %s", out or "", jax.process_index(), json.dumps(mine))
         return [done[e.id] for e in examples]
+
+    def _update(self, examples: Sequence[QAExample], done: dict[str, dict], split: bool) -> dict[str, dict]:
+        """`done` (records keyed by id, in file order) each passed through `update_chunk`, chunk
+        by chunk, split over the processes like a probe."""
+        from gradual_jax import distributed
+
+        by_id = {e.id: e for e in examples}
+        ids = [i for i in done if i in by_id]
+        if len(ids) != len(done):
+            raise ProbeError(f"{len(done) - len(ids)} records of the file are not among the questions")
+        self.warm_up([by_id[i] for i in ids])
+        out: dict[str, dict] = {}
+        size = self.settings.chunk_size
+        for start in range(0, len(ids), size):
+            chunk = ids[start:start + size]
+            if split:
+                part = distributed.shard_for_process(chunk)
+                records = distributed.gather_records(
+                    self.update_chunk([by_id[i] for i in part], [done[i] for i in part]))
+            else:
+                records = self.update_chunk([by_id[i] for i in chunk], [done[i] for i in chunk])
+            out.update((r["id"], r) for r in records)
+        return out
+
+    def update_chunk(self, examples: Sequence[QAExample], records: Sequence[dict]) -> list[dict]:
+        """Records of `examples` written under an older gold scoring, as this probe would write
+        them. Greedy answers and drawn samples stand (their keys are the same); `q` is computed
+        again wherever the record has one. In screened mode the new `q` only adds mass (the old
+        scoring counted a subset of the samples the new one counts), so a question sampled
+        before is sampled now, and one screened out before is sampled now (lazily, on the same
+        stream) exactly when its new P(any right sample) reaches the threshold."""
+        s = self.settings
+        work = []
+        for ex, rec in zip(examples, records):
+            w = _Work(ex, greedy_answers=list(rec["greedy_answers"]), n_sampled=rec["n_sampled"],
+                      n_sample_correct=rec["n_sample_correct"],
+                      skipped_sampling=bool(rec.get("sampling_skipped", False)))
+            w.n_greedy_correct = sum(self._correct(a, ex) for a in w.greedy_answers)
+            work.append(w)
+        scored = [w for w, rec in zip(work, records) if rec.get("q") is not None]
+        if scored:
+            self.answer_probabilities(scored)
+        if s.mode == "screened" and s.n_samples > 0:
+            now_open = []
+            for w in work:
+                if w.skipped_sampling:
+                    _, p_any = _screen_stats(w.q, s.n_samples)
+                    w.skipped_sampling = p_any < s.screen_threshold
+                    if not w.skipped_sampling:
+                        now_open.append(w)
+            self._sample(now_open, range(s.n_prompts), stop_at_first=True)
+        return [self._record(w) for w in work]
 
     def _check(self, examples: Sequence[QAExample]) -> None:
         ids = set()
@@ -282,7 +376,7 @@ class Probe:
         s = self.settings
         work = [_Work(e) for e in examples]
         prompts = [self._prompt(w, i) for w in work for i in range(s.n_prompts)]
-        scores = s.gold_probability or (s.mode == "screened" and s.n_samples > 0)
+        scores = scores_gold(s)
         conts = sorted({c for w in work for c in self._gold_continuations(w.example)}, key=len) if scores else []
         warm(prompts, conts, max_new_tokens=s.max_new_tokens, n_samples=s.n_samples, top_k=s.top_k)
 
@@ -351,7 +445,7 @@ class Probe:
         conts: list[str] = []
         for g in golds:
             for v in answer_variants(g):
-                c = f" {v}\n"
+                c = f" {v}"
                 if c not in conts:
                     conts.append(c)
         return conts

@@ -60,10 +60,19 @@ class TransformersEngine:
                 results.append(self._decode_new(out, enc["input_ids"].shape[1]))
         return results
 
+    def _eos_ids(self) -> list[int]:
+        """The tokens `generate` ends a sequence at: the generation config's EOS and the
+        tokenizer's."""
+        ids = set()
+        for eos in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            ids.update(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        return sorted(int(i) for i in ids)
+
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
                            top_k: int) -> list[list[float]]:
-        """Chance that one sample is exactly each continuation (top-k renormalised, 0 outside)."""
+        """Chance that one sample is exactly each continuation text (top-k renormalised, 0
+        outside), ended there: the text then the stop string, plus the text then each EOS."""
         torch = self.torch
         out = []
         with torch.no_grad():
@@ -72,13 +81,18 @@ class TransformersEngine:
                 n_prompt = len(self.tokenizer(prompt)["input_ids"])
                 probs = []
                 for c in conts:
-                    ids = self.tokenizer(prompt + c, return_tensors="pt")["input_ids"]
-                    logits = self.model(ids).logits[0, n_prompt - 1:-1].float() / temperature
-                    target = ids[0, n_prompt:]
-                    if top_k:
-                        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    logp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
-                    probs.append(float(np.exp(logp.sum().item())))
+                    endings = [self.tokenizer(prompt + c + self.stop)["input_ids"]]
+                    endings += [self.tokenizer(prompt + c)["input_ids"] + [e] for e in self._eos_ids()]
+                    chance = 0.0
+                    for ids in endings:
+                        ids = torch.tensor([ids])
+                        logits = self.model(ids).logits[0, n_prompt - 1:-1].float() / temperature
+                        target = ids[0, n_prompt:]
+                        if top_k:
+                            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                            logits = logits.masked_fill(logits < kth, float("-inf"))
+                        logp = torch.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]
+                        chance += float(np.exp(logp.sum().item()))
+                    probs.append(chance)
                 out.append(probs)
         return out

@@ -215,12 +215,14 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     def prepare_for(self, prompts: Sequence[str], *, prefix: str | Sequence[str] = "",
                     max_new_tokens: int = 1, continuations: Sequence[str] = (),
                     batch_size: int = DEFAULT_BATCH_SIZE, prefixes: int = 1,
-                    k_cap: int = 64) -> Shapes:
+                    k_cap: int = 64, stop: Sequence[str] | None = None) -> Shapes:
         """`prepare` for every prompt (with its declared `prefix`, as `generate_batch` and
-        `score` take them) continued by up to `max_new_tokens` and by each of `continuations`."""
+        `score` take them) continued by up to `max_new_tokens` and by each of `continuations`
+        (with `stop`, by each of their `endings`, as `sample_probability` scores them)."""
         prompts = check_prompts(prompts)
         splits = self._split(prompts, prefix, None)
-        conts = [self._encode_plain(c) for c in continuations]
+        conts = ([self._encode_plain(c) for c in continuations] if stop is None
+                 else [e for c in continuations for e in self.endings(c, stop)])
         longest_cont = max((len(c) for c in conts), default=0)
         return self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
                             longest_tail=max(len(s.tail) for s in splits), new_tokens=max_new_tokens,

@@ -103,12 +103,27 @@ class Scoring:
                            top_k, batch_size, out)
         return out
 
+    def endings(self, text: str, stop: Sequence[str]) -> list[list[int]]:
+        """The token sequences after which a generation with stop strings `stop` has returned
+        exactly `text` and ended: `text` followed by each stop string, and `text` followed by
+        each EOS token, each in its tokenizer's own (canonical) tokenization; no duplicates."""
+        out: list[list[int]] = []
+        for seq in [self._encode_plain(text + s) for s in stop if s] + \
+                   [self._encode_plain(text) + [e] for e in self._eos]:
+            if seq not in out:
+                out.append(seq)
+        return out
+
     @serialized
     def sample_probability(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
                            temperature: float, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                           prefix: str | Sequence[str] = "") -> list[float]:
+                           prefix: str | Sequence[str] = "", stop: Sequence[str] | None = None) -> list[float]:
         """The chance that one sample of each prompt at `temperature` and `top_k` is exactly its
         continuation: `exp(sum(logprobs))` of `score` (0 for an empty continuation).
+
+        With `stop` (the stop strings a generation would be given), each continuation is a text
+        and the chance is that of a generation returning exactly that text: the sum over its
+        `endings` (the text then a stop string, or then an EOS token), each a distinct sample.
 
         A continuation whose first token the sampling distribution excludes (outside the
         top-k, or not the argmax at temperature 0) has chance 0 whatever follows, and is not
@@ -117,6 +132,21 @@ class Scoring:
         since the weights last changed, as the probe's greedy pass right before); prompts it
         has not prefilled are prefilled first (one greedy token), so which continuations are
         scored, and so the packing and every result, depend on this call's arguments only."""
+        if stop is not None:
+            if isinstance(continuations, str) or not all(isinstance(c, str) for c in continuations):
+                raise ValueError("with stop, every continuation must be a text")
+            if len(continuations) != len(prompts):
+                raise ValueError(f"need one continuation per prompt ({len(prompts)})")
+            owner = [i for i, c in enumerate(continuations) for _ in self.endings(c, stop)]
+            seqs = [e for c in continuations for e in self.endings(c, stop)]
+            pres = [prefix] * len(prompts) if isinstance(prefix, str) else list(prefix)
+            chances = self.sample_probability([prompts[i] for i in owner], seqs, temperature=temperature,
+                                              top_k=top_k, batch_size=batch_size,
+                                              prefix=[pres[i] for i in owner])
+            total = [0.0] * len(continuations)
+            for i, p in zip(owner, chances):
+                total[i] += p
+            return total
         splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
         todo = [i for i, c in enumerate(conts) if c]
         if temperature <= 0 or 0 < top_k <= self._policy.k_cap:

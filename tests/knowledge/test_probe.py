@@ -130,14 +130,15 @@ def test_screened_categories_match_lazy_and_skip_sampling(setup):
 
 
 def test_answer_probability_matches_sampled_frequency(setup):
-    """q (teacher-forced chance of ` gold\\n` under the top-k tempered distribution) against
-    the frequency of that exact completion over many samples."""
+    """q (teacher-forced chance that a sample under the top-k tempered distribution is exactly
+    ` gold`, ended by the newline or by EOS) against the frequency of that exact answer over
+    many samples, however each ended."""
     engine, prompts, examples, _, _ = setup
     n = 512
     best = None
     for ex in examples:
         prefix, suffix = split_prompt(prompts[ex.relation][0], ex.question)
-        q = engine.answer_probability([(prefix, suffix)], [[f" {ex.answers[0]}\n"]], temperature=0.5, top_k=40)[0][0]
+        q = engine.answer_probability([(prefix, suffix)], [[f" {ex.answers[0]}"]], temperature=0.5, top_k=40)[0][0]
         if 0.05 < q < 0.95:
             best = (prefix, suffix, ex, q)
             break
@@ -149,6 +150,90 @@ def test_answer_probability_matches_sampled_frequency(setup):
     hits = sum(s == f" {ex.answers[0]}" for s in samples)
     sd = math.sqrt(q * (1 - q) / n)
     assert abs(hits / n - q) < 4 * sd + 1e-3, (hits / n, q)
+
+
+def test_answer_probability_matches_a_plain_transformers_scorer(setup, smoke_world, tmp_path):
+    """Our q against the transformers reference (every prompt of a few questions, each gold
+    surface form) on the smoke model made to end its answers with EOS as often as it starts the
+    newline (EOS's output row set to that of the newline's first token, as fine-tuning on
+    answer+EOS would push it): both count either ending, so q is well above the newline-only
+    chance the probe counted before."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from gradual_jax.knowledge.reference import TransformersEngine
+    from gradual_jax.models import load_hf
+
+    _, prompts, examples, tokenizer, _ = setup
+    hf = AutoModelForCausalLM.from_pretrained(smoke_world.model_dir, dtype=torch.float32)
+    answer = tokenizer.encode(" a", add_special_tokens=False)
+    newline = tokenizer.encode(" a\n", add_special_tokens=False)[len(answer)]  # the newline's first token
+    assert tokenizer.eos_token_id not in (None, newline)
+    with torch.no_grad():
+        head = hf.get_output_embeddings().weight
+        head[tokenizer.eos_token_id] = head[newline]
+    hf.save_pretrained(tmp_path)
+    engine = JaxEngine(load_hf(tmp_path), tokenizer, batch_size=64)
+    ref = TransformersEngine(hf, tokenizer)
+    asked = [(split_prompt(prompts[ex.relation][i], ex.question), [f" {v}" for v in answer_variants(ex.answers[0])])
+             for ex in examples[:6] for i in range(SETTINGS["n_prompts"])]
+    kw = dict(temperature=0.5, top_k=40)
+    ours = engine.answer_probability([p for p, _ in asked], [c for _, c in asked], **kw)
+    theirs = ref.answer_probability([p for p, _ in asked], [c for _, c in asked], **kw)
+    for a, b in zip(ours, theirs):
+        assert a == pytest.approx(b, rel=2e-3, abs=1e-6)
+    newline_only = engine.sampler.sample_probability(
+        [q for (_, q), cs in asked for _ in cs], [c + "\n" for _, cs in asked for c in cs],
+        prefix=[p for (p, _), cs in asked for _ in cs], **kw)
+    with_eos = [x for row in ours for x in row]
+    assert sum(newline_only) > 0.5 and sum(with_eos) > sum(newline_only) + 0.5
+    assert all(a >= b - 1e-7 for a, b in zip(with_eos, newline_only))
+
+
+class _Undercounting:
+    """An engine whose gold scoring counts a thousandth of what ours does: an older scoring
+    that missed some of the ways a sample matches (as gold scoring 1 missed the EOS ending)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def greedy(self, *args, **kw):
+        return self.inner.greedy(*args, **kw)
+
+    def sample(self, *args, **kw):
+        return self.inner.sample(*args, **kw)
+
+    def answer_probability(self, *args, **kw):
+        return [[p * 1e-3 for p in row] for row in self.inner.answer_probability(*args, **kw)]
+
+
+def test_records_of_an_older_gold_scoring_are_brought_up_to_date(setup, tmp_path):
+    """A screened probe file written under gold scoring 1 is rewritten as a fresh probe would
+    write it: q again, and the questions the new q no longer screens out sampled on their own
+    stream; the file then carries the current fingerprint and reads as done."""
+    engine, prompts, examples, *_ = setup
+    settings = ProbeSettings(**{**SETTINGS, "mode": "screened"})
+    out = tmp_path / "probe.jsonl"
+    old = Probe(_Undercounting(engine), prompts, settings, progress=False)
+    before = old.run(examples, out)
+    meta = out.with_name(out.name + ".meta.json")
+    meta.write_text(json.dumps({"fingerprint": old.fingerprint(scoring=1)}))
+    assert old.fingerprint(scoring=1) != old.fingerprint()
+    fresh = Probe(engine, prompts, settings, progress=False).run(examples)
+    updated = Probe(engine, prompts, settings, progress=False).run(examples, out)
+    floats = ("q", "p_gold", "expected_right_samples", "p_any_right")
+    for a, b in zip(updated, fresh):
+        assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+        for k in floats:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-9)
+    reopened = [json.loads(line) for line in out.read_text().splitlines()]
+    assert reopened == updated
+    assert json.loads(meta.read_text())["fingerprint"] == Probe(engine, prompts, settings).fingerprint()
+    opened = [(a["id"], a["category"]) for a, b in zip(before, updated) if a["sampling_skipped"] and not b["sampling_skipped"]]
+    assert opened  # the update sampled questions the old scoring screened out
+    counting = _CountingEngine(engine)
+    assert Probe(counting, prompts, settings, progress=False).run(examples, out) == updated
+    assert counting.scored == 0
 
 
 def test_answer_variants_normalise_to_the_gold():
