@@ -82,7 +82,10 @@ class JaxEngine:
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
-                           top_k: int) -> list[list[float]]:
+                           top_k: int, answered: bool = True) -> list[list[float]]:
+        """`AnswerEngine.answer_probability`. `answered`: `greedy` just ran on these prompts, so
+        the sampler's prefill tells which continuations no sample can start with and they are
+        not scored; otherwise every continuation is scored (same chances, no prefill)."""
         questions, prefixes, conts, owner = [], [], [], []
         for r, ((prefix, suffix), cs) in enumerate(zip(prompts, continuations)):
             for c in cs:
@@ -96,7 +99,8 @@ class JaxEngine:
         # right after `greedy` on the same prompts: the sampler skips continuations no sample
         # can start with. A sample is the answer when it ends there, at STOP or at an EOS.
         chances = self.sampler.sample_probability(questions, conts, prefix=prefixes, temperature=temperature,
-                                                  top_k=top_k, batch_size=self.batch_size, stop=STOP)
+                                                  top_k=top_k, batch_size=self.batch_size, stop=STOP,
+                                                  skip_unreachable=answered)
         for r, p in zip(owner, chances):
             out[r].append(p)
         return out

@@ -570,6 +570,11 @@ def test_sample_probability_skips_only_what_no_sample_starts_with(llama, tok):
     answered.generate_batch(QUESTIONS, max_new_tokens=2, prefix=PREFIX)
     assert answered.sample_probability(prompts, conts, **kw) == cold  # the same bits
     assert answered.stats.scores_skipped == first_out
+    # without the skip: every continuation scored, nothing prefilled, the same chances
+    unskipped = Sampler(ours, tok)
+    assert unskipped.sample_probability(prompts, conts, skip_unreachable=False, **kw) == pytest.approx(
+        want, rel=1e-5, abs=1e-30)
+    assert unskipped.stats.scores_skipped == 0 and unskipped.stats.inserts == 0
     # greedy (temperature 0): only the argmax first token can be drawn
     greedy, _ = expected(ours, temperature=0, prefix=PREFIX)
     assert answered.sample_probability(prompts, conts, temperature=0, prefix=PREFIX) == greedy

@@ -81,9 +81,10 @@ class AnswerEngine(Protocol):
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
-                           top_k: int) -> list[list[float]]:
+                           top_k: int, answered: bool = True) -> list[list[float]]:
         """Per prompt, per continuation text: the chance that one sample (at `temperature`,
-        top-k renormalised) is exactly that text, ended there by a stop (newline) or an EOS."""
+        top-k renormalised) is exactly that text, ended there by a stop (newline) or an EOS.
+        `answered`: `greedy` ran on these prompts just before (an engine may reuse that work)."""
 
 
 def row_seed(seed: int, example_id: str, prompt_index: int) -> int:
@@ -337,7 +338,7 @@ class Probe:
             work.append(w)
         scored = [w for w, rec in zip(work, records) if rec.get("q") is not None]
         if scored:
-            self.answer_probabilities(scored)
+            self.answer_probabilities(scored, answered=False)  # no greedy pass ran here
         if s.mode == "screened" and s.n_samples > 0:
             now_open = []
             for w in work:
@@ -425,7 +426,7 @@ class Probe:
                 w.sampled_prompts += 1
                 w.n_sample_correct += sum(self._correct(clean_answer(o), w.example) for o in outs)
 
-    def answer_probabilities(self, work: list[_Work]) -> None:
+    def answer_probabilities(self, work: list[_Work], *, answered: bool = True) -> None:
         """Fill `q` for each work item: per prompt i, the teacher-forced chance that one sample
         (at the probe's temperature and top-k) equals a gold answer, summed over the gold answers'
         surface forms and capped at 1. It draws no random numbers, so the sampling stream and the
@@ -434,7 +435,8 @@ class Probe:
         pairs = [(w, i) for i in range(s.n_prompts) for w in work]
         probs = self.engine.answer_probability([self._prompt(w, i) for w, i in pairs],
                                                [self._gold_continuations(w.example) for w, _ in pairs],
-                                               temperature=s.temperature, top_k=s.top_k)
+                                               temperature=s.temperature, top_k=s.top_k,
+                                               answered=answered)
         for w in work:
             w.q = [0.0] * s.n_prompts
         for (w, i), ps in zip(pairs, probs):

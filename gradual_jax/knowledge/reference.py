@@ -70,9 +70,10 @@ class TransformersEngine:
 
     def answer_probability(self, prompts: Sequence[tuple[str, str]],
                            continuations: Sequence[Sequence[str]], *, temperature: float,
-                           top_k: int) -> list[list[float]]:
+                           top_k: int, answered: bool = True) -> list[list[float]]:
         """Chance that one sample is exactly each continuation text (top-k renormalised, 0
-        outside), ended there: the text then the stop string, plus the text then each EOS."""
+        outside), ended there: the text then the stop string, plus the text then each EOS.
+        `answered` is not used (every continuation is scored)."""
         torch = self.torch
         out = []
         with torch.no_grad():

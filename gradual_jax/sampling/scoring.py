@@ -117,7 +117,8 @@ class Scoring:
     @serialized
     def sample_probability(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]], *,
                            temperature: float, top_k: int = 0, batch_size: int = DEFAULT_BATCH_SIZE,
-                           prefix: str | Sequence[str] = "", stop: Sequence[str] | None = None) -> list[float]:
+                           prefix: str | Sequence[str] = "", stop: Sequence[str] | None = None,
+                           skip_unreachable: bool = True) -> list[float]:
         """The chance that one sample of each prompt at `temperature` and `top_k` is exactly its
         continuation: `exp(sum(logprobs))` of `score` (0 for an empty continuation).
 
@@ -131,7 +132,11 @@ class Scoring:
         logits come from the sampler's last prefill of each (`first_tokens`: a generation call
         since the weights last changed, as the probe's greedy pass right before); prompts it
         has not prefilled are prefilled first (one greedy token), so which continuations are
-        scored, and so the packing and every result, depend on this call's arguments only."""
+        scored, and so the packing and every result, depend on this call's arguments only.
+        `skip_unreachable=False` scores every continuation and prefills nothing: the same
+        chances (0 where the first token is excluded) up to float rounding, cheaper where no
+        generation call has just prefilled the prompts (a one-token generation of each prompt
+        costs more than the scoring it saves)."""
         if stop is not None:
             if isinstance(continuations, str) or not all(isinstance(c, str) for c in continuations):
                 raise ValueError("with stop, every continuation must be a text")
@@ -142,14 +147,15 @@ class Scoring:
             pres = [prefix] * len(prompts) if isinstance(prefix, str) else list(prefix)
             chances = self.sample_probability([prompts[i] for i in owner], seqs, temperature=temperature,
                                               top_k=top_k, batch_size=batch_size,
-                                              prefix=[pres[i] for i in owner])
+                                              prefix=[pres[i] for i in owner],
+                                              skip_unreachable=skip_unreachable)
             total = [0.0] * len(continuations)
             for i, p in zip(owner, chances):
                 total[i] += p
             return total
         splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
         todo = [i for i, c in enumerate(conts) if c]
-        if temperature <= 0 or 0 < top_k <= self._policy.k_cap:
+        if skip_unreachable and (temperature <= 0 or 0 < top_k <= self._policy.k_cap):
             keys = {i: (splits[i].prefix, splits[i].tail) for i in todo}
             # one prompt of each key not prefilled yet (a prompt is often asked with several
             # continuations)
