@@ -365,14 +365,16 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callab
 
 def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callable[[Callable], Callable],
                   state: Any, store: PrefixStore,
-                  pack: dict, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
-                  policy: Policy) -> tuple[jax.Array, jax.Array]:
+                  pack: dict, cont: jax.Array, alt: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                  policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Teacher-forced log-probs `[N]` of continuation tokens `cont` `[N]`. `pack` holds packed
     rows (ids, pos, seg, branch `[R, W]`, prefix `[R]`) where each prompt tail is a segment's
     trunk and each of its continuations a branch after it; token n is predicted by the hidden
     state at row `row[n]`, column `at[n]` (padding reads anything: the host drops it). Returns
     raw log-probs and those under softmax(logits / temperature) kept to the top-k (temperature
-    0: 0 for the argmax, -inf elsewhere)."""
+    0: 0 for the argmax, -inf elsewhere), and the latter for token `alt[n]` at the same place,
+    where `alt[n] >= 0` (an other token that could come there: a sequence's EOS where its
+    continuation goes on with a stop string; -inf where `alt[n] < 0`)."""
     model = nnx.merge(graphdef, state)
     h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"],
                              pack["branch"])
@@ -382,16 +384,19 @@ def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callabl
     logits = model.hidden_to_logits(hidden[:, None])[:, 0]  # [N, V]
     full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
     scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
-    return local(scores)(logits, cont, full(temperature, jnp.float32), full(top_k, jnp.int32))
+    return local(scores)(logits, cont, alt, full(temperature, jnp.float32), full(top_k, jnp.int32))
 
 
-def _token_scores(logits: jax.Array, cont: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
-                  policy: Policy) -> tuple[jax.Array, jax.Array]:
+def _token_scores(logits: jax.Array, cont: jax.Array, alt: jax.Array, temperature: jax.Array,
+                  top_k: jax.Array, *, policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per row of `logits` `[N, V]`: token `cont`'s raw log-prob and its log-prob under the
-    row's sampling distribution (temperature 0: 0 for the argmax, -inf elsewhere)."""
-    pick = lambda a: jnp.take_along_axis(a, cont[:, None], axis=-1)[:, 0]  # noqa: E731
-    raw = pick(jax.nn.log_softmax(logits, axis=-1))
-    x = truncate(logits, temperature, top_k, jnp.ones(cont.shape, jnp.float32), policy)
-    sampled = pick(jax.nn.log_softmax(x, axis=-1))
-    greedy = jnp.where(cont == jnp.argmax(logits, axis=-1), 0.0, -jnp.inf)
-    return raw, jnp.where(temperature > 0, sampled, greedy)
+    row's sampling distribution (temperature 0: 0 for the argmax, -inf elsewhere), and the
+    latter for token `alt` (-inf where `alt < 0`)."""
+    pick = lambda a, t: jnp.take_along_axis(a, t[:, None], axis=-1)[:, 0]  # noqa: E731
+    raw = pick(jax.nn.log_softmax(logits, axis=-1), cont)
+    x = jax.nn.log_softmax(truncate(logits, temperature, top_k, jnp.ones(cont.shape, jnp.float32), policy), axis=-1)
+    best = jnp.argmax(logits, axis=-1)
+    greedy = lambda t: jnp.where(t == best, 0.0, -jnp.inf)  # noqa: E731
+    sampled = jnp.where(temperature > 0, pick(x, cont), greedy(cont))
+    other = jnp.where(temperature > 0, pick(x, jnp.maximum(alt, 0)), greedy(alt))
+    return raw, sampled, jnp.where(alt >= 0, other, -jnp.inf)

@@ -142,17 +142,41 @@ class Scoring:
                 raise ValueError("with stop, every continuation must be a text")
             if len(continuations) != len(prompts):
                 raise ValueError(f"need one continuation per prompt ({len(prompts)})")
-            owner = [i for i, c in enumerate(continuations) for _ in self.endings(c, stop)]
-            seqs = [e for c in continuations for e in self.endings(c, stop)]
+            owner, seqs, alts = [], [], []
+            for i, c in enumerate(continuations):
+                for seq, alt in self._merged_endings(c, stop):
+                    owner.append(i)
+                    seqs.append(seq)
+                    alts.append(alt)
             pres = [prefix] * len(prompts) if isinstance(prefix, str) else list(prefix)
-            chances = self.sample_probability([prompts[i] for i in owner], seqs, temperature=temperature,
-                                              top_k=top_k, batch_size=batch_size,
-                                              prefix=[pres[i] for i in owner],
-                                              skip_unreachable=skip_unreachable)
+            chances = self._chances([prompts[i] for i in owner], seqs, alts, temperature, top_k, batch_size,
+                                    [pres[i] for i in owner], skip_unreachable)
             total = [0.0] * len(continuations)
             for i, p in zip(owner, chances):
                 total[i] += p
             return total
+        return self._chances(prompts, continuations, None, temperature, top_k, batch_size, prefix,
+                             skip_unreachable)
+
+    def _merged_endings(self, text: str, stop: Sequence[str]) -> list[tuple[list[int], tuple[int, int] | None]]:
+        """`endings(text, stop)` with the first EOS ending read off the first stop string's
+        sequence where that sequence is the text's own tokens and then more: (sequence,
+        (position, EOS) or None). One branch then gives both chances, P(text) times P(stop |
+        text) and P(text) times P(EOS | text), at the cost of one."""
+        ends = self.endings(text, stop)
+        text_ids = self._encode_plain(text)
+        m = len(text_ids)
+        first = self._encode_plain(text + stop[0]) if stop and stop[0] else None
+        if not self._eos or first is None or m == 0 or len(first) <= m or first[:m] != text_ids:
+            return [(e, None) for e in ends]
+        eos = text_ids + [self._eos[0]]
+        return [(first, (m, self._eos[0]))] + [(e, None) for e in ends if e != first and e != eos]
+
+    def _chances(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]],
+                 alts: Sequence[tuple[int, int] | None] | None, temperature: float, top_k: int,
+                 batch_size: int, prefix: str | Sequence[str], skip_unreachable: bool) -> list[float]:
+        """`sample_probability` of token continuations; with `alts`, each continuation's chance
+        plus, where it names (position j, token t), the chance of its first j tokens then t."""
         splits, conts = self._scoring_input(prompts, continuations, temperature, top_k, batch_size, prefix)
         todo = [i for i, c in enumerate(conts) if c]
         if skip_unreachable and (temperature <= 0 or 0 < top_k <= self._policy.k_cap):
@@ -172,8 +196,16 @@ class Scoring:
             self.stats.scores_skipped += len(todo) - len(kept)
             todo = kept
         out: list[TokenScores] = [TokenScores((), (), ())] * len(conts)
-        self._score_splits(splits, conts, todo, temperature, top_k, batch_size, out)
-        return [math.exp(sum(s.logprobs)) if s.logprobs else 0.0 for s in out]
+        alt_at = {i: a for i, a in enumerate(alts or []) if a is not None}
+        alt_lp: dict[int, float] = {}
+        self._score_splits(splits, conts, todo, temperature, top_k, batch_size, out, alt_at, alt_lp)
+        chances = []
+        for i, sc in enumerate(out):
+            chance = math.exp(sum(sc.logprobs)) if sc.logprobs else 0.0
+            if i in alt_lp:
+                chance += math.exp(sum(sc.logprobs[:alt_at[i][0]]) + alt_lp[i])
+            chances.append(chance)
+        return chances
 
     def _scoring_input(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]],
                        temperature: float, top_k: int, batch_size: int,
@@ -192,9 +224,12 @@ class Scoring:
         return splits, conts
 
     def _score_splits(self, splits: list[Split], conts: list[list[int]], todo: list[int],
-                      temperature: float, top_k: int, batch_size: int, out: list[TokenScores]) -> None:
+                      temperature: float, top_k: int, batch_size: int, out: list[TokenScores],
+                      alt_at: dict[int, tuple[int, int]] | None = None,
+                      alt_lp: dict[int, float] | None = None) -> None:
         """Score continuations `todo` (indices into `splits` and `conts`, each non-empty) into
-        `out`."""
+        `out`; where `alt_at` names (position j, token t) for a continuation, the sampled
+        log-prob of t in place of its token j into `alt_lp`."""
         if not todo:
             return
         longest = max(len(splits[i].tail) + len(conts[i]) for i in todo)
@@ -215,16 +250,18 @@ class Scoring:
                                       len(take), positions, branches)
             take = take[:count]
             pending = remaining(pending, take)
-            self._score_packed(packed, take, conts, temperature, top_k, out)
+            self._score_packed(packed, take, conts, temperature, top_k, out, alt_at or {}, alt_lp)
 
     def _score_packed(self, packed: Any, take: list, conts: list[list[int]], temperature: float,
-                      top_k: int, out: list[TokenScores]) -> None:
+                      top_k: int, out: list[TokenScores], alt_at: dict[int, tuple[int, int]],
+                      alt_lp: dict[int, float] | None) -> None:
         """Score one packing of trunks (prompt tails) with their branches (continuations)."""
         sh = self.shapes
         store_rows = self._store_rows([p for p in packed.prefix if p is not None])
         prefix_rows = np.array([store_rows[p] if p is not None else 0 for p in packed.prefix], np.int32)
         n = sh.score_tokens
         cont, row, at = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
+        alt = np.full(n, -1, np.int32)
         k, spans = 0, []  # (continuation, first read position, length)
         for g, ((_, tail), members) in enumerate(take):
             start, offset = int(packed.col[g]), len(tail)
@@ -234,19 +271,23 @@ class Scoring:
                 row[k:k + len(c)] = packed.row[g]
                 # token 0 is predicted by the tail's last token, token j by the branch's token j-1
                 at[k:k + len(c)] = [start + len(tail) - 1] + [start + offset + j for j in range(len(c) - 1)]
+                if i in alt_at:
+                    alt[k + alt_at[i][0]] = alt_at[i][1]
                 spans.append((i, k, len(c)))
                 offset += len(c)
                 k += len(c)
         pack = {"ids": self._put(packed.ids), "pos": self._put(packed.pos), "seg": self._put(packed.seg),
                 "branch": self._put(packed.branch), "prefix": self._put(prefix_rows),
                 "row": self._put_replicated(row), "at": self._put_replicated(at)}
-        args = (self.state, self._store, pack, self._put(cont),
+        args = (self.state, self._store, pack, self._put(cont), self._put(alt),
                 self._put_replicated(np.float32(temperature)), self._put_replicated(np.int32(top_k)))
-        raw, lp = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
+        raw, lp, other = self._compile("score", self._score_fn, args, dict(policy=self._policy))(*args)
         self.stats.prefill_tokens += packed.ids.size
         self.stats.logit_rows += n
-        raw, lp = np.asarray(raw), np.asarray(lp)
+        raw, lp, other = np.asarray(raw), np.asarray(lp), np.asarray(other)
         for i, k, length in spans:
+            if alt_lp is not None and i in alt_at:
+                alt_lp[i] = float(other[k + alt_at[i][0]])
             out[i] = TokenScores(tuple(conts[i]), tuple(float(x) for x in raw[k:k + length]),
                                  tuple(float(x) for x in lp[k:k + length]))
 
@@ -259,7 +300,7 @@ class Scoring:
         pack = {"ids": z((r, w), np.int32), "pos": z((r, w), np.int32), "seg": z((r, w), np.int32),
                 "branch": z((r, w), np.int32), "prefix": z((r,), np.int32), "row": rep((n,), np.int32),
                 "at": rep((n,), np.int32)}
-        return pack, z((n,), np.int32), rep((), np.float32), rep((), np.int32)
+        return pack, z((n,), np.int32), z((n,), np.int32), rep((), np.float32), rep((), np.int32)
 
-    def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array]:
+    def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
         return score_program(self.graphdef, self._constrain, self._rows_local, state, *args, **static)
