@@ -18,6 +18,7 @@ from gradual_jax.knowledge.categories import CATEGORIES
 from gradual_jax.launch import main
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from older_scoring import mark_as_gold_scoring_1  # noqa: E402
 from report_equality import assert_same  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,37 +144,6 @@ def _resume_after_kill(smoke_run, tmp_path, points):
     assert _report_numbers(json.loads((run_root / "report.json").read_text())) == reference
 
 
-def _mark_as_gold_scoring_1(run_root: Path, model_id: str) -> int:
-    """Rewrite every probe sidecar of the run under `run_root` to the fingerprint the same
-    probe had under gold scoring 1, and drop the summaries' gold_scoring, as a run of that
-    time left them. Returns the number of sidecars changed (greedy-only ones stay)."""
-    from gradual_jax.config import load_config
-    from gradual_jax.knowledge.probe import fingerprint
-    from gradual_jax.pipeline import NOISE_SEED_OFFSET, probe_settings
-
-    cfg = load_config(SMOKE)
-    changed = 0
-    for seed_dir in sorted(run_root.glob("seed_*")):
-        seed = int(seed_dir.name.split("_")[1])
-        prompts = json.loads((seed_dir / "prompts.json").read_text())
-        noise = json.loads((seed_dir / "noise_prompts.json").read_text())
-        old = {}
-        for settings, sets in ((probe_settings(cfg, seed), prompts),
-                               (probe_settings(cfg, seed + NOISE_SEED_OFFSET), noise),
-                               (probe_settings(cfg, seed, greedy=True), prompts)):
-            old[fingerprint(settings, sets, model_id)] = fingerprint(settings, sets, model_id, scoring=1)
-        for meta in seed_dir.rglob("*.jsonl.meta.json"):
-            fp = json.loads(meta.read_text())["fingerprint"]
-            assert fp in old, meta
-            changed += old[fp] != fp
-            meta.write_text(json.dumps({"fingerprint": old[fp]}))
-        for summary in [seed_dir / "result.json", *seed_dir.glob("*/arm.json")]:
-            data = json.loads(summary.read_text())
-            del data["gold_scoring"]
-            summary.write_text(json.dumps(data))
-    return changed
-
-
 def test_a_run_of_an_older_gold_scoring_with_a_stale_stage_is_made_current(smoke_run, smoke_world, tmp_path):
     """Resuming a copy of the smoke run whose probes and summaries are marked as gold scoring 1,
     and whose seed-0 two-stage stage 1 says it trained on other examples: the probe files are
@@ -182,7 +152,7 @@ def test_a_run_of_an_older_gold_scoring_with_a_stale_stage_is_made_current(smoke
     root, _ = smoke_run
     run_root = tmp_path / "smoke"
     shutil.copytree(root, run_root)
-    assert _mark_as_gold_scoring_1(run_root, str(smoke_world.model_dir)) > 0
+    assert mark_as_gold_scoring_1(run_root, str(smoke_world.model_dir), SMOKE) > 0
     stage = run_root / "seed_0" / "two_stage" / "stage1" / "stage.json"
     info = json.loads(stage.read_text())
     trained = info["trained_ids"]

@@ -34,6 +34,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from older_scoring import mark_as_gold_scoring_1  # noqa: E402
 from report_equality import assert_same  # noqa: E402
 
 SMOKE = str(REPO / "configs" / "smoke.yaml")
@@ -284,6 +285,24 @@ def test_process_one_writes_only_orbax_files(runs, restarted):
         # Process 0 wrote the run's files (a check that the hook sees writes at all).
         zero = [json.loads(line)["path"] for line in launch.writes[0].read_text().splitlines()]
         assert any(p.endswith(".jsonl") for p in zero)
+
+
+def test_two_processes_bring_an_older_gold_scoring_up_to_date(runs, restarted, smoke_world):
+    """The finished two-process run, copied and marked as made before gold scoring 2 (probe
+    sidecars and summaries), relaunched as two processes: every probe file is rewritten under
+    the current fingerprint by process 0 alone, and the report equals the one-process run's."""
+    copy = runs["base"] / "older_scoring"
+    shutil.copytree(runs["dir"], copy, symlinks=True)
+    assert mark_as_gold_scoring_1(copy / RUN, str(smoke_world.model_dir), SMOKE) > 0
+    launch = Launch(copy, runs["logs"], "older_scoring")
+    assert launch.wait(timeout=900) == [0, 0], launch.text(0)[-3000:] + "\n---\n" + launch.text(1)[-3000:]
+    assert "records updated to gold scoring 2" in launch.text(0)
+    assert_same(_report(copy / RUN), _report(runs["reference"]))
+    for meta in (runs["dir"] / RUN).rglob("*.jsonl.meta.json"):
+        assert (copy / meta.relative_to(runs["dir"])).read_text() == meta.read_text()
+    writes = [json.loads(line)["path"] for line in launch.writes[1].read_text().splitlines()]
+    stray = [p for p in writes if p.startswith(str(copy)) and "/ckpt/" not in p and "/params/" not in p]
+    assert not stray, stray[:10]
 
 
 def test_second_launch_into_a_held_directory_refuses(runs, restarted):
