@@ -143,8 +143,9 @@ class Scoring:
             if len(continuations) != len(prompts):
                 raise ValueError(f"need one continuation per prompt ({len(prompts)})")
             owner, seqs, alts = [], [], []
+            merged = {c: self._merged_endings(c, stop) for c in set(continuations)}  # a text per prompt
             for i, c in enumerate(continuations):
-                for seq, alt in self._merged_endings(c, stop):
+                for seq, alt in merged[c]:
                     owner.append(i)
                     seqs.append(seq)
                     alts.append(alt)
