@@ -91,7 +91,8 @@ def probe_model(model: Any, tokenizer: Any, examples: Sequence[QAExample | Mappi
         relations = sorted({e.relation for e in questions})
         prompt_sets = build_prompt_sets(_examples(dev, "dev"), relations, n_prompts=probe_settings.n_prompts,
                                         k=probe_settings.k_shot, seed=probe_settings.seed)
-    engine = JaxEngine(model, tokenizer, batch_size=probe_settings.batch_size)
+    engine = JaxEngine(model, tokenizer, batch_size=probe_settings.batch_size,
+                       scan_layers=probe_settings.scan_layers)
     model_id = getattr(getattr(model, "config", None), "model_type", "model")
     probe = Probe(engine, dict(prompt_sets), probe_settings, model_id=str(model_id), progress=progress)
     return probe.run(questions, None if out is None else Path(out))

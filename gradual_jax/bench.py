@@ -86,10 +86,20 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 # sample
 
 
+LAYERS = {"auto": None, "scan": True, "unrolled": False}
+
+
+def add_layers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler-layers", choices=tuple(LAYERS), default="auto",
+                   help="how our sampler runs the layers: one lax.scan, one after another, or the "
+                        "backend's default")
+
+
 def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a .gguf file or an HF checkpoint directory")
     p.add_argument("--prompts", type=int, default=None, help="questions (default 64 greedy, 1 slick)")
     p.add_argument("--batch", type=int, default=64, help="most decode rows at once (ours)")
+    add_layers_arg(p)
     p.add_argument("--new-tokens", type=int, default=12)
     p.add_argument("--workload", choices=("greedy", "slick"), default="greedy")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' generate")
@@ -180,7 +190,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak_gflops()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    sampler = Sampler(model, tokenizer)
+    sampler = Sampler(model, tokenizer, scan_layers=LAYERS[args.sampler_layers])
 
     t0 = time.perf_counter()
     _our_workload(sampler, prompts, args)
@@ -194,6 +204,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {
         "bench": "sample", "workload": args.workload, "model": str(args.model), "prompts": count,
         "answers": answers, "batch": args.batch, "new_tokens": args.new_tokens,
+        "scan_layers": sampler.scan_layers,
         "seconds": seconds, "answers_per_s": answers / seconds, "tokens_per_s": tokens / seconds,
         "first_run_seconds": cold, "compile_seconds": compile_seconds, "compiles": compiles,
         "decode_steps": sampler.stats.decode_steps // args.repeats,
@@ -431,6 +442,7 @@ def add_probe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=SLICK_TEMPERATURE)
     p.add_argument("--top-k", type=_int_at_least(0), default=SLICK_TOP_K)
     p.add_argument("--batch", type=_int_at_least(1), default=64, help="most decode rows at once (ours)")
+    add_layers_arg(p)
     p.add_argument("--warmup-questions", type=_int_at_least(1), default=2,
                    help="questions per relation in the untimed warm-up pass of each mode")
     p.add_argument("--compare-hf", action="store_true",
@@ -480,7 +492,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    engine = JaxEngine(model, tokenizer, batch_size=args.batch)
+    engine = JaxEngine(model, tokenizer, batch_size=args.batch, scan_layers=LAYERS[args.sampler_layers])
     sampler = engine.sampler
     warm = first_per_relation(examples, args.warmup_questions)
     n_q = len(examples)
@@ -526,7 +538,7 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
         "split": args.split, "per_relation": args.per_relation, "questions": n_q,
         "n_prompts": args.n_prompts, "n_samples": args.n_samples,
         "temperature": args.temperature, "top_k": args.top_k, "batch": args.batch,
-        "max_new_tokens": settings("lazy").max_new_tokens, "seed": args.seed,
+        "scan_layers": sampler.scan_layers, "max_new_tokens": settings("lazy").max_new_tokens, "seed": args.seed,
         "device": str(jax.devices()[0].platform),
         "note": "seconds exclude compile (untimed warm-up pass per mode; any compile left in the "
                 "timed pass is subtracted: compile_seconds_in_timed); decode_row_steps count "

@@ -154,19 +154,29 @@ def run_probe_cli(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_decode(args: argparse.Namespace, tokenizer: Any, spec: tuple[float | None, float | None]) -> dict[str, Any]:
-    """Decode tokens/s of a random-weight model through `Sampler.generate_batch`."""
+    """Decode tokens/s of a random-weight model through `Sampler.generate_batch`, with the
+    sampler's layers unrolled and scanned (`Sampler(scan_layers=...)`), each with its compiles."""
     import jax
     from flax import nnx
-
-    from gradual_jax.sampling import Greedy, Sampler
 
     config = arch_config(args.arch, args.layers, dtype="bfloat16", param_dtype="bfloat16")
     t0 = time.perf_counter()
     model = random_model(config)
     jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
     init_seconds = time.perf_counter() - t0
-    sampler = Sampler(model, tokenizer, eos_ids=())
-    del model
+    ways = {way: _decode_way(args, model, tokenizer, spec, scan) for way, scan in
+            (("unrolled", False), ("scan", True))}
+    return {"init_seconds": round(init_seconds, 2), **ways["unrolled"], "scan": ways["scan"],
+            "scan_over_unrolled_tokens_per_s": ways["scan"]["tokens_per_s"] / ways["unrolled"]["tokens_per_s"]}
+
+
+def _decode_way(args: argparse.Namespace, model: Any, tokenizer: Any, spec: tuple[float | None, float | None],
+                scan: bool) -> dict[str, Any]:
+    """`run_decode`'s figures for one way of running the layers."""
+    from gradual_jax.sampling import Greedy, Sampler
+
+    config = model.config
+    sampler = Sampler(model, tokenizer, eos_ids=(), scan_layers=scan)
     # One distinct prompt per slot, each exactly `prompt_tokens` long, no prefix shared.
     vocab = min(len(tokenizer), config.vocab_size)
     prompts = [tokenizer.decode([(7 + 31 * r + 17 * i) % vocab for i in range(args.prompt_tokens)],
@@ -193,8 +203,8 @@ def run_decode(args: argparse.Namespace, tokenizer: Any, spec: tuple[float | Non
     kv_bytes = args.slots * mean_context * config.num_layers * 2 * config.num_kv_heads * config.head_dim * 2
     record: dict[str, Any] = {
         "arch": args.arch, "layers": config.num_layers, "params": config.num_params(),
-        "slots": args.slots, "prompt_tokens": round(prompt_tokens, 1), "new_tokens": [short, long],
-        "init_seconds": round(init_seconds, 2), "compiles": warm_compiles,
+        "scan_layers": scan, "slots": args.slots, "prompt_tokens": round(prompt_tokens, 1),
+        "new_tokens": [short, long], "compiles": warm_compiles,
         "compile_seconds": round(warm_seconds, 2), "compiles_after_warmup": sampler.stats.compiles - before,
         "step_seconds": per_token, "tokens_per_s": tokens_per_s, "cache_len": cache_len,
         "bytes_per_step": weight_bytes + kv_bytes,

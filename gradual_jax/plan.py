@@ -502,7 +502,9 @@ def _probe_measures(mc: Any, probe: Any, mesh: Any, shapes: ProbeShapes) -> dict
     from gradual_jax.runtime import probe_store_prefixes
     from gradual_jax.sampling import Sampler
 
-    sampler = Sampler.abstract(abstract_model(mc), mesh=mesh)
+    # the run's way of running the layers (`probe.sampler_layers`; auto: the default, unrolled on
+    # every backend today, see `sampling.SCAN_LAYERS_BY_BACKEND`)
+    sampler = Sampler.abstract(abstract_model(mc), mesh=mesh, scan_layers=probe.scan_layers)
     answer = PROBE_TOKENS_PER_PAIR // 4
     sampler.prepare(batch_size=int(probe.batch_size), longest_prefix=max(1, shapes.prefix_tokens),
                     longest_tail=shapes.prompt_tokens, new_tokens=shapes.max_new_tokens,

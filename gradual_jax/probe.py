@@ -103,7 +103,7 @@ def run(ns: argparse.Namespace) -> list[dict]:
     ns.model = resolve_model_source(ns.model)
     model = load_model(ns.model)
     tokenizer = load_tokenizer(ns.model)
-    engine = JaxEngine(model, tokenizer, batch_size=settings.batch_size)
+    engine = JaxEngine(model, tokenizer, batch_size=settings.batch_size, scan_layers=settings.scan_layers)
     probe = Probe(engine, prompt_sets, settings, model_id=str(ns.model))
     with CompileCounter() as compiles:
         t0 = time.perf_counter()

@@ -38,9 +38,11 @@ class JaxEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 64, mesh: Any = None,
-                 process_local: bool = False, shapes: SharedShapes | None = None):
-        """``shapes``: a run's shared sampler shapes, which `warm_up` starts from and grows."""
-        self.sampler = sampler_for(model, tokenizer, mesh)
+                 process_local: bool = False, shapes: SharedShapes | None = None,
+                 scan_layers: bool | None = None):
+        """``shapes``: a run's shared sampler shapes, which `warm_up` starts from and grows.
+        ``scan_layers``: the sampler's (None: the backend's default)."""
+        self.sampler = sampler_for(model, tokenizer, mesh, scan_layers)
         self.batch_size = batch_size
         self.process_local = process_local
         self.shapes = shapes
@@ -190,13 +192,13 @@ def _bounds(index: tuple, shape: tuple) -> tuple:
 
 def answers_correct(model: Any, tokenizer: Any, examples: Sequence[QAExample], template: str, *,
                     max_new_tokens: int = 24, batch_size: int = 64, mesh: Any = None,
-                    shapes: SharedShapes | None = None) -> dict[str, bool]:
+                    shapes: SharedShapes | None = None, scan_layers: bool | None = None) -> dict[str, bool]:
     """Greedy exact match of the model's answer in the fine-tuning format, per example id
     (generated on ``mesh``, the run's inference mesh, when given, in ``shapes``, a run's shared
     sampler shapes, when given)."""
     prompts = [format_train_pair(e.question, "", template)[0] for e in examples]
-    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, shapes=shapes, max_new_tokens=max_new_tokens,
-                          stop=STOP, batch_size=batch_size)
+    gens = generate_batch(model, tokenizer, prompts, mesh=mesh, shapes=shapes, scan_layers=scan_layers,
+                          max_new_tokens=max_new_tokens, stop=STOP, batch_size=batch_size)
     return {e.id: bool(exact_match(clean_answer(g[0].text), list(e.answers)))
             for e, g in zip(examples, gens)}
 
@@ -239,12 +241,15 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
     # Every probe, dev evaluation and test accuracy of the run grows one set of sampler shapes
     # and starts from it, so the run's samplers (one per stage model) share one set of programs.
     shapes = SharedShapes()
+    scan = cfg.probe.scan_layers  # how every sampler of the run runs the layers
 
     def engine_factory(model: Any) -> JaxEngine:
         if local_mesh is None:
-            return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh, shapes=shapes)
+            return JaxEngine(model, tokenizer, batch_size=probe_batch, mesh=probe_mesh, shapes=shapes,
+                             scan_layers=scan)
         return JaxEngine(process_local_model(model, probe_mesh, local_mesh), tokenizer,
-                         batch_size=probe_batch, mesh=local_mesh, process_local=True, shapes=shapes)
+                         batch_size=probe_batch, mesh=local_mesh, process_local=True, shapes=shapes,
+                         scan_layers=scan)
 
     @functools.lru_cache(maxsize=None)
     def batch_shape_for(template: str, max_seq_len: int, batch_rows: int, packing: bool) -> BatchShape:
@@ -274,7 +279,7 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         # and slot batch, in the run's shared shapes (no second set of programs).
         dev_eval = make_dev_eval(tokenizer, train_cfg.template, mesh=local_mesh or probe_mesh,
                                  max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch,
-                                 shapes=shapes)
+                                 shapes=shapes, scan_layers=scan)
         if local_mesh is not None:
             dev_eval = split_over_processes(dev_eval, probe_mesh, local_mesh)
         manager = CheckpointManager(ckpt_dir, max_to_keep=2, async_save=not threaded_seeds,
@@ -303,12 +308,13 @@ def make_runtime(cfg: RunConfig, res: Any, *, threaded_seeds: bool = False, run_
         if local_mesh is None:
             return answers_correct(model, tokenizer, examples, template, mesh=probe_mesh,
                                    max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch,
-                                   shapes=shapes)
+                                   shapes=shapes, scan_layers=scan)
         from gradual_jax.distributed import gather_records, shard_for_process
 
         local = process_local_model(model, probe_mesh, local_mesh)
         mine = answers_correct(local, tokenizer, shard_for_process(examples), template, mesh=local_mesh,
-                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch, shapes=shapes)
+                               max_new_tokens=cfg.probe.max_new_tokens, batch_size=probe_batch, shapes=shapes,
+                               scan_layers=scan)
         return dict(gather_records(list(mine.items())))
 
     def save_params(directory: Path, model: Any) -> None:

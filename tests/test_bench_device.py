@@ -44,6 +44,11 @@ def test_bench_device_runs_every_part(smoke_world, tmp_path, capsys):
     weights = decode["params"] * 2
     kv = 8 * (decode["prompt_tokens"] + 20) * 2 * 2 * 2 * 16 * 2
     assert decode["bytes_per_step"] == pytest.approx(weights + kv, rel=1e-4)  # prompt_tokens is rounded
+    # the same figures with the sampler's layers scanned
+    scan = decode["scan"]
+    assert not decode["scan_layers"] and scan["scan_layers"]
+    assert scan["compiles"] == 5 and scan["compiles_after_warmup"] == 0 and scan["bytes_per_step"] == decode["bytes_per_step"]
+    assert decode["scan_over_unrolled_tokens_per_s"] == pytest.approx(scan["tokens_per_s"] / decode["tokens_per_s"])
 
     train = record["train"]
     assert train["layers"] == 1 and train["step_seconds"] > 0 and len(train["step_seconds_all"]) == 2

@@ -51,12 +51,24 @@ class ProbeSettings:
     greedy answers only, as ``n_samples: 0, gold_probability: false``: HighlyKnown and
     MaybeKnown as usual, WeaklyKnown counted as Unknown, no test ``p_gold`` after stage 0).
     Stage 0 and every train probe are always full."""
+    sampler_layers: Literal["auto", "scan", "unrolled"] = "auto"
+    """How the probe's sampler runs the model's layers: ``scan`` (one ``lax.scan`` over
+    layer-stacked weights and caches: one layer to trace and compile, whatever the depth),
+    ``unrolled`` (one after another), ``auto`` (the backend's default,
+    `gradual_jax.sampling.default_scan_layers`). The same numbers either way."""
     mesh: MeshConfig | None = None
     """The probe's own mesh (inference: tensor parallel inside a replica, questions over the
     replicas); default: the largest tensor degree dividing the devices and the query and KV
     heads, replicas over the rest. Set as ``probe.mesh={data: 4, fsdp: 1, tensor: 2}``."""
 
+    @property
+    def scan_layers(self) -> bool | None:
+        """`sampler_layers` as the sampler takes it (None: the backend's default)."""
+        return {"auto": None, "scan": True, "unrolled": False}[self.sampler_layers]
+
     def __post_init__(self) -> None:
+        require(self.sampler_layers in ("auto", "scan", "unrolled"), "sampler_layers",
+                f"expected auto, scan or unrolled, got {self.sampler_layers!r}")
         require(self.mode in MODES, "mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
         for key in ("n_prompts", "max_new_tokens", "batch_size", "chunk_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
@@ -71,11 +83,12 @@ class ProbeSettings:
                 f"expected one of {', '.join(RETEST)}, got {self.test_after_training!r}")
 
     def fingerprint_fields(self) -> dict[str, Any]:
-        """Fields that change a probe's records. Chunking, batching and the mesh do not, and
+        """Fields that change a probe's records. Chunking, batching, the mesh and how the
+        sampler runs the layers do not, and
         ``k_shot`` is already in the prompt sets that are fingerprinted beside these, and
         ``test_after_training`` picks which settings a run's probe gets, not what they do."""
         d = dataclasses.asdict(self)
-        for key in ("chunk_size", "batch_size", "k_shot", "mesh", "test_after_training"):
+        for key in ("chunk_size", "batch_size", "k_shot", "mesh", "test_after_training", "sampler_layers"):
             d.pop(key)
         return d
 

@@ -147,27 +147,29 @@ class ModelConfig:
 class KVCache:
     """Preallocated keys and values for every layer, with per-row slot bookkeeping.
 
-    `keys[i]`, `values[i]`: `[B, S, K, H]` for layer i. `mask[b, s]` is true where slot s of row b
+    `keys[i]`, `values[i]`: `[B, S, K, H]` for layer i, either a list of one array a layer or one
+    layer-stacked array `[L, B, S, K, H]` (what a model with stacked layers reads: see
+    `Transformer.stacked`). `mask[b, s]` is true where slot s of row b
     holds a real token. `end` is the next slot to write: one for every row (a scalar) or each
     row's own (`[B]`). Positions of new tokens continue from each row's count of real tokens,
     so masked gaps, and the order slots were written in, change nothing.
     """
 
-    keys: list[jax.Array]
-    values: list[jax.Array]
+    keys: list[jax.Array] | jax.Array
+    values: list[jax.Array] | jax.Array
     mask: jax.Array
     end: jax.Array
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, size: int, dtype: Any = None) -> "KVCache":
+    def init(cls, config: ModelConfig, batch: int, size: int, dtype: Any = None, *,
+             stacked: bool = False) -> "KVCache":
+        """An empty cache; `stacked`: one layer-stacked array for keys and one for values."""
         dtype = as_dtype(dtype or config.dtype)
         shape = (batch, size, config.num_kv_heads, config.head_dim)
-        return cls(
-            keys=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-            values=[jnp.zeros(shape, dtype) for _ in range(config.num_layers)],
-            mask=jnp.zeros((batch, size), jnp.bool_),
-            end=jnp.zeros((), jnp.int32),
-        )
+        zeros = lambda: layer_buffers(config.num_layers, shape, lambda sh: jnp.zeros(sh, dtype),  # noqa: E731
+                                      stacked=stacked)
+        return cls(keys=zeros(), values=zeros(), mask=jnp.zeros((batch, size), jnp.bool_),
+                   end=jnp.zeros((), jnp.int32))
 
     @property
     def size(self) -> int:
@@ -184,13 +186,14 @@ class SharedPrefix:
     """Keys and values that many rows read and none writes: stored prompt prefixes, each
     computed once, that a cache's rows attend to before their own slots (decoding only).
 
-    `keys[i]`, `values[i]`: `[R, P, K, H]` for layer i, one stored prefix a row. Cache row b
+    `keys[i]`, `values[i]`: `[R, P, K, H]` for layer i (a list, or layer-stacked as the cache
+    that reads them), one stored prefix a row. Cache row b
     reads stored row `rows[b]`, at the slots where `mask[b]` (`[B, P]`) is true; its own
     tokens' positions continue after them.
     """
 
-    keys: list[jax.Array]
-    values: list[jax.Array]
+    keys: list[jax.Array] | jax.Array
+    values: list[jax.Array] | jax.Array
     rows: jax.Array
     mask: jax.Array
 
@@ -199,11 +202,20 @@ class SharedPrefix:
         return self.mask.sum(-1).astype(jnp.int32)
 
 
-def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
+def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array, layer: jax.Array | None = None) -> jax.Array:
     """`buffer` `[B, S, ...]` with `new` `[B, T, ...]` written from slot `end`: one slot for
     every row (a scalar: a plain dynamic update, which partitions without communication) or
-    each row's own (`[B]`)."""
+    each row's own (`[B]`). With `layer`, `buffer` is layer-stacked (`[L, B, S, ...]`) and only
+    layer `layer`'s new slots are written (in place inside a scan's carry)."""
     new = new.astype(buffer.dtype)
+    if layer is not None:
+        if jnp.ndim(end) == 0:
+            return jax.lax.dynamic_update_slice(buffer, new[None], (layer, 0, end) + (0,) * (buffer.ndim - 3))
+
+        def one_stacked(buf: jax.Array, x: jax.Array, at: jax.Array) -> jax.Array:  # buf [L, S, ...]
+            return jax.lax.dynamic_update_slice(buf, x[None], (layer, at) + (0,) * (buf.ndim - 2))
+
+        return jax.vmap(one_stacked, in_axes=(1, 0, 0), out_axes=1)(buffer, new, end)
     if jnp.ndim(end) == 0:
         return jax.lax.dynamic_update_slice(buffer, new, (0, end) + (0,) * (buffer.ndim - 2))
 
@@ -211,6 +223,25 @@ def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
         return jax.lax.dynamic_update_slice(buf, x, (at,) + (0,) * (buf.ndim - 1))
 
     return jax.vmap(one)(buffer, new, end)
+
+
+def is_stacked(buffers: list[jax.Array] | jax.Array) -> bool:
+    """Whether per-layer `buffers` are one layer-stacked array rather than a list."""
+    return not isinstance(buffers, (list, tuple))
+
+
+def layer_buffers(num_layers: int, shape: tuple[int, ...], make: Any, *, stacked: bool) -> Any:
+    """Per-layer buffers of `shape`: `make(shape)` once a layer (a list) or, `stacked`, one
+    `make((num_layers, *shape))`."""
+    return make((num_layers, *shape)) if stacked else [make(shape) for _ in range(num_layers)]
+
+
+def map_layers(fn: Any, *buffers: Any) -> Any:
+    """`fn` applied to each layer's buffers: element by element for per-layer lists, through
+    `jax.vmap` over the layer axis for layer-stacked arrays. The result has the same layout."""
+    if not is_stacked(buffers[0]):
+        return [fn(*xs) for xs in zip(*buffers)]
+    return jax.vmap(fn)(*buffers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,6 +390,7 @@ class Attention(nnx.Module):
                  prefix: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
         """`mask` `[B, T, S]`: may query t attend key s. `kv`: (cache_k, cache_v, end) or None;
         with a cache the new keys and values are written from slot `end` first (see `write_at`).
+        `kv` (cache_k, cache_v, end, layer): layer-stacked buffers, of which this is `layer`.
         `prefix` (one token a row, with a cache): this layer's shared prefix keys and values
         `[R, P, K, H]`, each row's stored row `[B]` and mask `[B, P]`, attended before the cache."""
         q, k, v = self.q(x), self.k(x), self.v(x)
@@ -367,9 +399,14 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_kv = None
         if kv is not None:
-            cache_k, cache_v, end = kv
-            cache_k, cache_v = write_at(cache_k, k, end), write_at(cache_v, v, end)
-            new_kv = (cache_k, cache_v)
+            cache_k, cache_v, end, *layer = kv
+            if layer:
+                all_k, all_v = write_at(cache_k, k, end, layer[0]), write_at(cache_v, v, end, layer[0])
+                new_kv = (all_k, all_v)
+                cache_k, cache_v = all_k[layer[0]], all_v[layer[0]]
+            else:
+                cache_k, cache_v = write_at(cache_k, k, end), write_at(cache_v, v, end)
+                new_kv = (cache_k, cache_v)
             if q.shape[1] == 1:
                 return self.o(self.decode(q, cache_k, cache_v, mask[:, 0], prefix).astype(x.dtype)), new_kv
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
@@ -453,6 +490,31 @@ class Block(nnx.Module):
         return x, new_kv
 
 
+class LayerStack(nnx.Module):
+    """A model's blocks as one: `block` is a `Block` whose every variable has a leading layer
+    axis. The forward pass runs it as one `lax.scan`, so a program traces and compiles one
+    layer's body whatever the depth. Made by `Transformer.stacked`; read-only (not trained)."""
+
+    def __init__(self, block: Block, num_layers: int):
+        self.block = block
+        self.num_layers = num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def scan(self, x: jax.Array, body: Any, xs: Any = None, carry: Any = None) -> tuple[jax.Array, Any]:
+        """`lax.scan` over the layers: `body(layer, x, carry, i, xs_i) -> (x, carry)` with layer
+        i's `Block`, its index and its slice of `xs` (leading axis: the layers)."""
+        graphdef, state = nnx.split(self.block)
+
+        def step(c: tuple[jax.Array, Any], inputs: tuple[Any, jax.Array, Any]) -> tuple[tuple[jax.Array, Any], None]:
+            layer_state, i, x_i = inputs
+            return body(nnx.merge(graphdef, layer_state), c[0], c[1], i, x_i), None
+
+        (x, carry), _ = jax.lax.scan(step, (x, carry), (state, jnp.arange(self.num_layers), xs))
+        return x, carry
+
+
 def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
                 kv: tuple[jax.Array, jax.Array, jax.Array] | None = None, dropout_key: jax.Array | None = None,
                 *, remat: bool = False, prefix: tuple | None = None) -> tuple[jax.Array, Any]:
@@ -490,6 +552,11 @@ def apply_blocks(layers: Sequence[Block], x: jax.Array, positions: jax.Array, in
     """
     n = len(layers)
     keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
+    if isinstance(layers, LayerStack):
+        def stacked_body(layer: Block, x: jax.Array, carry: None, i: jax.Array, key: Any) -> tuple[jax.Array, None]:
+            return apply_block(layer, x, positions, inv_freq, mask, None, key)[0], None
+
+        return layers.scan(x, stacked_body, keys)[0]
     if not scan:
         for i, layer in enumerate(layers):
             x, _ = apply_block(layer, x, positions, inv_freq, mask, None,
@@ -533,6 +600,22 @@ class Transformer(nnx.Module):
         else:
             self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
                                   pd, config.hidden_size)
+
+    def stacked(self) -> "Transformer":
+        """This model with its layers as one `LayerStack`: the same numbers, computed by a
+        `lax.scan` over one traced layer (far fewer operations to trace and compile for a deep
+        model). Its caches must be layer-stacked (`KVCache.init(..., stacked=True)`). Stacking
+        copies the layers' weights (one parameter-sized buffer): do it once, outside loops."""
+        if isinstance(self.layers, LayerStack):
+            return self
+        split = [nnx.split(layer) for layer in self.layers]
+        graphdef = split[0][0]
+        if any(g != graphdef for g, _ in split[1:]):
+            raise ValueError("stacking layers needs every layer to have the same structure")
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
+        out = nnx.merge(*nnx.split(self))
+        out.layers = LayerStack(nnx.merge(graphdef, stacked), len(split))
+        return out
 
     def hidden_to_logits(self, h: jax.Array) -> jax.Array:
         """Final projection to float32 logits `[..., V]` from final-normed hidden states."""
@@ -602,13 +685,28 @@ class Transformer(nnx.Module):
                 block = block & ((branch_slots[:, None, :] == 0)
                                  | (branch_slots[:, None, :] == branch_ids[:, :, None]))
         mask = jnp.where(in_block, block, cache.mask[:, None, :])
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            shared = None if prefix is None else (prefix.keys[i], prefix.values[i], prefix.rows, prefix.mask)
-            x, (k, v) = apply_block(layer, x, positions, inv_freq, mask, (cache.keys[i], cache.values[i], end),
-                                    prefix=shared)
-            new_k.append(k)
-            new_v.append(v)
+        if isinstance(self.layers, LayerStack):
+            if not is_stacked(cache.keys) or (prefix is not None and not is_stacked(prefix.keys)):
+                raise ValueError("a model with stacked layers reads layer-stacked caches and prefixes")
+
+            def body(layer: Block, x: jax.Array, kv: tuple[jax.Array, jax.Array], i: jax.Array,
+                     stored: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                shared = None if stored is None else (*stored, prefix.rows, prefix.mask)
+                return apply_block(layer, x, positions, inv_freq, mask, (*kv, end, i), prefix=shared)
+
+            stored = None if prefix is None else (prefix.keys, prefix.values)
+            x, (new_k, new_v) = self.layers.scan(x, body, stored, (cache.keys, cache.values))
+        else:
+            if is_stacked(cache.keys):
+                raise ValueError("a layer-stacked cache is read by a model with stacked layers "
+                                 "(Transformer.stacked)")
+            new_k, new_v = [], []
+            for i, layer in enumerate(self.layers):
+                shared = None if prefix is None else (prefix.keys[i], prefix.values[i], prefix.rows, prefix.mask)
+                x, (k, v) = apply_block(layer, x, positions, inv_freq, mask,
+                                        (cache.keys[i], cache.values[i], end), prefix=shared)
+                new_k.append(k)
+                new_v.append(v)
         h = self.final_norm(x)
         new_cache = KVCache(keys=new_k, values=new_v, mask=kv_mask, end=end + t)
         return (h if return_hidden else self.hidden_to_logits(h)), new_cache

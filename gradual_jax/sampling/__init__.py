@@ -52,8 +52,15 @@ from gradual_jax.sampling.api import generate, generate_batch, sampler_for, scor
 from gradual_jax.sampling.methods import Greedy, Method, Sample, method_of
 from gradual_jax.sampling.packing import MIN_SHARED_PREFIX, Shapes, next_pow2
 from gradual_jax.sampling.records import Generation, SamplerStats, TokenScores
-from gradual_jax.sampling.sampler import DEFAULT_BATCH_SIZE, DEFAULT_CHUNK, Sampler
+from gradual_jax.sampling.sampler import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_CHUNK,
+    SCAN_LAYERS_BY_BACKEND,
+    Sampler,
+    default_scan_layers,
+)
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_CHUNK", "Generation", "Greedy", "MIN_SHARED_PREFIX",
-           "Method", "Sample", "Sampler", "SamplerStats", "Shapes", "TokenScores", "generate",
-           "generate_batch", "method_of", "next_pow2", "sampler_for", "score_continuations"]
+           "Method", "SCAN_LAYERS_BY_BACKEND", "Sample", "Sampler", "SamplerStats", "Shapes",
+           "TokenScores", "default_scan_layers", "generate", "generate_batch", "method_of",
+           "next_pow2", "sampler_for", "score_continuations"]

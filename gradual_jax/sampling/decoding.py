@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from gradual_jax.models.transformer import KVCache, as_dtype
+from gradual_jax.models.transformer import KVCache
 from gradual_jax.sampling.kernels import ADMIT_DONATES, DONATE_CARRY, Decoding, Rows
 from gradual_jax.sampling.packing import RowPacker, pack_rows
 from gradual_jax.sampling.records import Generation
@@ -85,11 +85,9 @@ class DecodeLoop:
         sh, cfg = self.shapes, self.config
         b, s, n = sh.slots, sh.cache_len, sh.new_tokens
         kv = (b, s, cfg.num_kv_heads, cfg.head_dim)
-        dtype = np.dtype(as_dtype(cfg.dtype))
         z = self._zeros
         key_width = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape[-1]
-        cache = KVCache(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
-                        values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+        cache = KVCache(keys=self._kv_buffers(kv, z), values=self._kv_buffers(kv, z),
                         mask=z((b, s), bool), end=self._scalar(s - n))
         rows = Rows(temperature=z((b,), np.float32), top_k=z((b,), np.int32), top_p=z((b,), np.float32),
                     key=z((b, key_width), np.uint32))

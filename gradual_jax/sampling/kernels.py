@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.random import threefry2x32_p
 
-from gradual_jax.models.transformer import KVCache, SharedPrefix, as_dtype
+from gradual_jax.models.transformer import KVCache, SharedPrefix, as_dtype, is_stacked, map_layers
 
 # --------------------------------------------------------------------------------------------
 # Choosing tokens
@@ -213,6 +213,13 @@ def record(d: Decoding, token: jax.Array, logp: jax.Array, raw: jax.Array,
 # Shared pieces
 
 
+def model_for(graphdef: Any, state: Any, kv: Any) -> Any:
+    """The model of `state`, its layers stacked (`Transformer.stacked`: one scanned layer) when
+    the sampler keeps its keys and values layer-stacked (`kv`), as each layer otherwise."""
+    model = nnx.merge(graphdef, state)
+    return model.stacked() if is_stacked(kv) else model
+
+
 def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, ids: jax.Array,
                       pos: jax.Array, seg: jax.Array,
                       branch: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -227,7 +234,7 @@ def _against_prefixes(model: Any, store: PrefixStore, prefix_rows: jax.Array, id
     fresh = lambda a: jnp.concatenate(  # noqa: E731
         [a[prefix_rows].astype(dtype), jnp.zeros((r, w, *a.shape[2:]), dtype)], axis=1)
     prefix_mask = store.mask[prefix_rows]
-    cache = KVCache(keys=[fresh(a) for a in store.keys], values=[fresh(a) for a in store.values],
+    cache = KVCache(keys=map_layers(fresh, store.keys), values=map_layers(fresh, store.values),
                     mask=jnp.concatenate([prefix_mask, jnp.zeros((r, w), jnp.bool_)], axis=1),
                     end=jnp.asarray(p, jnp.int32))
     positions = prefix_mask.sum(-1).astype(jnp.int32)[:, None] + pos
@@ -249,14 +256,14 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
                     ids: jax.Array, length: jax.Array, dest: jax.Array) -> PrefixStore:
     """Prefixes `ids` `[R, P]` (`length` real tokens each) into store rows `dest` `[R]` (rows
     out of range are dropped: padding)."""
-    model = nnx.merge(graphdef, state)
+    model = model_for(graphdef, state, store.keys)
     r, p = ids.shape
     mask = jnp.arange(p)[None, :] < length[:, None]
-    empty = KVCache.init(model.config, r, p)
+    empty = KVCache.init(model.config, r, p, stacked=is_stacked(store.keys))
     _, cache = model(ids, mask, cache=empty, return_hidden=True)
     put = lambda buf, new: buf.at[dest].set(new.astype(buf.dtype), mode="drop")  # noqa: E731
-    return constrain(PrefixStore(keys=[put(a, b) for a, b in zip(store.keys, cache.keys)],
-                                 values=[put(a, b) for a, b in zip(store.values, cache.values)],
+    return constrain(PrefixStore(keys=map_layers(put, store.keys, cache.keys),
+                                 values=map_layers(put, store.values, cache.values),
                                  mask=put(store.mask, mask)))
 
 
@@ -272,7 +279,7 @@ def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callabl
     `[T, k_cap]` (what a later scoring of the same prompt may skip: `first_tokens`). The
     logits are computed once per tail, however many rows draw from it; the rows' choices are
     `split` over the replicas (each draws its share, `local`), the rest is `constrain`ed."""
-    model = nnx.merge(graphdef, state)
+    model = model_for(graphdef, state, store.keys)
     h, mini = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"])
     w = pack["ids"].shape[1]
     last = h[pack["row"], jnp.clip(pack["col"] + pack["length"] - 1, 0, w - 1)]  # [T, D_model]
@@ -309,8 +316,8 @@ def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, p
 
     put = lambda buf, new: buf.at[slot].set(new, mode="drop")  # noqa: E731
     new_mask = jnp.concatenate([valid, jnp.zeros((slot.shape[0], d.tokens.shape[1]), jnp.bool_)], axis=1)
-    cache = KVCache(keys=[copy(a, b) for a, b in zip(d.cache.keys, mini.keys)],
-                    values=[copy(a, b) for a, b in zip(d.cache.values, mini.values)],
+    cache = KVCache(keys=map_layers(copy, d.cache.keys, mini.keys),
+                    values=map_layers(copy, d.cache.values, mini.values),
                     mask=put(d.cache.mask, new_mask), end=d.cache.end)
     keys = row_keys(place["seed"], place["prompt_key"], place["sample"])
     rows = Rows(temperature=put(d.rows.temperature, place["temperature"]),
@@ -339,7 +346,7 @@ def decode_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callab
     slots are done (the host then refills them), each slot attending to its prefix in `store`
     and to its own cache. Returns the carry and the steps taken. Each replica chooses its own
     slots' tokens (`local`)."""
-    model = nnx.merge(graphdef, state)
+    model = model_for(graphdef, state, d.cache.keys)  # stacked (when it is) once, outside the loop
     choose_local = local(functools.partial(choose, policy=policy))
 
     n = d.tokens.shape[1]
@@ -375,7 +382,7 @@ def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callabl
     0: 0 for the argmax, -inf elsewhere), and the latter for token `alt[n]` at the same place,
     where `alt[n] >= 0` (an other token that could come there: a sequence's EOS where its
     continuation goes on with a stop string; -inf where `alt[n] < 0`)."""
-    model = nnx.merge(graphdef, state)
+    model = model_for(graphdef, state, store.keys)
     h, _ = _against_prefixes(model, store, pack["prefix"], pack["ids"], pack["pos"], pack["seg"],
                              pack["branch"])
     # The read positions split over the replicas: each computes the logits (and their top-k)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradual_jax.models.transformer import as_dtype
+from gradual_jax.models.transformer import as_dtype, layer_buffers
 from gradual_jax.sampling import compile_cache
 from gradual_jax.sharding import BATCH_AXES, INFERENCE_RULES, batch_sharding, data_parallel_size, place, state_shardings
 
@@ -32,6 +32,7 @@ class MeshPlacement:
     _source_graph: int  # the interned graph of the model the sampler was built from
     _fold: Callable[[Any], Any] | None  # folds a state's LoRA adapters in (None: it has none)
     _folded: Callable[[Any], Any]  # `_fold` applied when there is one
+    scan_layers: bool  # keys and values layer-stacked, the layers run as one scan
 
     def _inference_weights(self, state: Any) -> Any:
         """`state` (a model's `nnx.state`) as the sampler runs it: `_folded` (LoRA adapters folded
@@ -97,19 +98,20 @@ class MeshPlacement:
     def _put_replicated(self, x: Any) -> jax.Array:
         return jax.device_put(x) if self.mesh is None else jax.device_put(x, self._replicated())
 
-    def _kv_sharding(self, rows: bool) -> Any:
-        """Keys or values `[rows, slots, kv_heads, head_dim]`: heads over the tensor axis (as
-        the projections that make them), rows over the data axes (`rows`) or replicated."""
-        spec = jax.sharding.PartitionSpec(BATCH_AXES if rows else None, None, "tensor", None)
-        return jax.sharding.NamedSharding(self.mesh, spec)
+    def _kv_sharding(self, rows: bool, stacked: bool = False) -> Any:
+        """Keys or values `[rows, slots, kv_heads, head_dim]` (`stacked`: with a leading layer
+        axis, kept whole): heads over the tensor axis (as the projections that make them), rows
+        over the data axes (`rows`) or replicated."""
+        spec = (BATCH_AXES if rows else None, None, "tensor", None)
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(*((None,) * stacked + spec)))
 
     def _constrain(self, tree: Any) -> Any:
-        """Rows of every array split over the mesh's data axes, keys and values (4-d) also over
-        heads (no-op without a mesh)."""
+        """Rows of every array split over the mesh's data axes, keys and values (4-d, 5-d when
+        layer-stacked) also over heads (no-op without a mesh)."""
         if self.mesh is None:
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, self._kv_sharding(True) if x.ndim == 4 else self._rows_sharding(x.ndim)), tree)
+            x, self._kv_sharding(True, x.ndim == 5) if x.ndim >= 4 else self._rows_sharding(x.ndim)), tree)
 
     def _rows_local(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """`fn`, a function of arrays whose leading axis is rows (and of nothing else), run by
@@ -153,22 +155,29 @@ class MeshPlacement:
         if self.mesh is None:
             return tree
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
-            x, self._kv_sharding(False) if x.ndim == 4 else self._replicated()), tree)
+            x, self._kv_sharding(False, x.ndim == 5) if x.ndim >= 4 else self._replicated()), tree)
 
     def _zeros(self, shape: tuple[int, ...], dtype: Any, *, rows: bool = True) -> Any:
-        """A zero array laid out as `_put` (`rows`) or `_put_replicated` would lay it out (4-d
-        keys and values also split over heads); for an abstract sampler (`Sampler.abstract`)
+        """A zero array laid out as `_put` (`rows`) or `_put_replicated` would lay it out (keys
+        and values, 4-d or layer-stacked 5-d, also split over heads); for an abstract sampler (`Sampler.abstract`)
         the ShapeDtypeStruct of one."""
         sharding = None
         if self.mesh is not None:
-            if len(shape) == 4:
-                sharding = self._kv_sharding(rows)
+            if len(shape) >= 4:
+                sharding = self._kv_sharding(rows, len(shape) == 5)
             else:
                 sharding = self._rows_sharding(len(shape)) if rows else self._replicated()
         if getattr(self, "_abstract", False):
             return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
         value = np.zeros(shape, dtype)
         return jax.device_put(value, sharding)
+
+    def _kv_buffers(self, shape: tuple[int, ...], zeros: Callable[[tuple[int, ...], Any], Any]) -> Any:
+        """Zero keys or values `shape` for every layer, each made by `zeros(shape, dtype)`: a
+        list, or one layer-stacked array when the sampler scans its layers."""
+        dtype = np.dtype(as_dtype(self.config.dtype))
+        return layer_buffers(self.config.num_layers, shape, lambda sh: zeros(sh, dtype),
+                             stacked=self.scan_layers)
 
     def _argument(self, value: int) -> Any:
         """An int32 scalar argument of a program call, replicated; kept per value, so repeated

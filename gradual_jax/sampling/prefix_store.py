@@ -11,7 +11,6 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from gradual_jax.models.transformer import as_dtype
 from gradual_jax.sampling.kernels import PrefixStore
 
 
@@ -22,11 +21,9 @@ class PrefixStoreRows:
         """The store of the current shapes (zeros, and an empty index, when there is none)."""
         if self._store is None:
             sh, cfg = self.shapes, self.config
-            dtype = np.dtype(as_dtype(cfg.dtype))
             kv = (sh.store_rows, sh.prefix_width, cfg.num_kv_heads, cfg.head_dim)
             z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
-            self._store = PrefixStore(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
-                                      values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+            self._store = PrefixStore(keys=self._kv_buffers(kv, z), values=self._kv_buffers(kv, z),
                                       mask=z(kv[:2], bool))
             self._store_index.clear()
         return self._store

@@ -50,14 +50,30 @@ TOP_P_MODES = ("off", "topk", "full")
 log = logging.getLogger("gradual_jax")
 
 
+# Whether a sampler scans its layers, by JAX backend. Measured on this project's CPU (BUILD_NOTES,
+# "The sampler's layers as one scan"): unrolled layers decode faster there and the compile saving
+# does not pay for it. No accelerator figures yet: `bench device` measures both ways.
+SCAN_LAYERS_BY_BACKEND = {"cpu": False}
+
+
+def default_scan_layers(backend: str | None = None) -> bool:
+    """The sampler's `scan_layers` default on `backend` (default: JAX's)."""
+    return SCAN_LAYERS_BY_BACKEND.get(backend or jax.default_backend(), False)
+
+
 class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
     shape. Call `refresh(model)` after the model's weights change."""
 
     def __init__(self, model: Transformer, tokenizer: Any, *, mesh: Any = None,
-                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None):
+                 chunk: int = DEFAULT_CHUNK, eos_ids: Sequence[int] | None = None,
+                 scan_layers: bool | None = None):
         """`chunk`: decode steps between host checks when a stop string spans tokens.
-        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS)."""
+        `eos_ids`: tokens that end a generation (default: the config's and tokenizer's EOS).
+        `scan_layers`: run the layers as one `lax.scan` over layer-stacked keys and values
+        (one layer to trace and compile) rather than one after another; None: the backend's
+        default (`default_scan_layers`). The same numbers either way."""
+        self.scan_layers = default_scan_layers() if scan_layers is None else bool(scan_layers)
         self.graphdef, state = nnx.split(model)
         self._source_graph = compile_cache.intern(self.graphdef)
         self._source_treedef = jax.tree.structure(state)
@@ -280,11 +296,9 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
     def _empty_tails(self) -> KVCache:
         """The tails' cache `first_program` returns, zero (for compiling `admit_program`)."""
         sh, cfg = self.shapes, self.config
-        dtype = np.dtype(as_dtype(cfg.dtype))
         kv = (sh.insert_rows, sh.prefix_width + sh.insert_width, cfg.num_kv_heads, cfg.head_dim)
         z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
-        return KVCache(keys=[z(kv, dtype) for _ in range(cfg.num_layers)],
-                       values=[z(kv, dtype) for _ in range(cfg.num_layers)],
+        return KVCache(keys=self._kv_buffers(kv, z), values=self._kv_buffers(kv, z),
                        mask=z(kv[:2], bool), end=self._scalar(sh.prefix_width))
 
     # ---- compilation

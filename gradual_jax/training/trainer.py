@@ -170,7 +170,7 @@ def token_loss_sums(model: Transformer, batch: dict[str, jax.Array], *, packed: 
 
 
 def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, batch_size: int = 64,
-                  mesh: Mesh | None = None, shapes: Any = None) -> EvalFn:
+                  mesh: Mesh | None = None, shapes: Any = None, scan_layers: bool | None = None) -> EvalFn:
     """An eval_fn: greedy exact-match accuracy of ``model`` on QA examples with the training prompt.
 
     Uses ``gradual_jax.sampling.generate`` (on ``mesh``, the run's inference mesh, when given)
@@ -190,7 +190,8 @@ def make_dev_eval(tokenizer: Any, template: str, *, max_new_tokens: int = 32, ba
             chunk = examples[i:i + batch_size]
             prompts = [format_train_pair(ex.question, "", template)[0] for ex in chunk]
             outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=0.0,
-                            stop=("\n",), mesh=mesh, batch_size=batch_size, shapes=shapes)
+                            stop=("\n",), mesh=mesh, batch_size=batch_size, shapes=shapes,
+                            scan_layers=scan_layers)
             correct += sum(exact_match(clean_answer(o[0]), ex.answers) for o, ex in zip(outs, chunk))
         return correct / len(examples)
 
