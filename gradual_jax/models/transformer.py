@@ -202,20 +202,11 @@ class SharedPrefix:
         return self.mask.sum(-1).astype(jnp.int32)
 
 
-def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+def write_at(buffer: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
     """`buffer` `[B, S, ...]` with `new` `[B, T, ...]` written from slot `end`: one slot for
     every row (a scalar: a plain dynamic update, which partitions without communication) or
-    each row's own (`[B]`). With `layer`, `buffer` is layer-stacked (`[L, B, S, ...]`) and only
-    layer `layer`'s new slots are written (in place inside a scan's carry)."""
+    each row's own (`[B]`)."""
     new = new.astype(buffer.dtype)
-    if layer is not None:
-        if jnp.ndim(end) == 0:
-            return jax.lax.dynamic_update_slice(buffer, new[None], (layer, 0, end) + (0,) * (buffer.ndim - 3))
-
-        def one_stacked(buf: jax.Array, x: jax.Array, at: jax.Array) -> jax.Array:  # buf [L, S, ...]
-            return jax.lax.dynamic_update_slice(buf, x[None], (layer, at) + (0,) * (buf.ndim - 2))
-
-        return jax.vmap(one_stacked, in_axes=(1, 0, 0), out_axes=1)(buffer, new, end)
     if jnp.ndim(end) == 0:
         return jax.lax.dynamic_update_slice(buffer, new, (0, end) + (0,) * (buffer.ndim - 2))
 
@@ -390,7 +381,6 @@ class Attention(nnx.Module):
                  prefix: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
         """`mask` `[B, T, S]`: may query t attend key s. `kv`: (cache_k, cache_v, end) or None;
         with a cache the new keys and values are written from slot `end` first (see `write_at`).
-        `kv` (cache_k, cache_v, end, layer): layer-stacked buffers, of which this is `layer`.
         `prefix` (one token a row, with a cache): this layer's shared prefix keys and values
         `[R, P, K, H]`, each row's stored row `[B]` and mask `[B, P]`, attended before the cache."""
         q, k, v = self.q(x), self.k(x), self.v(x)
@@ -399,14 +389,9 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         new_kv = None
         if kv is not None:
-            cache_k, cache_v, end, *layer = kv
-            if layer:
-                all_k, all_v = write_at(cache_k, k, end, layer[0]), write_at(cache_v, v, end, layer[0])
-                new_kv = (all_k, all_v)
-                cache_k, cache_v = all_k[layer[0]], all_v[layer[0]]
-            else:
-                cache_k, cache_v = write_at(cache_k, k, end), write_at(cache_v, v, end)
-                new_kv = (cache_k, cache_v)
+            cache_k, cache_v, end = kv
+            cache_k, cache_v = write_at(cache_k, k, end), write_at(cache_v, v, end)
+            new_kv = (cache_k, cache_v)
             if q.shape[1] == 1:
                 return self.o(self.decode(q, cache_k, cache_v, mask[:, 0], prefix).astype(x.dtype)), new_kv
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
@@ -502,17 +487,17 @@ class LayerStack(nnx.Module):
     def __len__(self) -> int:
         return self.num_layers
 
-    def scan(self, x: jax.Array, body: Any, xs: Any = None, carry: Any = None) -> tuple[jax.Array, Any]:
-        """`lax.scan` over the layers: `body(layer, x, carry, i, xs_i) -> (x, carry)` with layer
-        i's `Block`, its index and its slice of `xs` (leading axis: the layers)."""
+    def scan(self, x: jax.Array, body: Any, xs: Any = None) -> tuple[jax.Array, Any]:
+        """`lax.scan` over the layers: `body(layer, x, xs_i) -> (x, ys_i)` with layer i's
+        `Block` and its slice of `xs` (leading axis: the layers); returns x and the stacked
+        `ys`."""
         graphdef, state = nnx.split(self.block)
 
-        def step(c: tuple[jax.Array, Any], inputs: tuple[Any, jax.Array, Any]) -> tuple[tuple[jax.Array, Any], None]:
-            layer_state, i, x_i = inputs
-            return body(nnx.merge(graphdef, layer_state), c[0], c[1], i, x_i), None
+        def step(x: jax.Array, inputs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
+            layer_state, x_i = inputs
+            return body(nnx.merge(graphdef, layer_state), x, x_i)
 
-        (x, carry), _ = jax.lax.scan(step, (x, carry), (state, jnp.arange(self.num_layers), xs))
-        return x, carry
+        return jax.lax.scan(step, x, (state, xs))
 
 
 def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
@@ -553,7 +538,7 @@ def apply_blocks(layers: Sequence[Block], x: jax.Array, positions: jax.Array, in
     n = len(layers)
     keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
     if isinstance(layers, LayerStack):
-        def stacked_body(layer: Block, x: jax.Array, carry: None, i: jax.Array, key: Any) -> tuple[jax.Array, None]:
+        def stacked_body(layer: Block, x: jax.Array, key: Any) -> tuple[jax.Array, None]:
             return apply_block(layer, x, positions, inv_freq, mask, None, key)[0], None
 
         return layers.scan(x, stacked_body, keys)[0]
@@ -689,13 +674,16 @@ class Transformer(nnx.Module):
             if not is_stacked(cache.keys) or (prefix is not None and not is_stacked(prefix.keys)):
                 raise ValueError("a model with stacked layers reads layer-stacked caches and prefixes")
 
-            def body(layer: Block, x: jax.Array, kv: tuple[jax.Array, jax.Array], i: jax.Array,
-                     stored: tuple[jax.Array, jax.Array] | None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+            # Each layer's cache slice is read from the incoming stack and written, updated, to
+            # the outgoing one (scan's xs and ys). Carrying the stack instead, each layer
+            # updating it in place, made XLA:CPU copy the whole stack twice a layer.
+            def body(layer: Block, x: jax.Array, xs: tuple) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+                k, v, stored = xs
                 shared = None if stored is None else (*stored, prefix.rows, prefix.mask)
-                return apply_block(layer, x, positions, inv_freq, mask, (*kv, end, i), prefix=shared)
+                return apply_block(layer, x, positions, inv_freq, mask, (k, v, end), prefix=shared)
 
             stored = None if prefix is None else (prefix.keys, prefix.values)
-            x, (new_k, new_v) = self.layers.scan(x, body, stored, (cache.keys, cache.values))
+            x, (new_k, new_v) = self.layers.scan(x, body, (cache.keys, cache.values, stored))
         else:
             if is_stacked(cache.keys):
                 raise ValueError("a layer-stacked cache is read by a model with stacked layers "
