@@ -86,11 +86,10 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 # sample
 
 
-LAYERS = {"auto": None, "scan": True, "unrolled": False}
-
-
 def add_layers_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler-layers", choices=tuple(LAYERS), default="auto",
+    from gradual_jax.knowledge.config import SAMPLER_LAYERS
+
+    p.add_argument("--sampler-layers", choices=tuple(SAMPLER_LAYERS), default="auto",
                    help="how our sampler runs the layers: one lax.scan, one after another, or the "
                         "backend's default")
 
@@ -182,6 +181,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     """Time the sampler (and optionally transformers) on one probe workload."""
     import jax
 
+    from gradual_jax.knowledge.config import SAMPLER_LAYERS
     from gradual_jax.models import load_model, load_tokenizer
     from gradual_jax.sampling import Sampler
 
@@ -190,7 +190,7 @@ def run_sample(args: argparse.Namespace) -> dict[str, Any]:
     peak = matmul_peak_gflops()
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    sampler = Sampler(model, tokenizer, scan_layers=LAYERS[args.sampler_layers])
+    sampler = Sampler(model, tokenizer, scan_layers=SAMPLER_LAYERS[args.sampler_layers])
 
     t0 = time.perf_counter()
     _our_workload(sampler, prompts, args)
@@ -486,13 +486,14 @@ def run_probe(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     from gradual_jax.knowledge.data import first_per_relation
+    from gradual_jax.knowledge.config import SAMPLER_LAYERS
     from gradual_jax.knowledge.probe import Probe, ProbeSettings, category_counts
     from gradual_jax.models import load_model, load_tokenizer
     from gradual_jax.runtime import JaxEngine
 
     model = load_model(args.model)
     tokenizer = load_tokenizer(args.model)
-    engine = JaxEngine(model, tokenizer, batch_size=args.batch, scan_layers=LAYERS[args.sampler_layers])
+    engine = JaxEngine(model, tokenizer, batch_size=args.batch, scan_layers=SAMPLER_LAYERS[args.sampler_layers])
     sampler = engine.sampler
     warm = first_per_relation(examples, args.warmup_questions)
     n_q = len(examples)

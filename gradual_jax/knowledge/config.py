@@ -11,6 +11,8 @@ from gradual_jax.sharding import MeshConfig
 
 MODES: tuple[str, ...] = ("lazy", "exhaustive", "screened")
 RETEST: tuple[str, ...] = ("full", "greedy")
+# probe.sampler_layers -> the sampler's scan_layers (None: the backend's default)
+SAMPLER_LAYERS: dict[str, bool | None] = {"auto": None, "scan": True, "unrolled": False}
 DATA_KINDS: tuple[str, ...] = ("world", "entityquestions", "jsonl", "hf", "tfds")
 
 
@@ -64,11 +66,11 @@ class ProbeSettings:
     @property
     def scan_layers(self) -> bool | None:
         """`sampler_layers` as the sampler takes it (None: the backend's default)."""
-        return {"auto": None, "scan": True, "unrolled": False}[self.sampler_layers]
+        return SAMPLER_LAYERS[self.sampler_layers]
 
     def __post_init__(self) -> None:
-        require(self.sampler_layers in ("auto", "scan", "unrolled"), "sampler_layers",
-                f"expected auto, scan or unrolled, got {self.sampler_layers!r}")
+        require(self.sampler_layers in SAMPLER_LAYERS, "sampler_layers",
+                f"expected one of {', '.join(SAMPLER_LAYERS)}, got {self.sampler_layers!r}")
         require(self.mode in MODES, "mode", f"expected one of {', '.join(MODES)}, got {self.mode!r}")
         for key in ("n_prompts", "max_new_tokens", "batch_size", "chunk_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")

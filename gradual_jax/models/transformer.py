@@ -484,20 +484,32 @@ class LayerStack(nnx.Module):
         self.block = block
         self.num_layers = num_layers
 
+    @classmethod
+    def of(cls, layers: Sequence[Block]) -> "LayerStack":
+        """`layers` stacked (their weights copied into one buffer each); they must share one
+        structure (true of every supported architecture, LoRA on all layers included)."""
+        split = [nnx.split(layer) for layer in layers]
+        graphdef = split[0][0]
+        if any(g != graphdef for g, _ in split[1:]):
+            raise ValueError("scan_layers needs every layer to have the same structure "
+                             "(e.g. LoRA on all layers or none)")
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
+        return cls(nnx.merge(graphdef, stacked), len(split))
+
     def __len__(self) -> int:
         return self.num_layers
 
-    def scan(self, x: jax.Array, body: Any, xs: Any = None) -> tuple[jax.Array, Any]:
+    def scan(self, x: jax.Array, body: Any, xs: Any = None, *, remat: bool = False) -> tuple[jax.Array, Any]:
         """`lax.scan` over the layers: `body(layer, x, xs_i) -> (x, ys_i)` with layer i's
         `Block` and its slice of `xs` (leading axis: the layers); returns x and the stacked
-        `ys`."""
+        `ys`. With `remat`, each step is recomputed in the backward pass."""
         graphdef, state = nnx.split(self.block)
 
         def step(x: jax.Array, inputs: tuple[Any, Any]) -> tuple[jax.Array, Any]:
             layer_state, x_i = inputs
             return body(nnx.merge(graphdef, layer_state), x, x_i)
 
-        return jax.lax.scan(step, x, (state, xs))
+        return jax.lax.scan(jax.checkpoint(step) if remat else step, x, (state, xs))
 
 
 def apply_block(layer: Block, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, mask: jax.Array,
@@ -537,30 +549,18 @@ def apply_blocks(layers: Sequence[Block], x: jax.Array, positions: jax.Array, in
     """
     n = len(layers)
     keys = jax.random.split(dropout_key, n) if dropout_key is not None else None
-    if isinstance(layers, LayerStack):
-        def stacked_body(layer: Block, x: jax.Array, key: Any) -> tuple[jax.Array, None]:
-            return apply_block(layer, x, positions, inv_freq, mask, None, key)[0], None
-
-        return layers.scan(x, stacked_body, keys)[0]
-    if not scan:
+    if not scan and not isinstance(layers, LayerStack):
         for i, layer in enumerate(layers):
             x, _ = apply_block(layer, x, positions, inv_freq, mask, None,
                                None if keys is None else keys[i], remat=remat)
         return x
-    split = [nnx.split(layer) for layer in layers]
-    graphdef = split[0][0]
-    if any(g != graphdef for g, _ in split[1:]):
-        raise ValueError("scan_layers needs every layer to have the same structure "
-                         "(e.g. LoRA on all layers or none)")
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
+    stack = layers if isinstance(layers, LayerStack) else LayerStack.of(layers)
 
-    def body(x: jax.Array, xs: tuple[Any, jax.Array | None]) -> tuple[jax.Array, None]:
-        state, key = xs
-        y, _ = nnx.merge(graphdef, state)(x, positions, inv_freq, mask, None, key)
+    def body(layer: Block, x: jax.Array, key: jax.Array | None) -> tuple[jax.Array, None]:
+        y, _ = layer(x, positions, inv_freq, mask, None, key)
         return constrain_batch(y), None
 
-    x, _ = jax.lax.scan(jax.checkpoint(body) if remat else body, x, (stacked, keys))
-    return x
+    return stack.scan(x, body, keys, remat=remat)[0]
 
 
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | None = None) -> jax.Array:
@@ -593,13 +593,8 @@ class Transformer(nnx.Module):
         copies the layers' weights (one parameter-sized buffer): do it once, outside loops."""
         if isinstance(self.layers, LayerStack):
             return self
-        split = [nnx.split(layer) for layer in self.layers]
-        graphdef = split[0][0]
-        if any(g != graphdef for g, _ in split[1:]):
-            raise ValueError("stacking layers needs every layer to have the same structure")
-        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[state for _, state in split])
         out = nnx.merge(*nnx.split(self))
-        out.layers = LayerStack(nnx.merge(graphdef, stacked), len(split))
+        out.layers = LayerStack.of(self.layers)
         return out
 
     def hidden_to_logits(self, h: jax.Array) -> jax.Array:
