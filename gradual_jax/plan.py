@@ -493,11 +493,11 @@ def probe_shapes(probe: Any, prompt_tokens: int | None = None) -> ProbeShapes:
 
 
 def _probe_measures(mc: Any, probe: Any, mesh: Any, shapes: ProbeShapes) -> dict[str, Any]:
-    """Compile the five programs the probe runs on its mesh (`Sampler.lower_programs`), in the
+    """Compile the six programs the probe runs on its mesh (`Sampler.lower_programs`), in the
     shapes its engine fixes for these prompt sizes (`Sampler.prepare`, as `JaxEngine.warm_up`
     calls it, with as many stored prefixes as the engine's store budget allows): prefill
     (prefixes into the store), first (tails prefilled, first tokens drawn), admit (rows into the
-    decode slots), decode and score."""
+    decode slots), decode, score and branch (gold answers scored against an insert's tails)."""
     from gradual_jax.models.transformer import abstract_model
     from gradual_jax.runtime import probe_store_prefixes
     from gradual_jax.sampling import Sampler
@@ -611,10 +611,10 @@ def _probe_fit(measures: Mapping[str, Any], resident: int) -> dict[str, int]:
     """Per-device bytes while probing: the model's training shards stay resident beside each
     probe program; the prefix store outlives the prefill into every decode chunk."""
     programs, store = measures["programs"], measures["prefix_store"]
-    # The store is an argument of prefill, first and score (counted in their totals); the
-    # decode slots are an argument of admit and decode, which run beside the store.
-    peak = max(programs[name].total + (store if name in ("admit", "decode") else 0)
-               for name in ("prefill", "first", "admit", "decode", "score") if name in programs)
+    # The store is an argument of prefill, first and score (counted in their totals); admit,
+    # decode and branch (the decode slots, the tails' cache) run beside it.
+    peak = max(programs[name].total + (store if name in ("admit", "decode", "branch") else 0)
+               for name in ("prefill", "first", "admit", "decode", "score", "branch") if name in programs)
     parts = {"train_params": resident, "inference_weights": measures["inference_weights"],
              "kv_cache": measures["kv_cache"], "prefix_store": store}
     total = resident + peak

@@ -69,6 +69,19 @@ class JaxEngine:
                                            batch_size=self.batch_size)
         return [row[0].text for row in gens]
 
+    def greedy_with_probability(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int,
+                                continuations: Sequence[Sequence[str]], *, temperature: float,
+                                top_k: int) -> tuple[list[str], list[list[float]]]:
+        """`greedy` and `answer_probability` of the same prompts in one pass: each prompt's
+        continuations are scored against its tail while the greedy insert that prefilled it
+        still holds its keys and values (`Sampler.generate_and_score`)."""
+        gens, chances = self.sampler.generate_and_score([q for _, q in prompts], continuations,
+                                                        prefix=[p for p, _ in prompts], methods=Greedy(),
+                                                        max_new_tokens=max_new_tokens, stop=STOP,
+                                                        temperature=temperature, top_k=top_k,
+                                                        batch_size=self.batch_size)
+        return [row[0].text for row in gens], chances
+
     def sample(self, prompts: Sequence[tuple[str, str]], n: int, seeds: Sequence[int], *,
                temperature: float, top_k: int, max_new_tokens: int,
                answers: Sequence[Sequence[str]] | None = None,

@@ -153,7 +153,7 @@ def test_tiny_plan_fits_large_hbm_and_not_tiny_hbm(tmp_path, capsys, memo_compil
     # The probe's default mesh: the largest tensor degree dividing 8 devices, 4 and 2 heads.
     assert result["probe_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
     assert result["hbm_bytes"] == 1000 * P.GIB
-    assert set(result["programs"]) == {"train", "prefill", "first", "admit", "decode", "score"}
+    assert set(result["programs"]) == {"train", "prefill", "first", "admit", "decode", "score", "branch"}
     assert result["fits_train"] is result["fits_probe"] is True
     n = mc.num_params()
     assert result["params"] == result["trainable_params"] == n
@@ -341,7 +341,7 @@ def test_abstract_sampler_lowers_what_a_sampler_of_real_weights_does():
         s.prepare(batch_size=16, longest_prefix=40, longest_tail=10, new_tokens=4, longest_scored=14,
                   longest_continuation=4, k_cap=5)
         lowered = s.lower_programs()
-        texts.append([lowered[name].as_text() for name in ("prefill", "first", "admit", "decode", "score")])
+        texts.append([lowered[name].as_text() for name in ("prefill", "first", "admit", "decode", "score", "branch")])
         carry = lowered["decode"].compile().out_info[0]
         assert carry.cache.mask.shape == (16, 32 + 4)  # 16 slots: tail + new tokens
         assert carry.prefix_mask.shape == (16, 64)  # each slot's prefix, read from the store

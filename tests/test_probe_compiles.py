@@ -68,7 +68,7 @@ def test_a_whole_probe_compiles_only_its_warm_up(tokenizer, eq_dir, mode, most):
         records = probe.run(examples)
     assert len(records) == 24
     stats = engine.sampler.stats
-    assert stats.warmup_compiles == 5  # prefill, first, admit, decode, score
+    assert stats.warmup_compiles == 6  # prefill, first, admit, decode, score, branch
     assert compiles.count == stats.compiles == stats.warmup_compiles <= most
 
 
@@ -89,4 +89,4 @@ def test_warm_up_serves_meshes_with_axes_of_one_device(tokenizer, eq_dir, axes):
     probe = Probe(engine, load_prompt_sets(PROMPTS), settings, progress=False)
     probe.run(examples)
     stats = engine.sampler.stats
-    assert stats.warmup_compiles == 5 and stats.compiles == 5
+    assert stats.warmup_compiles == 6 and stats.compiles == 6

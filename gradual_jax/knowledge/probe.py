@@ -69,7 +69,10 @@ class AnswerEngine(Protocol):
     as soon as no completion of it can match (`match.can_still_match`) and return its text so
     far, which is then wrong as any completion would be. An engine may
     also offer `warm_up(prompts, continuations, *, max_new_tokens, n_samples, top_k)`, which the
-    probe calls once with all its work before the first question (to compile ahead of time).
+    probe calls once with all its work before the first question (to compile ahead of time),
+    and `greedy_with_probability(prompts, max_new_tokens, continuations, *, temperature,
+    top_k)`: `greedy` and `answer_probability` of the same prompts in one call (answers,
+    chances), which the probe then uses instead of the two.
     """
 
     def greedy(self, prompts: Sequence[tuple[str, str]], max_new_tokens: int) -> list[str]: ...
@@ -386,13 +389,21 @@ class Probe:
         s = self.settings
         work = [_Work(e) for e in examples]
         pairs = [(w, i) for i in range(s.n_prompts) for w in work]
-        answers = self.engine.greedy([self._prompt(w, i) for w, i in pairs], s.max_new_tokens)
+        prompts = [self._prompt(w, i) for w, i in pairs]
+        # The continuous knowledge measure, for every question in every mode; screening reuses
+        # it. An engine that can scores the gold answers in its greedy pass.
+        both = getattr(self.engine, "greedy_with_probability", None) if s.gold_probability else None
+        if both is not None:
+            answers, probs = both(prompts, s.max_new_tokens, [self._gold_continuations(w.example) for w, _ in pairs],
+                                  temperature=s.temperature, top_k=s.top_k)
+            self._fill_q(work, pairs, probs)
+        else:
+            answers = self.engine.greedy(prompts, s.max_new_tokens)
         for (w, _), a in zip(pairs, answers):
             a = clean_answer(a)
             w.greedy_answers.append(a)
             w.n_greedy_correct += self._correct(a, w.example)
-        # The continuous knowledge measure, for every question in every mode; screening reuses it.
-        if s.gold_probability:
+        if s.gold_probability and both is None:
             self.answer_probabilities(work)
         if s.n_samples > 0:
             if s.mode == "exhaustive":
@@ -437,8 +448,12 @@ class Probe:
                                                [self._gold_continuations(w.example) for w, _ in pairs],
                                                temperature=s.temperature, top_k=s.top_k,
                                                answered=answered)
+        self._fill_q(work, pairs, probs)
+
+    def _fill_q(self, work: list[_Work], pairs: list[tuple[_Work, int]], probs: Sequence[Sequence[float]]) -> None:
+        """`q` of each work item from its prompts' gold-answer chances (summed, capped at 1)."""
         for w in work:
-            w.q = [0.0] * s.n_prompts
+            w.q = [0.0] * self.settings.n_prompts
         for (w, i), ps in zip(pairs, probs):
             w.q[i] = min(1.0, sum(ps))
 

@@ -609,6 +609,7 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
                  segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
                  branch_ids: jax.Array | None = None, cache: KVCache | None = None,
+                 cached_visible: jax.Array | None = None,
                  prefix: SharedPrefix | None = None, dropout_key: jax.Array | None = None,
                  return_hidden: bool = False):
         """Logits `[B, T, V]` float32 (final-normed hidden states `[B, T, D]` with
@@ -625,6 +626,9 @@ class Transformer(nnx.Module):
         `branch_ids` (with a cache and `segment_ids`) lets a segment branch: a token of branch
         j > 0 sees its segment's branch-0 tokens (the trunk, e.g. a prompt tail) and its own
         branch only (e.g. one of several continuations scored after one tail).
+        `cached_visible` `[B, T, S]` (with a cache): which cached slots outside the new block
+        each new token may read, on top of the cache's mask (e.g. continuations scored against
+        one of several prompt tails packed into a cache).
         """
         cfg = self.config
         b, t = input_ids.shape
@@ -664,7 +668,10 @@ class Transformer(nnx.Module):
                 branch_slots = write_at(jnp.zeros(cache.mask.shape, jnp.int32), branch_ids, end)
                 block = block & ((branch_slots[:, None, :] == 0)
                                  | (branch_slots[:, None, :] == branch_ids[:, :, None]))
-        mask = jnp.where(in_block, block, cache.mask[:, None, :])
+        outside = cache.mask[:, None, :]
+        if cached_visible is not None:
+            outside = outside & cached_visible
+        mask = jnp.where(in_block, block, outside)
         if isinstance(self.layers, LayerStack):
             if not is_stacked(cache.keys) or (prefix is not None and not is_stacked(prefix.keys)):
                 raise ValueError("a model with stacked layers reads layer-stacked caches and prefixes")

@@ -34,14 +34,17 @@ batch composition, slot or order. Per-row temperature/top-k/top-p let greedy row
 ones share the decode slots and one executable.
 
 Shapes (`packing.Shapes`) grow only, up fixed ladders, so a probe of any size compiles the
-same five programs (prefill, first, admit, decode, score); `Sampler.warm_up` compiles them ahead of
-time. Executables are cached by graph, mesh and shapes, shared by every `Sampler`.
+same six programs (prefill, first, admit, decode, score, branch); `Sampler.warm_up` compiles them
+ahead of time. `Sampler.generate_and_score` scores continuations (the probe's gold answers)
+against the tails a generation's inserts have just prefilled (`branch`), instead of prefilling
+them again for `score`. Executables are cached by graph, mesh and shapes, shared by every `Sampler`.
 
 Modules: `methods` (Greedy, Sample), `records` (Generation, TokenScores, SamplerStats),
 `packing` (shapes, prefix splitting and packing on the host: no jax), `kernels` (token choice,
-the carries and the five programs), `compile_cache`, `placement` (mesh layout),
+the carries and the six programs), `compile_cache`, `placement` (mesh layout),
 `prefix_store` (which prefix sits in which store row), `decoding` (the host's continuous
-batching), `scoring` (`Sampler.score` and its host-side plan), `lowering` (the programs on
+batching), `scoring` (`Sampler.score`, `generate_and_score` and the host-side plan),
+`branches` (continuations placed against an insert's tails, host only), `lowering` (the programs on
 abstract inputs), `serial` (one call at a time per sampler), `sampler` (`Sampler`) and `api`
 (`sampler_for`, `generate`, `generate_batch`, `score_continuations`).
 """

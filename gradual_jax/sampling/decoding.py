@@ -66,6 +66,9 @@ class Job:
     rows: list[Row]
     alive: Callable[[str], bool] | None = None
     head: str | None = None  # the prompt's decoded text, once a row of it is tested
+    # continuations to score against the tail once an insert has prefilled it (`branches`):
+    # (key, tokens, alternative), taken by the job's first insert
+    score: list[tuple[Any, tuple[int, ...], tuple[int, int] | None]] | None = None
 
 
 # Rows come back as (tokens, logp, raw_logp, abandoned).
@@ -103,9 +106,11 @@ class DecodeLoop:
             self._slots = self._empty_carry()
         return self._slots
 
-    def _run_jobs(self, jobs: list[Job], stop: tuple[str, ...],
-                  table: jax.Array) -> dict[int, RowResult]:
-        """Every row of `jobs` decoded to its end (or abandoned); a `RowResult` per row `out`."""
+    def _run_jobs(self, jobs: list[Job], stop: tuple[str, ...], table: jax.Array,
+                  scores: Any = None) -> dict[int, RowResult]:
+        """Every row of `jobs` decoded to its end (or abandoned); a `RowResult` per row `out`.
+        `scores` (`branches.BranchScores`): where the jobs' continuations, scored against each
+        insert's tails, go."""
         sh = self.shapes
         d = self._carry()
         self._slots = None  # donated below; restored when the call ends
@@ -118,7 +123,7 @@ class DecodeLoop:
         while True:
             free = np.flatnonzero(owner < 0)
             while pending and len(free):
-                d, started = self._insert(d, pending, free, owner, table, slot_job, results, stop)
+                d, started = self._insert(d, pending, free, owner, table, slot_job, results, stop, scores)
                 free = np.flatnonzero(owner < 0)
                 if not started:  # the store is full of live slots' prefixes: decode first
                     break
@@ -195,7 +200,7 @@ class DecodeLoop:
 
     def _insert(self, d: Decoding, pending: collections.deque, free: np.ndarray, owner: np.ndarray,
                 table: jax.Array, slot_job: list[Job | None], results: dict[int, RowResult],
-                stop: tuple[str, ...]) -> tuple[Decoding, bool]:
+                stop: tuple[str, ...], scores: Any = None) -> tuple[Decoding, bool]:
         """Start waiting rows: the next jobs' tails, as many as one packing holds, are prefilled
         and every row taken draws its first token (`first_program`); the host then finishes the
         rows that ended there, abandons those their job's `alive` test rejects, and admits the
@@ -245,14 +250,21 @@ class DecodeLoop:
                                             "prefix": prefix, "row": packed.row, "col": packed.col,
                                             "length": packed.length}, draw))
         args = (self.state, self._store, pack, draw)
-        mini, token, logp, raw, best, best_ids = self._compile("first", self._first_fn, args,
-                                                               dict(policy=self._policy))(*args)
+        mini, token, logp, raw, best, best_ids, last = self._compile("first", self._first_fn, args,
+                                                                     dict(policy=self._policy))(*args)
         self.stats.inserts += 1
         self.stats.prefill_tokens += packed.ids.size
         self.stats.logit_rows += sh.insert_tails
         token, logp, raw, best, best_ids = _host(token, logp, raw, best, best_ids)
         for t, (prefix_ids, tail) in enumerate(zip(keys, seqs)):
             self._first_tokens.add((prefix_ids, tail), best[t], best_ids[t])
+        if scores is not None:
+            wanted = []
+            for t, (job, _) in enumerate(taken):
+                wanted += [(t, item) for item in job.score or ()]
+                job.score = None
+            if wanted:
+                self._score_against_tails(scores, wanted, packed, best, best_ids, mini, last, pack)
         ends = self.stop_table(stop)
         n = sh.new_tokens
         admit: list[tuple[int, Row, int, int]] = []  # (slot, row, tail, draw index)

@@ -1,4 +1,4 @@
-"""Device code: token choice, the decode carry and the five programs the sampler compiles.
+"""Device code: token choice, the decode carry and the six programs the sampler compiles.
 
 Every program runs the model's own forward pass (`Transformer.__call__`); only masks,
 positions and where keys and values go are built here.
@@ -19,6 +19,8 @@ positions and where keys and values go are built here.
   dynamic update (no scatter, so nothing moves between devices).
 - `score_program`: teacher-forced log-probs of continuations packed `[score_rows, score_width]`
   against their stored prefixes, each prompt tail once with its continuations branching off it.
+- `branch_program`: the same log-probs for continuations of the tails `first_program` has
+  just prefilled, against its tails' cache: only the continuations' own tokens run.
 
 All but `admit_program` take the model state first; the sampler binds the graph definition
 (and its mesh constraint) and compiles them once for its `packing.Shapes`.
@@ -269,14 +271,17 @@ def prefill_program(graphdef: Any, constrain: Callable[[Any], Any], state: Any, 
 
 def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callable[[Any], Any],
                   local: Callable[[Callable], Callable], state: Any, store: PrefixStore, pack: dict, draw: dict, *,
-                  policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:
+                  policy: Policy) -> tuple[KVCache, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array,
+                                           jax.Array]:
     """Prefill the packed tails `pack` (ids, pos, seg `[R, W]`, prefix `[R]`; per tail: row,
     col, length `[T]`) against their stored prefixes and choose the first token of each row
     `draw` asks for (source tail `[D]`; temperature, top_k, top_p; key seed, prompt key and
     sample). Returns the tails' cache `[R, P + W]` (kept on the device for `admit_program`),
     per row its first token, log-prob under its sampling distribution and under the model,
     and per tail its `k_cap` largest next-token logits, descending, with their tokens
-    `[T, k_cap]` (what a later scoring of the same prompt may skip: `first_tokens`). The
+    `[T, k_cap]` (what a later scoring of the same prompt may skip: `first_tokens`), and each
+    tail's last final-normed hidden state `[T, D]` (what `branch_program` reads a continuation's
+    first token from). The
     logits are computed once per tail, however many rows draw from it; the rows' choices are
     `split` over the replicas (each draws its share, `local`), the rest is `constrain`ed."""
     model = model_for(graphdef, state, store.keys)
@@ -290,7 +295,7 @@ def first_program(graphdef: Any, constrain: Callable[[Any], Any], split: Callabl
     token, logp, raw = local(functools.partial(choose, policy=policy))(
         split(logits[draw["source"]]), rows, jnp.zeros(keys.shape[:1], jnp.int32))
     best, best_ids = local(lambda x: jax.lax.top_k(x, policy.k_cap))(split(logits))
-    return constrain(mini), token, logp, raw, best, best_ids.astype(jnp.int32)
+    return constrain(mini), token, logp, raw, best, best_ids.astype(jnp.int32), constrain(last)
 
 
 def admit_program(constrain: Callable[[Any], Any], d: Decoding, mini: KVCache, pack: dict,
@@ -389,6 +394,50 @@ def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callabl
     # of its share of the tokens only.
     hidden = constrain(h[pack["row"], pack["at"]])  # [N, D]
     logits = model.hidden_to_logits(hidden[:, None])[:, 0]  # [N, V]
+    full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
+    scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
+    return local(scores)(logits, cont, alt, full(temperature, jnp.float32), full(top_k, jnp.int32))
+
+
+def branch_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callable[[Callable], Callable],
+                   state: Any, mini: KVCache, last: jax.Array, pack: dict, branches: dict, cont: jax.Array,
+                   alt: jax.Array, temperature: jax.Array, top_k: jax.Array, *,
+                   policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`score_program`'s log-probs for continuations of the tails `first_program` has just
+    prefilled, read against its tails' cache `mini` (`[R, P + W]`, for packing `pack`) instead
+    of prefilling the tails again. `branches` feeds each continuation but its last token, end
+    to end in one row: ids, pos (from its tail's end), tail (the tail index each token follows,
+    -1: padding) and branch (each continuation's own id) `[Wb]`. A token attends to its tail's
+    prefix and tail in `mini` and causally to its own continuation. Token n of `cont` `[N]` is
+    predicted by row `read[n]` of the tails' last hidden states `last` `[T, D]` followed by the
+    fed tokens' `[Wb, D]` (token 0 of a continuation by its tail's, token j by its fed token
+    j - 1). Returns raw log-probs, sampled log-probs and the sampled log-probs of `alt`, as
+    `score_program`."""
+    model = model_for(graphdef, state, mini.keys)
+    r, s = mini.mask.shape
+    w = pack["ids"].shape[1]
+    p = s - w
+    wb = branches["ids"].shape[0]
+    # every row of the tails' cache side by side: one cache row that all fed tokens read
+    flat = lambda a: jnp.concatenate([a.reshape(1, r * s, *a.shape[2:]),  # noqa: E731
+                                      jnp.zeros((1, wb, *a.shape[2:]), a.dtype)], axis=1)
+    cache = KVCache(keys=map_layers(flat, mini.keys), values=map_layers(flat, mini.values),
+                    mask=flat(mini.mask), end=jnp.asarray(r * s, jnp.int32))
+    tail = jnp.maximum(branches["tail"], 0)
+    row, col = pack["row"][tail], pack["col"][tail]  # [Wb]
+    segment = pack["seg"][row, col]
+    slot_row = jnp.repeat(jnp.arange(r), s)  # [R * S]
+    slot_col = jnp.tile(jnp.arange(s), r)
+    slot_seg = jnp.concatenate([jnp.zeros((r, p), jnp.int32), pack["seg"]], axis=1).reshape(r * s)
+    visible = (slot_row[None, :] == row[:, None]) & ((slot_col[None, :] < p) | (slot_seg[None, :] == segment[:, None]))
+    visible = jnp.concatenate([visible, jnp.zeros((wb, wb), jnp.bool_)], axis=1)[None]  # [1, Wb, R * S + Wb]
+    live = branches["tail"] >= 0
+    positions = mini.mask[:, :p].sum(-1).astype(jnp.int32)[row] + branches["pos"]
+    h, _ = model(branches["ids"][None], live[None], segment_ids=jnp.where(live, branches["branch"], 0)[None],
+                 positions=positions[None], cache=cache, cached_visible=visible, return_hidden=True)
+    hidden = jnp.concatenate([last.astype(h.dtype), h[0]], axis=0)
+    hidden = constrain(hidden[branches["read"]])  # [N, D]
+    logits = model.hidden_to_logits(hidden[:, None])[:, 0]
     full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
     scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
     return local(scores)(logits, cont, alt, full(temperature, jnp.float32), full(top_k, jnp.int32))

@@ -38,10 +38,10 @@ class Lowering:
         return sampler
 
     def lower_programs(self) -> dict[str, jax.stages.Lowered]:
-        """The five programs of the current shapes (`prepare`) lowered as the sampler compiles
+        """The six programs of the current shapes (`prepare`) lowered as the sampler compiles
         them: 'prefill' (prefixes into the store), 'first' (tails prefilled, first tokens drawn),
         'admit' (rows into decode slots, the slots donated), 'decode' (the decode loop, its
-        carry donated) and 'score'. Their compiled outputs describe the
+        carry donated), 'score' and 'branch' (scoring against an insert's tails). Their compiled outputs describe the
         prefix store ('prefill') and the decode slots ('decode')."""
         if self.shapes is None:
             raise ValueError("lower_programs needs shapes: call prepare first")

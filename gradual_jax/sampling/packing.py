@@ -33,6 +33,11 @@ SCORE_TOKENS = 256         # continuation tokens scored per call (more for a lon
 SCORE_LOGITS = 1 << 24
 SCORE_SCALE_MAX = 16
 INSERT_TAILS = 8           # tails prefilled per insert
+# Continuations scored against an insert's tails (`branches`): tokens fed and tokens read a
+# call (SmolLM2's probe of 24 questions: its gold answers feed 24 and read 33 an insert on
+# average, at most 41 and 51).
+BRANCH_WIDTH = 32
+BRANCH_READS = 48
 ADMIT_ROWS = 8             # rows one admit call starts in slots (more: several calls)
 # A program call costs its dispatch whatever its size. Where INSERT_ROWS rows of tails are
 # little work (a model of a few layers of width 64), an insert takes proportionally more rows
@@ -100,7 +105,9 @@ class Shapes:
     `insert_width + new_tokens` cache slots of its own (tail, generation) after its prefix's
     `prefix_width` slots in one of the store's `store_rows` rows;
     `insert_dests`: most rows one insert draws a first token for; `admit_rows`: most rows one
-    admit call starts (an admit's work is proportional to it, not to the slots)."""
+    admit call starts (an admit's work is proportional to it, not to the slots);
+    `branch_width` / `branch_reads`: continuation tokens fed / read per call when scoring
+    against an insert's tails (`branches`)."""
 
     slots: int
     prefix_width: int
@@ -115,6 +122,8 @@ class Shapes:
     score_rows: int
     score_width: int
     score_tokens: int
+    branch_width: int
+    branch_reads: int
     k_cap: int
 
     @property
@@ -125,7 +134,7 @@ class Shapes:
         """Whether both have the same row counts (slots and rows a call), so one can grow to
         cover the other."""
         same = ("slots", "prefill_rows", "insert_rows", "insert_dests", "insert_tails", "admit_rows",
-                "score_rows")
+                "score_rows", "branch_width", "branch_reads")
         return all(getattr(self, f) == getattr(other, f) for f in same)
 
     def covers(self, other: "Shapes") -> bool:
@@ -176,6 +185,8 @@ def shapes_for(*, slots: int, longest_prefix: int = 1, longest_tail: int = 1, ne
         score_rows=score_rows,
         score_width=next_pow2(longest_scored, SCORE_WIDTH),
         score_tokens=round_up(next_pow2(longest_continuation, SCORE_TOKENS * scale), multiple),
+        branch_width=BRANCH_WIDTH * inserts,
+        branch_reads=round_up(BRANCH_READS * inserts, multiple),
         k_cap=next_pow2(k_cap, 64),
     )
 

@@ -4,7 +4,7 @@ A call splits its prompts into stored prefixes and tails (`packing.split_prompts
 its engine's shapes (`packing.Shapes`) cover them, loads the prefixes it needs into the prefix
 store, and runs its rows through the decode slots (`decoding`) or the scoring program. The
 shapes only grow (up fixed ladders) and are the same for any number of prompts, so a probe
-compiles five programs once (`warm_up` compiles them ahead of time).
+compiles six programs once (`warm_up` compiles them ahead of time).
 """
 
 from __future__ import annotations
@@ -272,12 +272,14 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         scalar = z((), np.int32, rows=False)
         decode = (self.state, carry, store, table, scalar, scalar)
         score = (self.state, store, *self._empty_score())
+        branch = (self.state, self._empty_tails(), self._empty_last(), pack, *self._empty_branches())
         policy = dict(policy=self._policy)
         return {"prefill": (self._prefill_fn, prefill, {}, (1,)),
                 "first": (self._first_fn, first, policy, ()),
                 "admit": (self._admit_fn, admit, {}, ADMIT_DONATES),
                 "decode": (self._decode_fn, decode, policy, DONATE_CARRY),
-                "score": (self._score_fn, score, policy, ())}
+                "score": (self._score_fn, score, policy, ()),
+                "branch": (self._branch_fn, branch, policy, ())}
 
     def _empty_insert(self) -> tuple[dict, dict, dict]:
         """(pack, draw, place) of `first_program` and `admit_program`, zero."""
@@ -300,6 +302,11 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         z = lambda shape, dt: self._zeros(shape, dt, rows=False)  # noqa: E731
         return KVCache(keys=self._kv_buffers(kv, z), values=self._kv_buffers(kv, z),
                        mask=z(kv[:2], bool), end=self._scalar(sh.prefix_width))
+
+    def _empty_last(self) -> Any:
+        """The tails' last hidden states `first_program` returns, zero."""
+        return self._zeros((self.shapes.insert_tails, self.config.hidden_size),
+                           as_dtype(self.config.dtype), rows=False)
 
     # ---- compilation
 
@@ -400,8 +407,19 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         never applied to rows that already ended. Bad arguments raise ValueError before
         anything is compiled.
         """
-        prompts = check_prompts(prompts)
-        fan = fanout(methods, n)
+        return self._generate(check_prompts(prompts), max_new_tokens=max_new_tokens, fan=methods, n=n, stop=stop,
+                              seed=seed, batch_size=batch_size, prefix=prefix, share_prefix=share_prefix,
+                              prompt_keys=prompt_keys, alive=alive)
+
+    def _generate(self, prompts: list[str], *, max_new_tokens: int, fan: Method | Sequence[Method], n: int,
+                  stop: Sequence[str], seed: int, batch_size: int, prefix: str | Sequence[str],
+                  share_prefix: bool | None, prompt_keys: Sequence[int] | None,
+                  alive: Sequence[Callable[[str], bool] | None] | None, scores: Any = None,
+                  wanted: list[list[tuple]] | None = None, k_cap: int = 0) -> list[list[Generation]]:
+        """`generate_batch`; with `scores` (`branches.BranchScores`), prompt i's continuations
+        `wanted[i]` ((key, tokens, alternative)) are scored against its tail by the insert that
+        prefills it. `k_cap`: the top-k logits every tail keeps at least."""
+        fan = fanout(fan, n)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if batch_size < 1:
@@ -414,10 +432,12 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         splits = self._split(prompts, prefix, share_prefix)
-        self._validate_lengths(splits, [max_new_tokens] * len(prompts))
+        longest = [max([max_new_tokens] + [len(w[1]) for w in (wanted[i] if wanted else ())])
+                   for i in range(len(prompts))]
+        self._validate_lengths(splits, longest)
         keys = list(range(len(prompts))) if prompt_keys is None else [int(k) for k in prompt_keys]
         settings = [m if isinstance(m, Sample) else Sample(0.0) for m in fan]
-        k_cap = max((s.top_k for s in settings if s.temperature > 0), default=0)
+        k_cap = max([s.top_k for s in settings if s.temperature > 0] + [k_cap])
         self.prepare(batch_size=batch_size, longest_prefix=max(len(s.prefix) for s in splits),
                      longest_tail=max(len(s.tail) for s in splits), new_tokens=max_new_tokens,
                      k_cap=k_cap, top_p=self._top_p_mode(settings))
@@ -426,10 +446,11 @@ class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
         order = sorted(range(len(prompts)), key=lambda i: (splits[i].prefix, splits[i].tail))
         jobs = [Job(splits[i].prefix, splits[i].tail,
                     [Row(i * m + j, s.temperature, s.top_k, s.top_p, seed, keys[i], j)
-                     for j, s in enumerate(settings)], None if alive is None else alive[i])
+                     for j, s in enumerate(settings)], None if alive is None else alive[i],
+                    score=None if wanted is None else list(wanted[i]))
                 for i in order]
         self._preload([j.prefix for j in jobs])
-        results = self._run_jobs(jobs, stop, table)
+        results = self._run_jobs(jobs, stop, table, scores)
         out = []
         for i, s in enumerate(splits):
             prompt = list(s.prefix + s.tail)
