@@ -43,8 +43,8 @@ Modules: `methods` (Greedy, Sample), `records` (Generation, TokenScores, Sampler
 `packing` (shapes, prefix splitting and packing on the host: no jax), `kernels` (token choice,
 the carries and the six programs), `compile_cache`, `placement` (mesh layout),
 `prefix_store` (which prefix sits in which store row), `decoding` (the host's continuous
-batching), `scoring` (`Sampler.score`, `generate_and_score` and the host-side plan),
-`branches` (continuations placed against an insert's tails, host only), `lowering` (the programs on
+batching), `scoring` (`Sampler.score` and its host-side plan), `branch_scoring`
+(`Sampler.generate_and_score`) and `branches` (its host-side plan), `lowering` (the programs on
 abstract inputs), `serial` (one call at a time per sampler), `sampler` (`Sampler`) and `api`
 (`sampler_for`, `generate`, `generate_batch`, `score_continuations`).
 """

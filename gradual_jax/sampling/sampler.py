@@ -22,6 +22,7 @@ from flax import nnx
 from gradual_jax.models.adapters import FoldedWeights, has_adapters
 from gradual_jax.models.transformer import KVCache, Transformer, as_dtype
 from gradual_jax.sampling import compile_cache
+from gradual_jax.sampling.branch_scoring import BranchScoring
 from gradual_jax.sampling.codec import codec_for
 from gradual_jax.sampling.decoding import DecodeLoop, Job, Row
 from gradual_jax.sampling.first_tokens import FirstTokens, exclusion_margin
@@ -61,7 +62,7 @@ def default_scan_layers(backend: str | None = None) -> bool:
     return SCAN_LAYERS_BY_BACKEND.get(backend or jax.default_backend(), False)
 
 
-class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, MeshPlacement):
+class Sampler(Lowering, DecodeLoop, PrefixStoreRows, Scoring, BranchScoring, MeshPlacement):
     """Generation and scoring for one model and tokenizer, with compiled functions cached by
     shape. Call `refresh(model)` after the model's weights change."""
 
