@@ -340,7 +340,10 @@ class Probe:
             w.n_greedy_correct = sum(self._correct(a, ex) for a in w.greedy_answers)
             work.append(w)
         scored = [w for w, rec in zip(work, records) if rec.get("q") is not None]
-        if scored:
+        if scored and self._scores_in_greedy_pass():
+            # the pass a probe scores in (its answers stand as recorded): the same q, bit for bit
+            self._greedy_with_q(scored)
+        elif scored:
             self.answer_probabilities(scored, answered=False)  # no greedy pass ran here
         if s.mode == "screened" and s.n_samples > 0:
             now_open = []
@@ -389,22 +392,18 @@ class Probe:
         s = self.settings
         work = [_Work(e) for e in examples]
         pairs = [(w, i) for i in range(s.n_prompts) for w in work]
-        prompts = [self._prompt(w, i) for w, i in pairs]
         # The continuous knowledge measure, for every question in every mode; screening reuses
         # it. An engine that can scores the gold answers in its greedy pass.
-        both = getattr(self.engine, "greedy_with_probability", None) if s.gold_probability else None
-        if both is not None:
-            answers, probs = both(prompts, s.max_new_tokens, [self._gold_continuations(w.example) for w, _ in pairs],
-                                  temperature=s.temperature, top_k=s.top_k)
-            self._fill_q(work, pairs, probs)
+        if s.gold_probability and self._scores_in_greedy_pass():
+            answers = self._greedy_with_q(work)
         else:
-            answers = self.engine.greedy(prompts, s.max_new_tokens)
+            answers = self.engine.greedy([self._prompt(w, i) for w, i in pairs], s.max_new_tokens)
+            if s.gold_probability:
+                self.answer_probabilities(work)
         for (w, _), a in zip(pairs, answers):
             a = clean_answer(a)
             w.greedy_answers.append(a)
             w.n_greedy_correct += self._correct(a, w.example)
-        if s.gold_probability and both is None:
-            self.answer_probabilities(work)
         if s.n_samples > 0:
             if s.mode == "exhaustive":
                 self._sample(work, range(s.n_prompts), stop_at_first=False)
@@ -449,6 +448,20 @@ class Probe:
                                                temperature=s.temperature, top_k=s.top_k,
                                                answered=answered)
         self._fill_q(work, pairs, probs)
+
+    def _scores_in_greedy_pass(self) -> bool:
+        return getattr(self.engine, "greedy_with_probability", None) is not None
+
+    def _greedy_with_q(self, work: list[_Work]) -> list[str]:
+        """The greedy answers of every prompt of `work` (prompt index major), filling `q` in
+        the same pass (`AnswerEngine.greedy_with_probability`)."""
+        s = self.settings
+        pairs = [(w, i) for i in range(s.n_prompts) for w in work]
+        answers, probs = self.engine.greedy_with_probability(
+            [self._prompt(w, i) for w, i in pairs], s.max_new_tokens,
+            [self._gold_continuations(w.example) for w, _ in pairs], temperature=s.temperature, top_k=s.top_k)
+        self._fill_q(work, pairs, probs)
+        return answers
 
     def _fill_q(self, work: list[_Work], pairs: list[tuple[_Work, int]], probs: Sequence[Sequence[float]]) -> None:
         """`q` of each work item from its prompts' gold-answer chances (summed, capped at 1)."""
