@@ -13,7 +13,6 @@ scoring (`_merged_endings`, `_chances`), shapes, placement and compiled programs
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +25,7 @@ from gradual_jax.sampling.kernels import branch_program
 from gradual_jax.sampling.methods import Greedy, Method, check_prompts, check_sampling
 from gradual_jax.sampling.packing import DEFAULT_BATCH_SIZE
 from gradual_jax.sampling.records import Generation
+from gradual_jax.sampling.scoring import sequence_chance
 from gradual_jax.sampling.serial import serialized
 
 
@@ -54,8 +54,7 @@ class BranchScoring:
         merged = {c: self._merged_endings(c, stop) for cs in continuations for c in set(cs)}
         wanted = [[((i, j, e), tuple(seq), alt) for j, c in enumerate(cs) for e, (seq, alt) in enumerate(merged[c])]
                   for i, cs in enumerate(continuations)]
-        # the call's shapes keep the top-k logits of every tail: `k_cap` covers `top_k`
-        scores = BranchScores(temperature, top_k, temperature <= 0 or top_k > 0, self._exclusion_margin)
+        scores = BranchScores(temperature, top_k, self._exclusion_margin)
         gens = self._generate(prompts, max_new_tokens=max_new_tokens, fan=methods, n=1, stop=stop, seed=0,
                               batch_size=batch_size, prefix=prefix, share_prefix=None, prompt_keys=None,
                               alive=None, scores=scores, wanted=wanted,
@@ -82,7 +81,7 @@ class BranchScoring:
         sh = self.shapes
         todo = []
         for t, (key, tokens, alt) in wanted:
-            if scores.skip and tokens and excluded(best[t], best_ids[t], tokens[0], temperature=scores.temperature,
+            if tokens and excluded(best[t], best_ids[t], tokens[0], temperature=scores.temperature,
                                                    top_k=scores.top_k, margin=scores.margin):
                 scores.scores[key] = None
                 scores.skipped += 1
@@ -124,15 +123,11 @@ class BranchScoring:
 
 
 def _chance(found: Any, alt: tuple[int, int] | None) -> float:
-    """One scored sequence's chance, as `_chances` sums it, from `BranchScores.scores`
-    ((raw, sampled, alternative) log-probs, or None: skipped) or from the plain path (a float)."""
+    """One scored sequence's chance from `BranchScores.scores` ((raw, sampled, alternative)
+    log-probs, or None: skipped) or from the plain path (a float)."""
     if found is None:
         return 0.0
     if isinstance(found, float):
         return found
     _, lp, other = found
-    logprobs = [float(x) for x in lp]
-    chance = math.exp(sum(logprobs))
-    if alt is not None and other is not None:
-        chance += math.exp(sum(logprobs[:alt[0]]) + other)
-    return chance
+    return sequence_chance([float(x) for x in lp], alt, other)

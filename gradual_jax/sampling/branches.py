@@ -92,14 +92,13 @@ def plan_branches(wanted: Sequence[Wanted], *, tail_length: Sequence[int], tails
 @dataclasses.dataclass
 class BranchScores:
     """Where one call's continuations scored against its inserts' tails go, and how they are
-    scored: at `temperature` and `top_k`; with `skip`, a continuation whose first token the
-    insert's own logits exclude (`first_tokens.excluded`, by more than `margin`) is not run.
+    scored: at `temperature` and `top_k`; a continuation whose first token the insert's own
+    logits exclude (`first_tokens.excluded`, by more than `margin`) is not run.
     `scores[key]`: (raw log-probs, sampled log-probs, the alternative's sampled log-prob or
     None), or None where skipped (chance 0); `left`: what did not fit any branch call."""
 
     temperature: float
     top_k: int
-    skip: bool
     margin: float
     scores: dict = dataclasses.field(default_factory=dict)
     left: list[Wanted] = dataclasses.field(default_factory=list)

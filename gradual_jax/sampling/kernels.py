@@ -392,7 +392,14 @@ def score_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callabl
                              pack["branch"])
     # The read positions split over the replicas: each computes the logits (and their top-k)
     # of its share of the tokens only.
-    hidden = constrain(h[pack["row"], pack["at"]])  # [N, D]
+    return _scores_at(model, local, constrain(h[pack["row"], pack["at"]]), cont, alt, temperature, top_k, policy)
+
+
+def _scores_at(model: Any, local: Callable[[Callable], Callable], hidden: jax.Array, cont: jax.Array,
+               alt: jax.Array, temperature: jax.Array, top_k: jax.Array,
+               policy: Policy) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`_token_scores` of tokens `cont` `[N]` predicted by final-normed hidden states `hidden`
+    `[N, D]` (split over the replicas: each computes the logits of its share, `local`)."""
     logits = model.hidden_to_logits(hidden[:, None])[:, 0]  # [N, V]
     full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
     scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
@@ -436,11 +443,7 @@ def branch_program(graphdef: Any, constrain: Callable[[Any], Any], local: Callab
     h, _ = model(branches["ids"][None], live[None], segment_ids=jnp.where(live, branches["branch"], 0)[None],
                  positions=positions[None], cache=cache, cached_visible=visible, return_hidden=True)
     hidden = jnp.concatenate([last.astype(h.dtype), h[0]], axis=0)
-    hidden = constrain(hidden[branches["read"]])  # [N, D]
-    logits = model.hidden_to_logits(hidden[:, None])[:, 0]
-    full = lambda value, dt: jnp.full(cont.shape, value, dt)  # noqa: E731
-    scores = functools.partial(_token_scores, policy=Policy(policy.k_cap, "off"))
-    return local(scores)(logits, cont, alt, full(temperature, jnp.float32), full(top_k, jnp.int32))
+    return _scores_at(model, local, constrain(hidden[branches["read"]]), cont, alt, temperature, top_k, policy)
 
 
 def _token_scores(logits: jax.Array, cont: jax.Array, alt: jax.Array, temperature: jax.Array,

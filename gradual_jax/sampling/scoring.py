@@ -200,13 +200,7 @@ class Scoring:
         alt_at = {i: a for i, a in enumerate(alts or []) if a is not None}
         alt_lp: dict[int, float] = {}
         self._score_splits(splits, conts, todo, temperature, top_k, batch_size, out, alt_at, alt_lp)
-        chances = []
-        for i, sc in enumerate(out):
-            chance = math.exp(sum(sc.logprobs)) if sc.logprobs else 0.0
-            if i in alt_lp:
-                chance += math.exp(sum(sc.logprobs[:alt_at[i][0]]) + alt_lp[i])
-            chances.append(chance)
-        return chances
+        return [sequence_chance(sc.logprobs, alt_at.get(i), alt_lp.get(i)) for i, sc in enumerate(out)]
 
     def _scoring_input(self, prompts: Sequence[str], continuations: Sequence[str | Sequence[int]],
                        temperature: float, top_k: int, batch_size: int,
@@ -306,3 +300,13 @@ class Scoring:
     def _score_fn(self, state: Any, *args: Any, **static: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
         return score_program(self.graphdef, self._constrain, self._rows_local, state, *args, **static)
 
+
+def sequence_chance(logprobs: Sequence[float], alt: tuple[int, int] | None = None,
+                    alt_logprob: float | None = None) -> float:
+    """The chance of one sample being exactly a scored sequence, `exp(sum(logprobs))` (0 for
+    none), plus, where `alt` names (position j, token t) and `alt_logprob` is t's sampled
+    log-prob there, the chance of its first j tokens then t."""
+    chance = math.exp(sum(logprobs)) if logprobs else 0.0
+    if alt is not None and alt_logprob is not None:
+        chance += math.exp(sum(logprobs[:alt[0]]) + alt_logprob)
+    return chance
